@@ -1,0 +1,95 @@
+"""The `desctune` command: run, prepare, evaluate, promote, rollback, serve, demo.
+
+Errors a user can fix print one plain line and exit 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed as one line, exit 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user."""
+    from desctune.config import ConfigError
+    from desctune.inference import AdapterError
+    from tasks.base_model import ModelError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, ModelError, AdapterError, FileNotFoundError]
+    try:
+        from tasks.ingest import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def prefect_env(artifacts_dir: str) -> None:
+    """Keep Prefect's cached task results next to the artifacts they describe, so deleting one deletes both."""
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(artifacts_dir).resolve() / "prefect-results"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from desctune.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    prefect_env(cfg.artifacts_dir)
+    if args.refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from desctune.summary import summary_text
+    from flows.finetune import finetune
+
+    result = finetune(config=cfg)
+    print(summary_text(result))
+    return 0
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the finetune flow (ingest -> ... -> register)")
+    p.add_argument("--config", help="YAML profile (default: the built-in CPU defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field")
+    p.add_argument("--refresh", action="store_true", help="recompute every stage instead of reusing cached ones")
+    p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="desctune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run(sub)
+    return parser
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Prefect re-raises task failures; find the user error inside, if there is one."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, user_errors()):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("desctune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        err = unwrap(exc)
+        if isinstance(err, user_errors()):
+            print(f"desctune: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The one configuration model: data, model, lora, train, eval and registry sections.
+
+The finetune flow takes `Config` as its parameter, so the Prefect UI renders it as a form; YAML profiles under
+`configs/` load into the same model, and `--set section.key=value` overrides any field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an e-commerce copywriter. Given a product title, write the product description."
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def digest(self) -> str:
+        """A short stable hash of this section, for cache keys and registry tags."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class DataConfig(Section):
+    path: str = Field("data/amazon_titles_sample.jsonl", description="trn.json / .jsonl / .gz file to ingest")
+    uid_field: str = "uid"
+    title_field: str = "title"
+    content_field: str = "content"
+    max_records: int | None = Field(None, ge=1, description="read at most this many lines (None: all)")
+    max_field_chars: int = Field(20_000, ge=1, description="longer titles or contents are rejected")
+    max_line_bytes: int = Field(
+        16 << 20, ge=1024, description="longer input lines are rejected unread, so one line never fills memory"
+    )
+    filters: bool = Field(True, description="apply the length filters below")
+    min_title_chars: int = Field(10, ge=0)
+    min_content_chars: int = Field(100, ge=0)
+    strip_stubs: bool = Field(
+        True, description='remove boilerplate such as "--This text refers to the Paperback edition." from contents'
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    train_size: int | None = Field(None, ge=1, description="seeded sample of the train split (None: all of it)")
+    seed: int = 42
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m-instruct", description="embedded model name, hub id or local path")
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_seq_len: int = Field(256, ge=16)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported")
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (CUDA only)")
+    attn_implementation: str = "sdpa"
+
+
+class LoraConfig(Section):
+    r: int = Field(32, ge=1)
+    alpha: int = Field(64, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class TrainConfig(Section):
+    epochs: float = Field(2, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: str = "cosine"
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    logging_steps: int = Field(5, ge=1)
+    num_workers: int | None = Field(None, ge=0, description="dataloader workers (None: sized to the machine)")
+    seed: int = 42
+
+
+class EvalConfig(Section):
+    limit: int | None = Field(50, ge=1, description="test examples to generate for (None: all)")
+    batch_size: int = Field(16, ge=1, description="generation batch, independent of training's")
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class RegistryConfig(Section):
+    model_name: str = "desctune-smollm2"
+    experiment: str = "desctune"
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the SQLite store in artifacts")
+    metric: Literal["rougeL", "bleu"] = "rougeL"
+
+
+class Config(Section):
+    artifacts_dir: str = "artifacts"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; its message is one plain line."""
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[leaf] = _parse_value(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML profile (or the defaults), apply overrides, validate into one `Config`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"invalid config at {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

@@ -1,0 +1,120 @@
+"""Load one copy of the base weights with a LoRA adapter on top, and generate from it in batches.
+
+Base and fine-tuned outputs come from the same weights: the adapter is disabled for the base and enabled for the
+fine-tuned model, so the comparison can never silently load the base twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from desctune.config import ModelConfig
+from tasks.tokenize import prompt_ids
+
+
+class AdapterError(RuntimeError):
+    """The adapter is missing, empty or not applied; the message says which."""
+
+
+def adapter_meta(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / "desctune.json"
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not a desctune adapter (no desctune.json)")
+    return json.loads(path.read_text())
+
+
+def load_adapter_model(adapter_dir: str | Path, artifacts_dir: str | Path = "artifacts", model_cfg: ModelConfig | None = None):
+    """(peft model, tokenizer, meta): the adapter's base provisioned by name, the adapter loaded on top, eval mode."""
+    from peft import PeftModel
+
+    from tasks.base_model import load_model, load_tokenizer, provision
+
+    meta = adapter_meta(adapter_dir)
+    cfg = model_cfg or ModelConfig.model_validate(meta["config"]["model"])
+    base = provision(meta["base_model"]["name"], artifacts_dir)
+    if base["sha256"] != meta["base_model"]["sha256"]:
+        raise AdapterError(
+            f"the adapter was trained on {meta['base_model']['name']} with hash {meta['base_model']['sha256'][:12]}, "
+            f"but the available base has hash {base['sha256'][:12]}"
+        )
+    tokenizer = load_tokenizer(adapter_dir)
+    model = PeftModel.from_pretrained(load_model(base["path"], cfg), str(adapter_dir))
+    model.eval()
+    return model, tokenizer, meta
+
+
+def adapter_status(model) -> dict:
+    """What the demo and the guard show: is a LoRA adapter loaded and active, and how big is it."""
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    nonzero = any(bool(p.detach().abs().sum() > 0) for n, p in lora.items() if "lora_B" in n)
+    return {
+        "loaded": bool(lora),
+        "active": bool(lora) and not getattr(model, "disable_adapters", False) and bool(model.active_adapters),
+        "lora_parameters": int(sum(p.numel() for p in lora.values())),
+        "target_modules": sorted(config.target_modules) if config is not None else [],
+        "nonzero": nonzero,
+    }
+
+
+def base_context(model):
+    """Context in which the peft model behaves as its base."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def autocast(model):
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        from tasks.base_model import cpu_supports_bf16
+
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_supports_bf16())
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    titles: list[str],
+    system_prompt: str,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[str]:
+    """Batched generation with left padding and KV cache; prompts are grouped by length to waste little padding."""
+    device = next(model.parameters()).device
+    prompts = [prompt_ids(tokenizer, t, system_prompt) for t in titles]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            p = prompts[i]
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        kwargs = {"do_sample": do_sample}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        with autocast(model):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad,
+                use_cache=True,
+                **kwargs,
+            )
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return outputs

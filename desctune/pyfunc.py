@@ -1,0 +1,47 @@
+"""The registered MLflow model: the LoRA adapter plus the recipe to put it on its base and generate."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import mlflow.pyfunc
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "title")]),
+    outputs=Schema([ColSpec("string")]),
+    params=ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", 128),
+            ParamSpec("base", "boolean", False),
+            ParamSpec("batch_size", "long", 16),
+        ]
+    ),
+)
+
+
+class DescTuneModel(mlflow.pyfunc.PythonModel):
+    """Loads the base named in the adapter's desctune.json (provisioned under $DESCTUNE_ARTIFACTS) plus the adapter."""
+
+    def load_context(self, context):
+        from desctune.inference import load_adapter_model
+
+        artifacts_dir = os.environ.get("DESCTUNE_ARTIFACTS", "artifacts")
+        self.model, self.tokenizer, self.meta = load_adapter_model(context.artifacts["adapter"], artifacts_dir)
+
+    def predict(self, context, model_input, params=None):
+        from desctune.inference import base_context, generate
+
+        params = params or {}
+        titles = model_input["title"].astype(str).tolist()
+        with base_context(self.model) if params.get("base", False) else contextlib.nullcontext():
+            return generate(
+                self.model,
+                self.tokenizer,
+                titles,
+                self.meta["system_prompt"],
+                batch_size=int(params.get("batch_size", 16)),
+                max_new_tokens=int(params.get("max_new_tokens", 128)),
+            )

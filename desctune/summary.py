@@ -1,0 +1,36 @@
+"""The summary a finetune run prints at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def summary_text(result: dict) -> str:
+    ing, cln, spl, trn, ev, reg = (result[k] for k in ("ingest", "clean", "sample", "train", "evaluate", "register"))
+    m = ev["metrics"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(cln.get("by_reason", {}).items())) or "none"
+    uri = reg["tracking_uri"]
+    mlflow_ui = (
+        f"open {uri}" if uri.startswith("http") else f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+    )
+    lines = [
+        "",
+        "desctune run summary",
+        "--------------------",
+        f"records    read {ing['lines_read']}, kept {cln['kept']}, rejected {cln['rejected']} ({reasons})",
+        f"splits     train {spl['train']['rows']}, val {spl['val']['rows']}, test {spl['test']['rows']}",
+        f"training   loss {trn['train_loss_first']:.3f} -> {trn['train_loss_last']:.3f} over {trn['steps']} steps, "
+        f"val loss {trn['val_loss']:.3f}, {trn['tokens_per_s']:.0f} tokens/s on {trn['device']} ({trn['dtype']})",
+        f"evaluation {m['n']} test examples    BLEU      ROUGE-L",
+        f"           base                {m['base']['bleu']:8.2f}  {m['base']['rougeL']:9.4f}",
+        f"           fine-tuned          {m['finetuned']['bleu']:8.2f}  {m['finetuned']['rougeL']:9.4f}",
+        f"           better {m['better']}, worse {m['worse']}, same {m['same']} (by ROUGE-L)",
+        f"registry   {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or 'none'}",
+        f"adapter    {trn['adapter_path']}",
+        f"report     {ev['eval_path']}  {ev['plot_path']}",
+        "",
+        "See this run:",
+        f"  Prefect UI:  .venv/bin/prefect server start   (then http://127.0.0.1:4200/runs)",
+        f"  MLflow UI:   {mlflow_ui}   (run {reg['run_id']})",
+    ]
+    return "\n".join(lines)

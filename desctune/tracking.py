@@ -1,0 +1,48 @@
+"""MLflow wiring: where the tracking store is, and the one run each flow run logs into."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from desctune.config import Config
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the artifacts folder (the registry needs a database)."""
+    if cfg.registry.tracking_uri:
+        return cfg.registry.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.artifacts_dir).resolve() / 'mlflow.db'}"
+
+
+def client(cfg_or_uri: Config | str) -> MlflowClient:
+    uri = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def experiment_id(cfg: Config) -> str:
+    """Get or create the experiment; with the local SQLite store its artifacts go under artifacts/mlruns."""
+    c = client(cfg)
+    exp = c.get_experiment_by_name(cfg.registry.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri(cfg).startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+        location = (Path(cfg.artifacts_dir).resolve() / "mlruns").as_uri()
+    try:
+        return c.create_experiment(cfg.registry.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        return c.get_experiment_by_name(cfg.registry.experiment).experiment_id
+
+
+def run_url(cfg: Config, run_id: str) -> str:
+    uri = tracking_uri(cfg)
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id(cfg)}/runs/{run_id}"

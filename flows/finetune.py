@@ -1,0 +1,39 @@
+"""The finetune flow: ingest -> clean -> sample -> tokenize -> train -> evaluate -> register. It only composes."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from desctune.config import Config
+from desctune.tracking import tracking_uri
+from tasks.base_model import base_model
+from tasks.clean import clean
+from tasks.evaluate import evaluate
+from tasks.ingest import fingerprint, ingest
+from tasks.register import fail_run, register, start_tracking
+from tasks.sample import sample
+from tasks.tokenize import tokenize
+from tasks.train import train
+
+
+def _mark_failed(flow, flow_run, state) -> None:
+    config = flow_run.parameters.get("config")
+    fail_run(Config.model_validate(config or {}), str(flow_run.id))
+
+
+@flow(name="finetune", log_prints=True, on_failure=[_mark_failed], on_crashed=[_mark_failed])
+def finetune(config: Config = Config()) -> dict:
+    """Fine-tune the base model on product titles -> descriptions and register the adapter in MLflow."""
+    cfg = config
+    run_id = start_tracking(cfg)
+    raw = ingest(cfg.data, cfg.artifacts_dir, fingerprint(cfg.data.path))
+    cleaned = clean(raw, cfg.data, cfg.artifacts_dir)
+    splits = sample(cleaned, cfg.data, cfg.artifacts_dir)
+    base = base_model(cfg.model.name, cfg.artifacts_dir)
+    tokens = tokenize(splits, base, cfg.model, cfg.artifacts_dir)
+    trained = train(tokens, base, cfg.model, cfg.lora, cfg.train, cfg.artifacts_dir, run_id, tracking_uri(cfg))
+    evaluated = evaluate(trained, splits, cfg.eval, cfg.artifacts_dir)
+    stages = {"ingest": raw, "clean": cleaned, "sample": splits, "base": base, "tokenize": tokens,
+              "train": trained, "evaluate": evaluated}
+    registered = register(cfg, run_id, stages)
+    return {**stages, "register": registered}

@@ -1,0 +1,142 @@
+"""Evaluate: base vs fine-tuned generations on the test split, scored with corpus BLEU and ROUGE-L.
+
+Both come from one copy of the weights (adapter disabled, then enabled). A guard stops the run before registering
+when the adapter is empty, not applied, or changes (almost) nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import sacrebleu
+from prefect import task
+from rouge_score import rouge_scorer
+
+from desctune.config import EvalConfig
+from desctune.files import atomic_path, stage_dir, write_parquet
+from desctune.inference import AdapterError, adapter_status, base_context, generate, load_adapter_model
+
+log = logging.getLogger(__name__)
+
+IDENTICAL_LIMIT = 0.9
+MODELS = ("base", "finetuned")
+
+
+def score(references: list[str], outputs: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
+    """Per-example sentence BLEU and ROUGE-L F for each model, plus corpus BLEU (0-100) and mean ROUGE-L (0-1)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    df = pd.DataFrame({"reference": references})
+    metrics: dict = {"n": len(references)}
+    for name in MODELS:
+        hyps = outputs[name]
+        df[f"{name}_output"] = hyps
+        df[f"{name}_bleu"] = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyps, references)]
+        df[f"{name}_rougeL"] = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, references)]
+        metrics[name] = {
+            "bleu": float(sacrebleu.corpus_bleu(hyps, [references]).score),
+            "rougeL": float(df[f"{name}_rougeL"].mean()),
+        }
+    df["delta_bleu"] = df["finetuned_bleu"] - df["base_bleu"]
+    df["delta_rougeL"] = df["finetuned_rougeL"] - df["base_rougeL"]
+    eps = 1e-9
+    metrics["better"] = int((df["delta_rougeL"] > eps).sum())
+    metrics["worse"] = int((df["delta_rougeL"] < -eps).sum())
+    metrics["same"] = len(df) - metrics["better"] - metrics["worse"]
+    metrics["identical_outputs"] = float((df["base_output"] == df["finetuned_output"]).mean()) if len(df) else 0.0
+    return df, metrics
+
+
+def guard(status: dict, metrics: dict) -> None:
+    """Refuse a fine-tuned model that cannot differ from its base."""
+    if not status["loaded"]:
+        raise AdapterError("the adapter was not applied: the model has no LoRA layers")
+    if not status["nonzero"]:
+        raise AdapterError("the adapter's LoRA weights are all zero: training changed nothing")
+    if metrics["identical_outputs"] >= IDENTICAL_LIMIT:
+        raise AdapterError(
+            f"the fine-tuned outputs equal the base outputs on {metrics['identical_outputs']:.0%} of examples "
+            f"(limit {IDENTICAL_LIMIT:.0%}): the adapter has no effect"
+        )
+
+
+def plot_metrics(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key, label in ((axes[0], "bleu", "corpus BLEU (0-100)"), (axes[1], "rougeL", "ROUGE-L F (0-1)")):
+        values = [metrics[m][key] for m in MODELS]
+        bars = ax.bar(["base", "fine-tuned"], values, color=["#9aa5b1", "#2b7bb9"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(label)
+        ax.set_ylim(0, max(values) * 1.25 or 1)
+    fig.suptitle(f"base vs fine-tuned on {metrics['n']} test examples")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
+    """Generate with the adapter off and on, then score both against the references."""
+    titles = test["title"].tolist()
+    with base_context(model):
+        base_out = generate(model, tokenizer, titles, system_prompt, cfg.batch_size, cfg.max_new_tokens)
+    tuned_out = generate(model, tokenizer, titles, system_prompt, cfg.batch_size, cfg.max_new_tokens)
+    df, metrics = score(test["content"].tolist(), {"base": base_out, "finetuned": tuned_out})
+    df.insert(0, "title", titles)
+    if "uid" in test:
+        df.insert(0, "uid", test["uid"].tolist())
+    return df, metrics
+
+
+def evaluate_adapter(adapter_dir: str, test_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path) -> dict:
+    """Evaluate an adapter on a test Parquet; writes eval.parquet and metrics.png into out_dir and guards the result."""
+    test = pd.read_parquet(test_path)
+    if cfg.limit is not None:
+        test = test.head(cfg.limit)
+    model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir)
+    status = adapter_status(model)
+    df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg)
+    eval_path, plot_path = out_dir / "eval.parquet", out_dir / "metrics.png"
+    write_parquet(df, eval_path)
+    plot_metrics(metrics, plot_path)
+    guard(status, metrics)
+    return {"metrics": metrics, "adapter_status": status, "eval_path": str(eval_path), "plot_path": str(plot_path)}
+
+
+def markdown_report(metrics: dict, df: pd.DataFrame, worst: int = 5) -> str:
+    lines = [
+        f"## Evaluation on {metrics['n']} test examples",
+        "",
+        "| model | BLEU | ROUGE-L |",
+        "|---|---|---|",
+        *(f"| {m} | {metrics[m]['bleu']:.2f} | {metrics[m]['rougeL']:.4f} |" for m in MODELS),
+        "",
+        f"Fine-tuned better on {metrics['better']}, worse on {metrics['worse']}, same on {metrics['same']} examples "
+        f"(by ROUGE-L).",
+        "",
+        "### Examples that got worst",
+        "",
+    ]
+    for _, row in df.nsmallest(worst, "delta_rougeL").iterrows():
+        lines.append(f"- **{row['title'][:80]}** — ROUGE-L {row['base_rougeL']:.3f} → {row['finetuned_rougeL']:.3f}")
+    return "\n".join(lines)
+
+
+@task(name="evaluate", retries=0)
+def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
+    """Evaluate the trained adapter on the test split and publish the report as Prefect artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    out_dir = stage_dir(artifacts_dir, "evaluate", trained["adapter_sha256"], splits["test"]["sha256"], cfg.digest())
+    result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir)
+    df = pd.read_parquet(result["eval_path"])
+    create_markdown_artifact(markdown_report(result["metrics"], df), key="evaluation", description="base vs fine-tuned")
+    table = df[["title", "base_rougeL", "finetuned_rougeL", "delta_rougeL", "base_bleu", "finetuned_bleu"]].round(4)
+    create_table_artifact(table.to_dict(orient="records"), key="evaluation-examples", description="per-example scores")
+    return result
