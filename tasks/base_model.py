@@ -47,6 +47,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     model.config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

@@ -1,0 +1,79 @@
+"""The whole finetune flow on ~40 real records with the tiny model: a real Prefect run, a real MLflow SQLite store."""
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+
+from conftest import SAMPLE, head_records, tiny_config
+from desctune.tracking import tracking_uri
+from flows.finetune import finetune
+
+CACHED_STAGES = ("ingest", "clean", "sample", "tokenize", "train")
+
+
+async def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("flow")
+    records = head_records(SAMPLE, tmp / "records.jsonl", 40)
+    cfg = tiny_config(tmp, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
+    first = finetune(config=cfg, return_state=True)
+    second = finetune(config=cfg, return_state=True)
+    return cfg, first, second
+
+
+def test_flow_writes_every_intermediate(two_runs):
+    cfg, first, _ = two_runs
+    assert first.is_completed()
+    out = first.result()
+    raw = pd.read_parquet(out["ingest"]["path"])
+    assert len(raw) == out["ingest"]["records"] == 40
+    clean = pd.read_parquet(out["clean"]["path"])
+    assert out["clean"]["kept"] == len(clean) and len(clean) + out["clean"]["rejected"] >= 40 - out["clean"]["duplicates"]
+    assert not clean["content"].str.contains("&#|&amp;|<br", regex=True).any()
+    sizes = [out["sample"][s]["rows"] for s in ("train", "val", "test")]
+    assert sum(sizes) == len(clean) and min(sizes) > 0
+    tokens = pq.read_table(out["tokenize"]["train"]["path"])
+    assert {"input_ids", "labels"} <= set(tokens.column_names)
+    assert (tmp := out["train"]["adapter_path"]) and (pd.io.common.Path(tmp) / "adapter_model.safetensors").exists()
+    ev = pd.read_parquet(out["evaluate"]["eval_path"])
+    assert {"title", "reference", "base_output", "finetuned_output", "delta_rougeL"} <= set(ev.columns)
+    assert len(ev) == min(cfg.eval.limit, out["sample"]["test"]["rows"])
+
+
+def test_flow_registers_a_version_with_metrics_and_aliases(two_runs):
+    cfg, first, second = two_runs
+    client = MlflowClient(tracking_uri(cfg))
+    reg = first.result()["register"]
+    version = client.get_model_version(cfg.registry.model_name, reg["version"])
+    run = client.get_run(version.run_id)
+    for key in ("base_bleu", "base_rougeL", "finetuned_bleu", "finetuned_rougeL", "records_kept", "val_loss"):
+        assert key in run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"raw", "clean", "train", "test"}
+    challenger = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
+    assert str(challenger.version) == second.result()["register"]["version"]
+    assert "challenger" in reg["aliases"]
+
+
+def test_second_identical_run_takes_ingest_to_train_from_cache(two_runs):
+    _, first, second = two_runs
+    import asyncio
+
+    states_first = asyncio.run(task_states(first.state_details.flow_run_id))
+    states_second = asyncio.run(task_states(second.state_details.flow_run_id))
+    assert all(states_first[s] == "Completed" for s in CACHED_STAGES)
+    assert {s: states_second[s] for s in CACHED_STAGES} == {s: "Cached" for s in CACHED_STAGES}
+    assert states_second["evaluate"] == "Completed" and states_second["register"] == "Completed"
+    assert first.result()["train"]["adapter_sha256"] == second.result()["train"]["adapter_sha256"]
