@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="desctune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_run(sub)
+    from desctune import prepare
+
+    prepare.add_parser(sub)
     return parser
 
 

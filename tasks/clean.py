@@ -14,8 +14,10 @@ import json
 import logging
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import ftfy
 import pyarrow as pa
@@ -49,12 +51,14 @@ _STUB_RE2 = STUB.format(ws=_WS_RE2)
 _WS_RUN_RE2 = f"{_WS_RE2}{{2,}}|{_WS_NOT_SPACE_RE2}"
 _ENTITY_RE, _TAG_RE = re.compile(ENTITY), re.compile(TAG)
 # Control and invisible format characters, deleted (tab, newline and the like are whitespace, handled later).
-_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200b-\u200d\u2060\u206a-\u206f\ufeff\ufff9-\ufffc]")
+_CONTROL = "[\\x00-\\x08\\x0e-\\x1b\\x7f-\\x84\\x86-\\x9f\\xad\\x{200b}-\\x{200d}\\x{2060}\\x{206a}-\\x{206f}\\x{feff}\\x{fff9}-\\x{fffc}]"
+_CONTROL_RE = re.compile(_CONTROL.replace("\\x{", "\\u").replace("}", "").replace("\\u200b", "\\u200b"))
 _CP1252_HIGH = bytes(range(0x80, 0xA0)).decode("cp1252", "ignore")
 # UTF-8 read as Latin-1/cp1252: a lead byte followed by a continuation byte, plus stray C1 controls.
-_MOJIBAKE_RE = re.compile(f"[\xc2-\xf4][\x80-\xbf{_CP1252_HIGH}]|[\x80-\x9f]")
-# Rows the vectorised path must hand to Python first: entities, tags, non-ASCII, control characters.
-_SLOW_RE2 = r"[&<\x00-\x08\x0e-\x1b\x7f]"
+_MOJIBAKE = f"[\xc2-\xf4][\x80-\xbf{_CP1252_HIGH}]|[\x80-\x9f]"
+_MOJIBAKE_RE = re.compile(_MOJIBAKE)
+# ASCII rows that clean_text would change: markup, controls, a stub, whitespace other than single inner spaces.
+_SPECIAL_RE2 = f"[&<]|{_CONTROL}|{STUB_MARK}|[\\t\\n\\x0b\\f\\r\\x1c-\\x1f]|  |^ | $"
 _FTFY = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, explain=False)
 
 REASONS = {
@@ -67,54 +71,80 @@ REASONS = {
 }
 
 
-def _unescape(s: str) -> str:
-    """Decode entities, repeatedly for double-escaped text ('&amp;#8217;' -> '&#8217;' -> '’')."""
+def _markup(s: str) -> str:
+    """Entities (repeatedly, for double-escaped text: '&amp;#8217;' -> '&#8217;' -> '’'), then tags."""
     for _ in range(3):
-        if "&" not in s or not _ENTITY_RE.search(s):
+        if "&" not in s:
             break
-        s = html.unescape(s)
-    return s
+        decoded = html.unescape(s)
+        if decoded == s:
+            break
+        s = decoded
+    return _TAG_RE.sub(" ", s) if "<" in s else s
 
 
-def _decode(s: str) -> str:
-    """First half of cleaning, only needed for strings with '&', '<', non-ASCII or control characters."""
-    s = _unescape(s)
-    if "<" in s:
-        s = _TAG_RE.sub(" ", s)
+def _mojibake(s: str) -> str:
+    return ftfy.fix_text(s, _FTFY)
+
+
+def clean_text(s: str, strip_stubs: bool = True) -> str:
+    """The cleaned form of one title or content string (the reference for `clean_column`)."""
+    s = _markup(s)
     if not s.isascii():
         if _MOJIBAKE_RE.search(s):
-            s = ftfy.fix_text(s, _FTFY)
-        s = unicodedata.normalize("NFC", s)
-    return _CONTROL_RE.sub("", s)
-
-
-def _finish(s: str, strip_stubs: bool) -> str:
-    """Second half: boilerplate stubs and whitespace runs (clean_column does this half with RE2)."""
+            s = _mojibake(s)
+        s = unicodedata.normalize("NFC", _CONTROL_RE.sub("", s))
+    else:
+        s = _CONTROL_RE.sub("", s)
     if strip_stubs and STUB_MARK in s:
         s = _STUB_RE.sub(" ", s)
     return " ".join(s.split())
 
 
-def clean_text(s: str, strip_stubs: bool = True) -> str:
-    """The cleaned form of one title or content string."""
-    return _finish(_decode(s), strip_stubs)
+def _apply(arr: pa.Array, mask: pa.Array, fn) -> pa.Array:
+    """Replace the masked rows of `arr` with fn(those rows); fn takes and returns an Arrow array."""
+    if not pc.any(mask).as_py():
+        return arr
+    return pc.replace_with_mask(arr, mask, fn(pc.filter(arr, mask)))
+
+
+def _strings(a: pa.Array):
+    """Python strings of an Arrow array (to_numpy is several times faster than to_pylist here)."""
+    return a.to_numpy(zero_copy_only=False)
+
+
+def _py(fn):
+    return lambda a: pa.array([fn(s) for s in _strings(a)], pa.string())
+
+
+def _nfc(s: str) -> str:
+    return unicodedata.normalize("NFC", s)
+
+
+def _clean_special(arr: pa.Array, strip_stubs: bool) -> pa.Array:
+    arr = _apply(arr, pc.match_substring_regex(arr, "[&<]"), _py(_markup))
+    non_ascii = pc.invert(pc.string_is_ascii(arr))
+    if pc.any(non_ascii).as_py():
+        arr = _apply(arr, pc.match_substring_regex(arr, _MOJIBAKE), _py(_mojibake))
+    arr = _apply(arr, pc.match_substring_regex(arr, _CONTROL), lambda a: pc.replace_substring_regex(a, _CONTROL, ""))
+    arr = _apply(arr, non_ascii, _py(_nfc))
+    if strip_stubs:
+        arr = _apply(arr, pc.match_substring(arr, STUB_MARK), lambda a: pc.replace_substring_regex(a, _STUB_RE2, " "))
+    arr = pc.replace_substring_regex(arr, _WS_RUN_RE2, " ")
+    return pc.ascii_trim(arr, " ")
 
 
 def clean_column(arr: pa.Array, strip_stubs: bool = True) -> pa.Array:
-    """`clean_text` applied to every string of an Arrow string array; only the decode half runs per row in Python."""
+    """`clean_text` for every string of an Arrow array: RE2 kernels, with Python only for entities, tags, mojibake.
+
+    One RE2 pass finds the rows `clean_text` would change at all (ASCII rows with no markup, control character,
+    stub, whitespace run or edge whitespace stay as they are); only those go through the cleaning passes.
+    """
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if len(arr) == 0:
         return arr
-    slow = pc.or_(pc.invert(pc.string_is_ascii(arr)), pc.match_substring_regex(arr, _SLOW_RE2))
-    if pc.any(slow).as_py():
-        decoded = [_decode(s) for s in pc.filter(arr, slow).to_pylist()]
-        arr = pc.replace_with_mask(arr, slow, pa.array(decoded, pa.string()))
-    if strip_stubs:
-        has = pc.match_substring(arr, STUB_MARK)
-        if pc.any(has).as_py():
-            arr = pc.replace_with_mask(arr, has, pc.replace_substring_regex(pc.filter(arr, has), _STUB_RE2, " "))
-    arr = pc.replace_substring_regex(arr, _WS_RUN_RE2, " ")
-    return pc.ascii_trim(arr, " ")
+    special = pc.or_(pc.invert(pc.string_is_ascii(arr)), pc.match_substring_regex(arr, _SPECIAL_RE2))
+    return _apply(arr, special, lambda a: _clean_special(a, strip_stubs))
 
 
 def _excerpt(title: pa.Array, content: pa.Array) -> pa.Array:
@@ -131,7 +161,7 @@ class _Dedup:
 
     def reasons(self, uid: pa.Array, title: pa.Array, content: pa.Array) -> list[str | None]:
         out: list[str | None] = []
-        for u, t, c in zip(uid.to_pylist(), title.to_pylist(), content.to_pylist()):
+        for u, t, c in zip(_strings(uid), _strings(title), _strings(content)):
             key = (hash(t) & 0xFFFFFFFFFFFFFFFF) << 64 | (hash(c) & 0xFFFFFFFFFFFFFFFF)
             if u in self.uids:
                 out.append("duplicate_uid")
@@ -144,11 +174,10 @@ class _Dedup:
         return out
 
 
-def _clean_batch(batch: pa.RecordBatch, data: DataConfig, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
-    """Cleaned records and rejects of one raw batch."""
-    raw_title, raw_content = batch.column("title"), batch.column("content")
-    title = clean_column(raw_title, data.strip_stubs)
-    content = clean_column(raw_content, data.strip_stubs)
+def _clean_batch(batch: pa.RecordBatch, data: DataConfig) -> tuple[pa.RecordBatch, pa.Array, pa.Array, pa.Array]:
+    """Clean one raw batch and name the filter each failing row breaks (null: passes). Safe to run in threads."""
+    title = clean_column(batch.column("title"), data.strip_stubs)
+    content = clean_column(batch.column("content"), data.strip_stubs)
     tlen, clen = pc.utf8_length(title), pc.utf8_length(content)
     reason = pa.nulls(len(batch), pa.string())
     checks = [(pc.equal(tlen, 0), "empty_title"), (pc.equal(clen, 0), "empty_content")]
@@ -159,6 +188,12 @@ def _clean_batch(batch: pa.RecordBatch, data: DataConfig, dedup: _Dedup) -> tupl
         ]
     for mask, name in checks:
         reason = pc.if_else(pc.and_(pc.is_null(reason), mask), name, reason)
+    return batch, title, content, reason
+
+
+def _split_batch(cleaned, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
+    """Records kept and rejects of one cleaned batch; runs in file order so the first of duplicates is kept."""
+    batch, title, content, reason = cleaned
     ok = pc.is_null(reason)
     ok_idx = pc.indices_nonzero(ok)
     uid = batch.column("uid")
@@ -173,11 +208,24 @@ def _clean_batch(batch: pa.RecordBatch, data: DataConfig, dedup: _Dedup) -> tupl
             "line": batch.column("line").filter(bad),
             "uid": uid.filter(bad),
             "reason": reason.filter(bad),
-            "excerpt": _excerpt(raw_title.filter(bad), raw_content.filter(bad)),
+            "excerpt": _excerpt(batch.column("title").filter(bad), batch.column("content").filter(bad)),
         },
         schema=REJECT_SCHEMA,
     )
     return kept, rejects
+
+
+def _cleaned_batches(path: str, data: DataConfig) -> Iterator:
+    """`_clean_batch` over raw.parquet on two threads (Arrow kernels release the GIL), in order, two in flight."""
+    batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_clean_batch, batch, data))
+            if len(pending) >= 2:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
@@ -187,23 +235,25 @@ def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
     reasons: Counter[str] = Counter()
     kept = 0
     dedup = _Dedup()
+
+    def write_rejects(table: pa.Table) -> None:
+        rw.write_table(table)
+        for d in pc.value_counts(table.column("reason")).to_pylist():
+            reasons[d["values"]] += d["counts"]
+
     with atomic_path(clean_path) as clean_tmp, atomic_path(rej_path) as rej_tmp:
         with pq.ParquetWriter(clean_tmp, CLEAN_SCHEMA, **PARQUET) as cw, pq.ParquetWriter(
             rej_tmp, REJECT_SCHEMA, **PARQUET
         ) as rw:
-            ingest_rejects = pq.read_table(raw["rejects_path"], schema=REJECT_SCHEMA)
-            if ingest_rejects.num_rows:
-                rw.write_table(ingest_rejects)
-                reasons.update(ingest_rejects.column("reason").to_pylist())
-            for batch in pq.ParquetFile(raw["path"]).iter_batches(batch_size=BATCH_ROWS):
-                good, bad = _clean_batch(batch, data, dedup)
+            for rej in pq.ParquetFile(raw["rejects_path"]).iter_batches(batch_size=BATCH_ROWS):
+                write_rejects(pa.Table.from_batches([rej]).cast(REJECT_SCHEMA))
+            for cleaned in _cleaned_batches(raw["path"], data):
+                good, bad = _split_batch(cleaned, dedup)
                 if good.num_rows:
                     cw.write_table(good)
                     kept += good.num_rows
                 if bad.num_rows:
-                    rw.write_table(bad)
-                    for d in pc.value_counts(bad.column("reason")).to_pylist():
-                        reasons[d["values"]] += d["counts"]
+                    write_rejects(bad)
     duplicates = reasons["duplicate_uid"] + reasons["duplicate_record"]
     rejected = sum(reasons.values())
     log.info("clean: %d kept, %d rejected %s", kept, rejected, dict(reasons))

@@ -1,0 +1,74 @@
+"""`desctune prepare`: run the flow's own ingest and clean tasks on a file and leave clean.parquet and rejects.parquet.
+
+    desctune prepare --data trn.json --out prepared/ [--config FILE] [--no-filters]
+
+Stage outputs and Prefect's cached results live under DIR, so a rerun on the same content is instant and deleting
+DIR forgets both. Exit 0 when the input was usable (even with rejects), 2 with one line when it was not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+
+def _publish(src: str, dest: Path) -> None:
+    """Put a stage output at `dest` (hard link when possible, else a copy), replacing it atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def summary(raw: dict, cleaned: dict) -> str:
+    lines = [
+        f"lines read {raw['lines_read']}, kept {cleaned['kept']}, rejected {cleaned['rejected']}, "
+        f"duplicates {cleaned['duplicates']}"
+    ]
+    lines += [f"  rejected {reason}: {n}" for reason, n in cleaned["by_reason"].items()]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from desctune.cli import prefect_env
+    from desctune.config import load_config
+
+    cfg = load_config(args.config, [])
+    data = cfg.data.model_copy(update={"path": str(args.data), "filters": cfg.data.filters and not args.no_filters})
+    from tasks.ingest import DataError
+
+    if not Path(data.path).is_file():
+        raise DataError(f"input file not found: {data.path}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prefect_env(str(out))
+    from prefect import flow
+
+    from tasks.clean import clean
+    from tasks.ingest import fingerprint, ingest
+
+    @flow(name="prepare", log_prints=True)
+    def prepare_flow(data, artifacts_dir: str) -> tuple[dict, dict]:
+        raw = ingest(data, artifacts_dir, fingerprint(data.path))
+        return raw, clean(raw, data, artifacts_dir)
+
+    raw, cleaned = prepare_flow(data, str(out))
+    _publish(cleaned["path"], out / "clean.parquet")
+    _publish(cleaned["rejects_path"], out / "rejects.parquet")
+    print(summary(raw, cleaned))
+    print(f"wrote {out / 'clean.parquet'} and {out / 'rejects.parquet'}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="ingest and clean a data file into DIR/clean.parquet + rejects.parquet")
+    p.add_argument("--data", required=True, help="trn.json / .jsonl / .gz (JSON Lines or one JSON array)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="YAML profile whose data section applies (field names, caps, filters)")
+    p.add_argument("--no-filters", action="store_true", help="turn off the length filters, nothing else")
+    p.set_defaults(func=main)
