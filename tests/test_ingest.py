@@ -1,0 +1,161 @@
+"""Ingest: every input shape, every reject reason, bounded lines, and user-fixable errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from desctune.config import DataConfig
+from tasks import ingest as ingest_mod
+from tasks.ingest import DataError, ingest_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
+ABT = ROOT.parent / "shared" / "data" / "abt_electronics.jsonl"
+
+
+def run(tmp_path: Path, payload: bytes, name: str = "in.jsonl", **data) -> tuple[dict, list[dict], list[dict]]:
+    src = tmp_path / name
+    src.write_bytes(payload)
+    result = ingest_file(DataConfig(path=str(src), **data), tmp_path / "out")
+    return result, pq.read_table(result["path"]).to_pylist(), pq.read_table(result["rejects_path"]).to_pylist()
+
+
+def rec(uid: str, title: str = "A title", content: str = "Some content") -> bytes:
+    return json.dumps({"uid": uid, "title": title, "content": content, "target_ind": [1, 2]}).encode()
+
+
+def test_sample_is_read_whole(tmp_path):
+    result = ingest_file(DataConfig(path=str(SAMPLE)), tmp_path)
+    assert (result["lines_read"], result["records"], result["rejected"]) == (500, 500, 0)
+    first = pq.read_table(result["path"]).slice(0, 1).to_pylist()[0]
+    assert first == {"line": 1, "uid": "amztitles-trn-nonempty-0000", "title": "Girls Ballet Tutu Neon Pink",
+                     "content": "High quality 3 layer ballet tutu. 12 inches in length"}
+
+
+@pytest.mark.parametrize("shape", ["lf", "crlf", "bom", "gzip", "array", "array-pretty", "no-final-newline"])
+def test_formats_give_the_same_records(tmp_path, shape):
+    lines = [rec("a", content="caf\u00e9 &amp; more"), rec("b"), rec("c")]
+    payload = b"\n".join(lines) + b"\n"
+    name = "in.jsonl"
+    if shape == "crlf":
+        payload = payload.replace(b"\n", b"\r\n")
+    elif shape == "bom":
+        payload = b"\xef\xbb\xbf" + payload
+    elif shape == "gzip":
+        payload, name = gzip.compress(payload), "in.json.gz"
+    elif shape == "array":
+        payload = b"[" + b",".join(lines) + b"]"
+        name = "in.json"
+    elif shape == "array-pretty":
+        payload = json.dumps([json.loads(x) for x in lines], indent=2).encode()
+    elif shape == "no-final-newline":
+        payload = payload.rstrip(b"\n")
+    result, records, rejects = run(tmp_path, payload, name)
+    assert [r["uid"] for r in records] == ["a", "b", "c"]
+    assert records[0]["content"] == "caf\u00e9 &amp; more"
+    assert [r["line"] for r in records] == [1, 2, 3]
+    assert rejects == [] and result["lines_read"] == 3
+
+
+def test_every_reject_reason_with_line_uid_and_excerpt(tmp_path):
+    lines = [
+        rec("ok1"),
+        b'{"uid": "m1", "title": "broken"',
+        b'{"uid": "u1", "title": "bad \xff byte", "content": "x"}',
+        b"[1, 2, 3]",
+        b'{"uid": "t0", "content": "no title"}',
+        b'{"uid": "c0", "title": "no content", "content": null}',
+        b'{"uid": "t1", "title": 42, "content": "numeric title"}',
+        b'{"uid": "c1", "title": "list content", "content": ["a"]}',
+        b'{"uid": {"x": 1}, "title": "t", "content": "c"}',
+        rec("long", content="x" * 60),
+        b"",
+        rec("ok2"),
+        b'{"title": "no uid", "content": "gets a line uid"}',
+        b'{"uid": 7, "title": "numeric uid", "content": "kept"}',
+    ]
+    result, records, rejects = run(tmp_path, b"\n".join(lines) + b"\n", max_field_chars=50)
+    assert [r["uid"] for r in records] == ["ok1", "ok2", "line-13", "7"]
+    got = [(r["line"], r["uid"], r["reason"]) for r in rejects]
+    assert got == [
+        (2, None, "malformed_json"),
+        (3, None, "invalid_utf8"),
+        (4, None, "not_object"),
+        (5, "t0", "missing_title"),
+        (6, "c0", "missing_content"),
+        (7, "t1", "title_not_string"),
+        (8, "c1", "content_not_string"),
+        (9, None, "bad_uid"),
+        (10, "long", "field_too_long"),
+    ]
+    assert set(got_reason for *_, got_reason in got) == set(ingest_mod.REASONS) - {"line_too_long"}
+    assert rejects[0]["excerpt"] == '{"uid": "m1", "title": "broken"'
+    assert "\ufffd" in rejects[1]["excerpt"]
+    assert result["lines_read"] == 14 and result["records"] + result["rejected"] == 13  # one blank line
+
+
+def test_fast_path_rejects_keep_line_numbers_in_big_chunks(tmp_path, monkeypatch):
+    """Null fields found by the vectorised path carry the same line numbers as the exact path would give."""
+    monkeypatch.setattr(ingest_mod, "SMALL_BLOCK_LINES", 4)
+    lines = [rec(f"u{i}") for i in range(300)]
+    lines[150] = b'{"uid": "n150", "title": null, "content": "c"}'
+    lines[200] = b'{"uid": "bad", "title": "t", "content": "c"'
+    result, records, rejects = run(tmp_path, b"\n".join(lines) + b"\n")
+    assert [(r["line"], r["reason"]) for r in rejects] == [(151, "missing_title"), (201, "malformed_json")]
+    assert len(records) == 298 and records[-1]["line"] == 300
+
+
+def test_over_long_line_is_rejected_without_reading_it_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest_mod, "CHUNK_BYTES", 4096)
+    huge = b'{"uid": "huge", "title": "t", "content": "' + b"y" * 200_000 + b'"}'
+    payload = b"\n".join([rec("a"), huge, rec("b")]) + b"\n"
+    result, records, rejects = run(tmp_path, payload, max_line_bytes=8192)
+    assert [r["uid"] for r in records] == ["a", "b"]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "line_too_long")]
+    assert len(rejects[0]["excerpt"]) <= ingest_mod.EXCERPT_CHARS
+
+
+def test_max_records_stops_early(tmp_path):
+    payload = b"\n".join(rec(f"u{i}") for i in range(100)) + b"\n"
+    result, records, _ = run(tmp_path, payload, max_records=10)
+    assert result["lines_read"] == 10 and len(records) == 10
+
+
+def test_configurable_field_names_on_real_other_shop_data(tmp_path):
+    rows = [json.loads(x) for x in ABT.read_text(encoding="utf-8").splitlines()]
+    renamed = "\n".join(json.dumps({"id": r["uid"], "name": r["title"], "description": r["content"]}) for r in rows)
+    result, records, rejects = run(tmp_path, renamed.encode(), uid_field="id", title_field="name",
+                                   content_field="description")
+    assert result["records"] == len(rows) == 1081 and not rejects
+    assert records[0]["uid"] == rows[0]["uid"] and records[0]["content"] == rows[0]["content"]
+    with pytest.raises(DataError, match="title_field"):
+        run(tmp_path, renamed.encode())
+
+
+@pytest.mark.parametrize(
+    "payload, name, message",
+    [
+        (b"", "in.jsonl", "empty"),
+        (b"\n \n", "in.jsonl", "empty"),
+        (b"uid,title,content\n1,a,b\n", "in.jsonl", "not JSON Lines"),
+        (b"\x89PNG\xff\n\xfe\xfa\x00\n", "in.jsonl", "not decodable"),
+        ("{}".encode("utf-16"), "in.jsonl", "UTF-16"),
+        (gzip.compress(b"\n".join(rec(f"u{i}") for i in range(2000)))[:-200], "in.jsonl.gz", "truncated gzip"),
+        (b'[{"uid": "a", "title": "t", "content": "c"}, {"uid": ', "in.json", "malformed or truncated"),
+    ],
+)
+def test_unusable_input_is_one_line_error(tmp_path, payload, name, message):
+    with pytest.raises(DataError, match=message) as err:
+        run(tmp_path, payload, name)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "raw.parquet").exists()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        ingest_file(DataConfig(path=str(tmp_path / "nope.jsonl")), tmp_path / "out")
