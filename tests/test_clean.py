@@ -1,0 +1,140 @@
+"""Clean: what cleaning does to real text, the vectorised path agreeing with clean_text, filters and duplicates."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from desctune.config import DataConfig
+from tasks import clean as clean_mod
+from tasks.clean import clean_column, clean_file, clean_text
+from tasks.ingest import ingest_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
+ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+\d*);")
+TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+MOJIBAKE = re.compile(clean_mod._MOJIBAKE)
+
+
+@pytest.mark.parametrize(
+    "raw, cleaned",
+    [
+        ("Judith Kerr&#8217;s best&#8211;selling", "Judith Kerr\u2019s best\u2013selling"),
+        ("it&#x2019;s &mdash; &copy; 2001&#160;ok", "it\u2019s \u2014 \u00a9 2001 ok"),
+        ("double &amp;#8217; and &amp;quot;q&amp;quot;", "double \u2019 and \"q\""),
+        ("cp1252 ref &#x92;s and &#151;", "cp1252 ref \u2019s and \u2014"),
+        ("A&amp;E and R&D stay", "A&E and R&D stay"),
+        ("line<br>break<BR/>and <p class='x'>para</p> &lt;b&gt;bold&lt;/b&gt;", "line break and para bold"),
+        ("x < 5 and y > 3", "x < 5 and y > 3"),
+        ("caf\u00c3\u00a9 \u00e2\u20ac\u201cnice\u00e2\u20ac\u009d", "caf\u00e9 \u2013nice\u201d"),
+        ("cafe\u0301 decomposed", "caf\u00e9 decomposed"),
+        ("ctrl\x00\x07 chars\u200b zero\ufeffwidth", "ctrl chars zerowidth"),
+        ("  tabs\tand\n\nnewlines\r\n  runs\u00a0\u3000 ", "tabs and newlines runs"),
+        ("A great read.--This text refers to thePaperbackedition.", "A great read."),
+        ("Intro. --This text refers to an out of print or unavailable edition of this title. More.", "Intro. More."),
+        ("--This text refers to theHardcoveredition.", ""),
+    ],
+)
+def test_clean_text(raw, cleaned):
+    assert clean_text(raw) == cleaned
+    assert clean_column(pa.array([raw])).to_pylist() == [cleaned]
+
+
+def test_stubs_kept_when_turned_off():
+    s = "A great read.--This text refers to thePaperbackedition."
+    assert clean_text(s, strip_stubs=False) == s
+    assert clean_column(pa.array([s]), strip_stubs=False).to_pylist() == [s]
+
+
+def _variants(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """Real texts with the characters that steer the fast and slow paths spliced in at random places."""
+    rng = random.Random(seed)
+    bits = [" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x85", "\u00a0", "\u2003", "\u3000", "&amp;",
+            "&#8217;", "<br>", "\x00", "\x7f", "\u200b", "\u00c3\u00a9", "e\u0301", "\u00e9", "--This text refers to "
+            "thePaperbackedition.", "This text refers to nothing", "&", "<", "\ufb01"]
+    out = []
+    for _ in range(n):
+        s = rng.choice(texts)
+        for _ in range(rng.randint(0, 4)):
+            i = rng.randint(0, len(s))
+            s = s[:i] + rng.choice(bits) + s[i:]
+        out.append(s)
+    return out
+
+
+def test_vectorised_path_equals_clean_text():
+    texts = []
+    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        texts += [r["title"], r["content"]]
+    cases = texts + _variants(texts, 3000) + ["", " ", "\t", "a", " a ", "&", "<"]
+    got = clean_column(pa.array(cases)).to_pylist()
+    want = [clean_text(s) for s in cases]
+    assert [i for i, (g, w) in enumerate(zip(got, want)) if g != w] == []
+
+
+def test_sample_has_no_entities_tags_or_mojibake_after_cleaning(tmp_path):
+    raw = ingest_file(DataConfig(path=str(SAMPLE)), tmp_path / "ingest")
+    out = clean_file(raw, DataConfig(path=str(SAMPLE), filters=False), tmp_path / "clean")
+    contents = pq.read_table(out["path"]).column("content").to_pylist()
+    before = [json.loads(x)["content"] for x in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert sum(bool(ENTITY.search(c)) for c in before) > 50
+    assert sum(bool(ENTITY.search(c)) for c in contents) == 0
+    assert sum(bool(TAG.search(c)) for c in contents) == 0
+    assert sum(bool(MOJIBAKE.search(c)) for c in contents) == 0
+    assert sum("This text refers" in c for c in before) > 100
+    assert sum("This text refers" in c for c in contents) == 0
+
+
+def _raw(tmp_path: Path, rows: list[dict]) -> dict:
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return ingest_file(DataConfig(path=str(src)), tmp_path / "ingest")
+
+
+LONG = "A sturdy, well made product description that is long enough to pass the content filter easily. " * 2
+
+
+def test_filters_duplicates_and_every_reason(tmp_path):
+    rows = [
+        {"uid": "a", "title": "A proper title", "content": LONG},
+        {"uid": "b", "title": "<br>", "content": LONG + "b"},
+        {"uid": "c", "title": "Another title", "content": "--This text refers to thePaperbackedition."},
+        {"uid": "d", "title": "Short", "content": LONG + "d"},
+        {"uid": "e", "title": "Title for short content", "content": "too short"},
+        {"uid": "a", "title": "Same uid again", "content": LONG + "a2"},
+        {"uid": "f", "title": "A proper  title", "content": LONG.replace(" ", "  ")},
+        {"uid": "g", "title": "Fine title", "content": None},
+    ]
+    raw = _raw(tmp_path, rows)
+    out = clean_file(raw, DataConfig(), tmp_path / "clean")
+    kept = pq.read_table(out["path"]).to_pylist()
+    rejects = {r["uid"]: r for r in pq.read_table(out["rejects_path"]).to_pylist()}
+    assert [r["uid"] for r in kept] == ["a"]
+    assert {u: r["reason"] for u, r in rejects.items()} == {
+        "g": "missing_content", "b": "empty_title", "c": "empty_content", "d": "title_too_short",
+        "e": "content_too_short", "a": "duplicate_uid", "f": "duplicate_record",
+    }
+    assert set(clean_mod.REASONS) <= set(out["by_reason"])
+    assert rejects["e"]["line"] == 5 and rejects["e"]["excerpt"].startswith("Title for short content | too short")
+    assert out["duplicates"] == 2 and out["kept"] + out["rejected"] == len(rows)
+
+    loose = clean_file(raw, DataConfig(filters=False), tmp_path / "loose")
+    assert loose["kept"] == 3 and "title_too_short" not in loose["by_reason"]
+    assert loose["by_reason"]["empty_content"] == 1
+
+
+def test_batches_and_threads_keep_order_and_first_duplicate(tmp_path, monkeypatch):
+    monkeypatch.setattr(clean_mod, "BATCH_ROWS", 7)
+    rows = [{"uid": f"u{i % 40}", "title": f"Title number {i % 25}", "content": f"{LONG} {i % 25}"} for i in range(60)]
+    out = clean_file(_raw(tmp_path, rows), DataConfig(), tmp_path / "clean")
+    kept = pq.read_table(out["path"]).column("uid").to_pylist()
+    assert kept == [f"u{i}" for i in range(25)]
+    assert out["by_reason"] == {"duplicate_record": 15, "duplicate_uid": 20}
