@@ -88,6 +88,14 @@ def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def embedded_base() -> dict:
+    """The embedded SmolLM2 checkpoint, converted once into the project's own artifacts/models cache."""
+    from tasks.base_model import provision
+
+    return provision("smollm2-135m-instruct", ROOT / "artifacts")
+
+
 def tiny_config(tmp_path: Path, model_dir: Path, records: Path = SAMPLE, **sections):
     """A Config for the tiny model that runs the whole flow in seconds."""
     from desctune.config import Config

@@ -1,0 +1,41 @@
+"""The one config model: profiles load, overrides apply, mistakes give one plain line."""
+
+import pytest
+
+from conftest import ROOT
+from desctune.config import Config, ConfigError, load_config
+
+
+def test_profiles_load_into_the_one_model():
+    cpu = load_config(ROOT / "configs" / "cpu.yaml")
+    gpu = load_config(ROOT / "configs" / "gpu-tinyllama.yaml")
+    assert cpu.model.name == "smollm2-135m-instruct" and cpu.data.path == "data/amazon_titles_sample.jsonl"
+    assert gpu.model.name == "TinyLlama/TinyLlama-1.1B-Chat-v1.0" and gpu.model.load_in_4bit
+    assert (gpu.lora.r, gpu.lora.alpha, gpu.lora.dropout) == (32, 64, 0.05)
+    assert (gpu.train.learning_rate, gpu.train.epochs) == (3e-4, 2)
+    assert (gpu.data.max_records, gpu.data.train_size) == (150_000, 15_000)
+
+
+def test_set_overrides_parse_values_as_yaml():
+    cfg = load_config(None, ["train.epochs=3", "eval.limit=null", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.epochs == 3 and cfg.eval.limit is None and cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.epochs"], "--set expects section.key=value"),
+        (["train.nope=1"], "invalid config at train.nope"),
+        (["train.learning_rate=-1"], "invalid config at train.learning_rate"),
+    ],
+)
+def test_mistakes_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_profile_and_digest_follow_content(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    assert Config().digest() == Config().digest() != load_config(None, ["train.seed=1"]).digest()
