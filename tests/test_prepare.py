@@ -1,0 +1,102 @@
+"""`desctune prepare`: real Prefect runs of the flow's tasks, exit codes and messages, cache keyed on file content."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from desctune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
+
+
+def test_prepare_sample(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    kept = pq.read_table(out / "clean.parquet")
+    rejects = pq.read_table(out / "rejects.parquet")
+    assert kept.column_names == ["uid", "title", "content"]
+    assert rejects.column_names == ["line", "uid", "reason", "excerpt"]
+    assert kept.num_rows + rejects.num_rows == 500
+    assert f"lines read 500, kept {kept.num_rows}, rejected {rejects.num_rows}" in printed
+    assert "content_too_short" in printed
+
+
+def test_no_filters_only_turns_off_length_filters(tmp_path, capsys):
+    out = tmp_path / "loose"
+    assert main(["prepare", "--data", str(SAMPLE), "--out", str(out), "--no-filters"]) == 0
+    reasons = set(pq.read_table(out / "rejects.parquet").column("reason").to_pylist())
+    assert reasons and not reasons & {"content_too_short", "title_too_short"}
+    assert reasons <= {"empty_content", "empty_title", "duplicate_record", "duplicate_uid"}
+
+
+def test_cache_follows_file_content_not_name(tmp_path, capsys):
+    src, out = tmp_path / "data.jsonl", tmp_path / "prepared"
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)
+    src.write_text("".join(lines[:200]), encoding="utf-8")
+    assert main(["prepare", "--data", str(src), "--out", str(out)]) == 0
+    first = pq.read_table(out / "clean.parquet").num_rows
+    stamp = (out / "clean.parquet").stat().st_mtime_ns
+
+    renamed = tmp_path / "renamed.jsonl"
+    src.rename(renamed)
+    assert main(["prepare", "--data", str(renamed), "--out", str(out)]) == 0
+    assert len(list((out / "stages").glob("ingest-*"))) == 1, "same content under another name is not re-ingested"
+
+    renamed.write_text("".join(lines[:300]), encoding="utf-8")
+    assert main(["prepare", "--data", str(renamed), "--out", str(out)]) == 0
+    assert pq.read_table(out / "clean.parquet").num_rows > first
+    assert (out / "clean.parquet").stat().st_mtime_ns != stamp
+    assert len(list((out / "stages").glob("ingest-*"))) == 2
+
+
+@pytest.mark.parametrize(
+    "payload, name, message",
+    [
+        (None, "missing.jsonl", "input file not found"),
+        (b"", "empty.jsonl", "the file is empty"),
+        (b"<html><body>not json</body></html>\n", "page.jsonl", "not JSON Lines"),
+        (b"\x89PNG\xff\x00\n\xfe\xfa\n", "image.jsonl", "not decodable as UTF-8"),
+        (gzip.compress(SAMPLE.read_bytes())[:-500], "trn.json.gz", "truncated gzip"),
+    ],
+)
+def test_unusable_input_exits_2_with_one_line(tmp_path, capsys, payload, name, message):
+    src = tmp_path / name
+    if payload is not None:
+        src.write_bytes(payload)
+    assert main(["prepare", "--data", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("desctune: ") and message in err and "\n" not in err
+    assert "Traceback" not in err
+
+
+def test_cli_process_prints_no_traceback(tmp_path):
+    """The installed entry point: a bad file gives exit 2 and exactly one stderr line, before Prefect starts."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "desctune.cli", "prepare", "--data", str(tmp_path / "nope.json"), "--out",
+         str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"desctune: input file not found: {tmp_path / 'nope.json'}"]
+
+
+def test_abt_data_with_renamed_fields_via_config(tmp_path, capsys):
+    abt = ROOT.parent / "shared" / "data" / "abt_electronics.jsonl"
+    rows = [json.loads(x) for x in abt.read_text(encoding="utf-8").splitlines()]
+    src = tmp_path / "abt.jsonl"
+    src.write_text("\n".join(json.dumps({"sku": r["uid"], "name": r["title"], "desc": r["content"]}) for r in rows))
+    cfg = tmp_path / "abt.yaml"
+    cfg.write_text("data:\n  uid_field: sku\n  title_field: name\n  content_field: desc\n  min_content_chars: 20\n")
+    assert main(["prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 0
+    kept = pq.read_table(tmp_path / "o" / "clean.parquet")
+    assert kept.num_rows > 900 and kept.column("uid")[0].as_py() == rows[0]["uid"]
