@@ -6,29 +6,17 @@ Errors a user can fix print one plain line and exit 2; tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-
-class UserError(Exception):
-    """Raised for problems the user can fix; printed as one line, exit 2."""
+from desctune.errors import UserError
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user."""
-    from desctune.config import ConfigError
-    from desctune.inference import AdapterError
-    from tasks.base_model import ModelError
-
-    errors: list[type[BaseException]] = [UserError, ConfigError, ModelError, AdapterError, FileNotFoundError]
-    try:
-        from tasks.ingest import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UserError, FileNotFoundError)
 
 
 def prefect_env(artifacts_dir: str) -> None:
@@ -36,11 +24,30 @@ def prefect_env(artifacts_dir: str) -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(artifacts_dir).resolve() / "prefect-results"))
 
 
+class HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed task's traceback; for errors the user can fix, the one-line message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(unwrap(record.exc_info[1]), user_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def preflight(cfg) -> None:
+    """Catch the commonest mistakes before any server or model starts."""
+    data = Path(cfg.data.path)
+    if not data.is_file():
+        raise UserError(f"data.path {data} does not exist: point it at a trn.json / .jsonl(.gz) file")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from desctune.config import load_config
 
     cfg = load_config(args.config, args.set)
+    preflight(cfg)
     prefect_env(cfg.artifacts_dir)
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from desctune.summary import summary_text

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from desctune.errors import UserError
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are an e-commerce copywriter. Given a product title, write the product description."
 )
@@ -107,7 +109,7 @@ class Config(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; its message is one plain line."""
 
 

