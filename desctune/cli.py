@@ -53,8 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from desctune.summary import summary_text
     from flows.finetune import finetune
 
-    result = finetune(config=cfg)
-    print(summary_text(result))
+    state = finetune(config=cfg, return_state=True)
+    print(summary_text(state.result(), str(state.state_details.flow_run_id)))
     return 0
 
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+
+def prefect_ui_hint(flow_run_id: str) -> str:
+    """The served UI's link to this flow run, or how to start a UI on the local database that recorded it."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    if ui:
+        return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return f".venv/bin/prefect server start   then http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
 
 
-def summary_text(result: dict) -> str:
+def summary_text(result: dict, flow_run_id: str) -> str:
     ing, cln, spl, trn, ev, reg = (result[k] for k in ("ingest", "clean", "sample", "train", "evaluate", "register"))
     m = ev["metrics"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(cln.get("by_reason", {}).items())) or "none"
     uri = reg["tracking_uri"]
-    mlflow_ui = (
-        f"open {uri}" if uri.startswith("http") else f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+    mlflow_ui = reg["run_url"] if uri.startswith("http") else (
+        f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   then {reg['run_url']}"
     )
     lines = [
         "",
@@ -30,7 +38,7 @@ def summary_text(result: dict) -> str:
         f"report     {ev['eval_path']}  {ev['plot_path']}",
         "",
         "See this run:",
-        f"  Prefect UI:  .venv/bin/prefect server start   (then http://127.0.0.1:4200/runs)",
-        f"  MLflow UI:   {mlflow_ui}   (run {reg['run_id']})",
+        f"  Prefect UI:  {prefect_ui_hint(flow_run_id)}",
+        f"  MLflow UI:   {mlflow_ui}",
     ]
     return "\n".join(lines)
