@@ -50,12 +50,15 @@ def load_adapter_model(adapter_dir: str | Path, artifacts_dir: str | Path = "art
 
 def adapter_status(model) -> dict:
     """What the demo and the guard show: is a LoRA adapter loaded and active, and how big is it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     config = next(iter(getattr(model, "peft_config", {}).values()), None)
     nonzero = any(bool(p.detach().abs().sum() > 0) for n, p in lora.items() if "lora_B" in n)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     return {
         "loaded": bool(lora),
-        "active": bool(lora) and not getattr(model, "disable_adapters", False) and bool(model.active_adapters),
+        "active": any(not m.disable_adapters and m.active_adapters for m in layers),
         "lora_parameters": int(sum(p.numel() for p in lora.values())),
         "target_modules": sorted(config.target_modules) if config is not None else [],
         "nonzero": nonzero,

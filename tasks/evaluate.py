@@ -6,6 +6,7 @@ when the adapter is empty, not applied, or changes (almost) nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import sacrebleu
 from prefect import task
 from rouge_score import rouge_scorer
 
-from desctune.config import EvalConfig
+from desctune.config import DataConfig, EvalConfig
 from desctune.files import atomic_path, stage_dir, write_parquet
 from desctune.inference import AdapterError, adapter_status, base_context, generate, load_adapter_model
 
@@ -48,12 +49,19 @@ def score(references: list[str], outputs: dict[str, list[str]]) -> tuple[pd.Data
     return df, metrics
 
 
-def guard(status: dict, metrics: dict) -> None:
-    """Refuse a fine-tuned model that cannot differ from its base."""
+def guard_adapter(status: dict) -> None:
+    """Refuse an adapter that cannot change anything: not applied, disabled, or all-zero LoRA weights."""
     if not status["loaded"]:
         raise AdapterError("the adapter was not applied: the model has no LoRA layers")
+    if not status["active"]:
+        raise AdapterError("the adapter was not applied: its LoRA layers are disabled")
     if not status["nonzero"]:
         raise AdapterError("the adapter's LoRA weights are all zero: training changed nothing")
+
+
+def guard(status: dict, metrics: dict) -> None:
+    """Refuse a fine-tuned model that cannot differ from its base, or whose outputs (almost) never do."""
+    guard_adapter(status)
     if metrics["identical_outputs"] >= IDENTICAL_LIMIT:
         raise AdapterError(
             f"the fine-tuned outputs equal the base outputs on {metrics['identical_outputs']:.0%} of examples "
@@ -94,49 +102,97 @@ def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg
     return df, metrics
 
 
-def evaluate_adapter(adapter_dir: str, test_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path) -> dict:
-    """Evaluate an adapter on a test Parquet; writes eval.parquet and metrics.png into out_dir and guards the result."""
-    test = pd.read_parquet(test_path)
+def evaluate_adapter(
+    adapter_dir: str, data_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path, refuse_inert: bool = False
+) -> dict:
+    """Evaluate an adapter on a Parquet of (uid,) title, content: eval.parquet, metrics.png/.json and report.md.
+
+    With refuse_inert, an adapter that cannot change anything fails before generating; the identical-outputs check
+    is the caller's, after publishing the report, so a refused run still shows why.
+    """
+    test = pd.read_parquet(data_path)
     if cfg.limit is not None:
         test = test.head(cfg.limit)
     model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir)
     status = adapter_status(model)
+    if refuse_inert:
+        guard_adapter(status)
     df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg)
-    eval_path, plot_path = out_dir / "eval.parquet", out_dir / "metrics.png"
-    write_parquet(df, eval_path)
-    plot_metrics(metrics, plot_path)
-    guard(status, metrics)
-    return {"metrics": metrics, "adapter_status": status, "eval_path": str(eval_path), "plot_path": str(plot_path)}
+    paths = {k: out_dir / f for k, f in (("eval_path", "eval.parquet"), ("plot_path", "metrics.png"),
+                                          ("metrics_path", "metrics.json"), ("report_path", "report.md"))}
+    write_parquet(df, paths["eval_path"])
+    plot_metrics(metrics, paths["plot_path"])
+    with atomic_path(paths["metrics_path"]) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    with atomic_path(paths["report_path"]) as tmp:
+        tmp.write_text(markdown_report(metrics, df))
+    return {"metrics": metrics, "adapter_status": status, **{k: str(v) for k, v in paths.items()}}
+
+
+def evaluate_file(adapter_dir: str, data: DataConfig, cfg: EvalConfig, artifacts_dir: str, out_dir: Path) -> dict:
+    """Evaluate on a raw trn.json-style file, through the flow's own ingest and clean steps."""
+    from tasks.clean import clean_file
+    from tasks.ingest import ingest_file
+
+    cleaned = clean_file(ingest_file(data, out_dir / "data"), data, out_dir / "data")
+    return evaluate_adapter(adapter_dir, cleaned["path"], cfg, artifacts_dir, out_dir) | {"data": cleaned}
+
+
+def _cell(text, n: int) -> str:
+    """Text shortened and made safe for one markdown table cell."""
+    return str(text)[:n].replace("|", "/").replace("\n", " ")
 
 
 def markdown_report(metrics: dict, df: pd.DataFrame, worst: int = 5) -> str:
+    """The report a person reads: both models' scores, the better/worse/same count and the examples that got worst."""
     lines = [
-        f"## Evaluation on {metrics['n']} test examples",
+        f"## Evaluation on {metrics['n']} examples",
         "",
-        "| model | BLEU | ROUGE-L |",
+        "| model | corpus BLEU | ROUGE-L F (mean) |",
         "|---|---|---|",
         *(f"| {m} | {metrics[m]['bleu']:.2f} | {metrics[m]['rougeL']:.4f} |" for m in MODELS),
         "",
         f"Fine-tuned better on {metrics['better']}, worse on {metrics['worse']}, same on {metrics['same']} examples "
-        f"(by ROUGE-L).",
+        f"(by ROUGE-L); outputs identical to the base on {metrics['identical_outputs']:.0%}.",
         "",
         "### Examples that got worst",
         "",
+        "| title | base ROUGE-L | fine-tuned ROUGE-L | base output | fine-tuned output |",
+        "|---|---|---|---|---|",
     ]
     for _, row in df.nsmallest(worst, "delta_rougeL").iterrows():
-        lines.append(f"- **{row['title'][:80]}** — ROUGE-L {row['base_rougeL']:.3f} → {row['finetuned_rougeL']:.3f}")
+        lines.append(
+            f"| {_cell(row['title'], 60)} | {row['base_rougeL']:.3f} | {row['finetuned_rougeL']:.3f} "
+            f"| {_cell(row['base_output'], 120)} | {_cell(row['finetuned_output'], 120)} |"
+        )
     return "\n".join(lines)
+
+
+def publish(result: dict, key: str = "evaluation") -> None:
+    """The report as Prefect artifacts: markdown (scores, summary, worst examples) and the per-example table."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    df = pd.read_parquet(result["eval_path"])
+    create_markdown_artifact(Path(result["report_path"]).read_text(), key=key, description="base vs fine-tuned")
+    columns = ["title", "base_rougeL", "finetuned_rougeL", "delta_rougeL", "base_bleu", "finetuned_bleu", "delta_bleu"]
+    create_table_artifact(df[columns].round(4).to_dict(orient="records"), key=f"{key}-examples",
+                          description="per-example scores (the full table with outputs is eval.parquet)")
 
 
 @task(name="evaluate", retries=0)
 def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
-    """Evaluate the trained adapter on the test split and publish the report as Prefect artifacts."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
+    """Evaluate the trained adapter on the test split, publish the report, then refuse an adapter with no effect."""
     out_dir = stage_dir(artifacts_dir, "evaluate", trained["adapter_sha256"], splits["test"]["sha256"], cfg.digest())
-    result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir)
-    df = pd.read_parquet(result["eval_path"])
-    create_markdown_artifact(markdown_report(result["metrics"], df), key="evaluation", description="base vs fine-tuned")
-    table = df[["title", "base_rougeL", "finetuned_rougeL", "delta_rougeL", "base_bleu", "finetuned_bleu"]].round(4)
-    create_table_artifact(table.to_dict(orient="records"), key="evaluation-examples", description="per-example scores")
+    result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir, True)
+    publish(result)
+    guard(result["adapter_status"], result["metrics"])
+    return result
+
+
+@task(name="evaluate-model", retries=0)
+def evaluate_model(model: dict, cleaned: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
+    """Evaluate a registered model version (and its base) on a cleaned dataset and publish the report."""
+    out_dir = stage_dir(artifacts_dir, "evaluate-model", model["adapter_sha256"], cleaned["sha256"], cfg.digest())
+    result = evaluate_adapter(model["adapter_path"], cleaned["path"], cfg, artifacts_dir, out_dir)
+    publish(result, key="champion-evaluation")
     return result

@@ -1,11 +1,18 @@
 """Evaluate: scores, batched generation, and the adapter guard that catches the "fine-tuned == base" bug."""
 
+import json
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 
-from desctune.config import ModelConfig
+from conftest import SAMPLE, head_records
+from desctune.config import Config, DataConfig, EvalConfig, ModelConfig
 from desctune.inference import AdapterError, adapter_status, base_context, generate
-from tasks.evaluate import guard, score
+from tasks.evaluate import evaluate_adapter, evaluate_file, guard, score
+
+SYSTEM_PROMPT = "Describe the product."
 
 
 def test_scores_reward_the_reference_and_count_better_worse():
@@ -19,7 +26,7 @@ def test_scores_reward_the_reference_and_count_better_worse():
     assert list(df.columns[:1]) == ["reference"] and "delta_rougeL" in df
 
 
-def peft_tiny(tiny_model_dir, init_nonzero: bool):
+def peft_tiny(tiny_model_dir, init_nonzero: bool, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     from tasks.base_model import load_model
@@ -27,11 +34,25 @@ def peft_tiny(tiny_model_dir, init_nonzero: bool):
     model = get_peft_model(load_model(tiny_model_dir, ModelConfig(name=str(tiny_model_dir))),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     if init_nonzero:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.5)
     return model.eval()
+
+
+def save_adapter(tiny_model_dir, out: Path, init_nonzero: bool = True, seed: int = 0) -> Path:
+    """A real adapter folder as training leaves it: PEFT safetensors, tokenizer and desctune.json."""
+    from tasks.base_model import load_tokenizer, provision
+
+    peft_tiny(tiny_model_dir, init_nonzero, seed).save_pretrained(out)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
+    base = provision(str(tiny_model_dir), out.parent)
+    cfg = Config(model={"name": str(tiny_model_dir), "system_prompt": SYSTEM_PROMPT})
+    meta = {"base_model": {k: base[k] for k in ("name", "sha256", "source")}, "system_prompt": SYSTEM_PROMPT,
+            "max_seq_len": 128, "config": json.loads(cfg.model_dump_json())}
+    (out / "desctune.json").write_text(json.dumps(meta))
+    return out
 
 
 def test_guard_rejects_zero_adapter_and_identical_outputs(tiny_model_dir):
@@ -54,3 +75,43 @@ def test_batched_generation_matches_one_at_a_time_and_adapter_toggle_changes_out
     with base_context(model):
         base = generate(model, tiny_tokenizer, titles, "Describe.", batch_size=3, max_new_tokens=10)
     assert base != batched
+
+
+def test_evaluate_file_runs_ingest_and_clean_and_writes_the_full_report(tiny_model_dir, tmp_path):
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    records = head_records(SAMPLE, tmp_path / "records.jsonl", 12)
+    cfg = EvalConfig(limit=5, batch_size=4, max_new_tokens=8)
+    result = evaluate_file(str(adapter), DataConfig(path=str(records)), cfg, str(tmp_path), tmp_path / "out")
+    df = pd.read_parquet(result["eval_path"])
+    expected = {"uid", "title", "reference", "base_output", "finetuned_output", "base_bleu", "finetuned_bleu",
+                "base_rougeL", "finetuned_rougeL", "delta_bleu", "delta_rougeL"}
+    assert expected <= set(df.columns) and len(df) == 5 == result["metrics"]["n"]
+    clean = pd.read_parquet(result["data"]["path"])
+    assert df["reference"].tolist() == clean["content"].head(5).tolist()
+    assert not df["reference"].str.contains("&#|&amp;", regex=True).any()
+    assert (df["delta_rougeL"] == df["finetuned_rougeL"] - df["base_rougeL"]).all()
+    m = result["metrics"]
+    assert m["better"] + m["worse"] + m["same"] == 5
+    report = Path(result["report_path"]).read_text()
+    assert "Examples that got worst" in report and f"better on {m['better']}, worse on {m['worse']}" in report
+    assert Path(result["plot_path"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(Path(result["metrics_path"]).read_text())["finetuned"] == m["finetuned"]
+    assert result["adapter_status"]["active"] and result["adapter_status"]["nonzero"]
+
+
+def test_saved_zero_adapter_is_refused_before_generating(tiny_model_dir, tmp_path):
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter", init_nonzero=False)
+    test = tmp_path / "test.parquet"
+    pd.DataFrame({"title": ["Blue Mug"], "content": ["A blue mug."]}).to_parquet(test)
+    with pytest.raises(AdapterError, match="LoRA weights are all zero"):
+        evaluate_adapter(str(adapter), str(test), EvalConfig(), str(tmp_path), tmp_path / "out", refuse_inert=True)
+    assert not (tmp_path / "out" / "eval.parquet").exists()
+
+
+def test_guard_rejects_a_disabled_adapter(tiny_model_dir):
+    model = peft_tiny(tiny_model_dir, init_nonzero=True)
+    with base_context(model):
+        status = adapter_status(model)
+    assert status["loaded"] and not status["active"]
+    with pytest.raises(AdapterError, match="not applied"):
+        guard(status, {"identical_outputs": 0.0})
