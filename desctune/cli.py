@@ -19,18 +19,32 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError)
 
 
+USER_ERROR_NAMES = ("ConfigError", "DataError", "ModelError", "AdapterError", "UserError", "FileNotFoundError")
+
+
 def prefect_env(artifacts_dir: str) -> None:
     """Keep Prefect's cached task results next to the artifacts they describe, so deleting one deletes both."""
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(artifacts_dir).resolve() / "prefect-results"))
 
 
-class HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs a failed task's traceback; for errors the user can fix, the one-line message is enough."""
+class HideUserErrors(logging.Filter):
+    """Drop Prefect's log records about a user-fixable error (tracebacks included): the CLI prints it as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(unwrap(record.exc_info[1]), user_errors()):
-            record.exc_info, record.exc_text = None, None
-        return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(unwrap(exc), user_errors()):
+            return False
+        message = record.getMessage()
+        return not any(f"{name}(" in message or f"{name}:" in message for name in USER_ERROR_NAMES)
+
+
+def quiet_user_errors() -> None:
+    """Attach HideUserErrors to every handler Prefect has set up."""
+    hide = HideUserErrors()
+    for name in ["", *logging.Logger.manager.loggerDict]:
+        for handler in getattr(logging.getLogger(name), "handlers", []):
+            if not any(isinstance(f, HideUserErrors) for f in handler.filters):
+                handler.addFilter(hide)
 
 
 def preflight(cfg) -> None:
@@ -46,12 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     preflight(cfg)
     prefect_env(cfg.artifacts_dir)
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from desctune.summary import summary_text
     from flows.finetune import finetune
+
+    quiet_user_errors()
 
     state = finetune(config=cfg, return_state=True)
     print(summary_text(state.result(), str(state.state_details.flow_run_id)))
@@ -73,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     from desctune import prepare
 
     prepare.add_parser(sub)
+    from desctune.serve import add_serve
+
+    add_serve(sub)
+    from desctune.demo import add_demo
+
+    add_demo(sub)
+    from desctune.registry_cli import add_registry
+
+    add_registry(sub)
     return parser
 
 

@@ -9,7 +9,6 @@ DIR forgets both. Exit 0 when the input was usable (even with rejects), 2 with o
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,27 +25,6 @@ def _publish(src: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-class _HideUserErrors(logging.Filter):
-    """Drop Prefect's log records about a user-fixable error: the CLI prints that error as one line itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from desctune.cli import user_errors
-
-        names = tuple(t.__name__ for t in user_errors())
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, user_errors()) or any(f"{n}(" in record.getMessage() or f"{n}:" in
-                                                          record.getMessage() for n in names))
-
-
-def _quiet_user_errors() -> None:
-    hide = _HideUserErrors()
-    for name in ["", *logging.Logger.manager.loggerDict]:
-        logger = logging.getLogger(name)
-        for handler in getattr(logger, "handlers", []):
-            if hide not in handler.filters:
-                handler.addFilter(hide)
-
-
 def summary(raw: dict, cleaned: dict) -> str:
     lines = [
         f"lines read {raw['lines_read']}, kept {cleaned['kept']}, rejected {cleaned['rejected']}, "
@@ -57,7 +35,7 @@ def summary(raw: dict, cleaned: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from desctune.cli import prefect_env
+    from desctune.cli import prefect_env, quiet_user_errors
     from desctune.config import load_config
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -71,18 +49,10 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))
-    from prefect import flow
+    from flows.prepare import prepare
 
-    from tasks.clean import clean
-    from tasks.ingest import fingerprint, ingest
-
-    @flow(name="prepare", log_prints=True)
-    def prepare_flow(data, artifacts_dir: str) -> tuple[dict, dict]:
-        raw = ingest(data, artifacts_dir, fingerprint(data.path))
-        return raw, clean(raw, data, artifacts_dir)
-
-    _quiet_user_errors()
-    raw, cleaned = prepare_flow(data, str(out))
+    quiet_user_errors()
+    raw, cleaned = prepare(data, str(out))
     _publish(cleaned["path"], out / "clean.parquet")
     _publish(cleaned["rejects_path"], out / "rejects.parquet")
     print(summary(raw, cleaned))
