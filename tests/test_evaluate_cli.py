@@ -1,0 +1,66 @@
+"""`desctune evaluate`: the comparison table, the exact metrics.json shape, registry references and exit codes."""
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA, tiny_config
+from desctune.cli import main
+from test_evaluate import save_adapter
+from test_register import register, stages_for
+
+EVAL_DATA = SHARED_DATA / "amazon_titles_eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir):
+    """A registry holding one champion version, and the --set flags that point the CLI at it."""
+    tmp = tmp_path_factory.mktemp("evaluate-cli")
+    cfg = tiny_config(tmp, tiny_model_dir)
+    adapter = save_adapter(tiny_model_dir, tmp / "adapter")
+    register(cfg, stages_for(adapter, tiny_model_dir, 0.3))
+    flags = ["--set", f"artifacts_dir={cfg.artifacts_dir}", "--set", "eval.max_new_tokens=6", "--set", "eval.batch_size=4"]
+    return cfg, adapter, flags
+
+
+def test_evaluate_champion_on_the_eval_file_writes_metrics_json(store, tmp_path, capsys):
+    cfg, _, flags = store
+    out = tmp_path / "metrics.json"
+    ref = f"models:/{cfg.registry.model_name}@champion"
+    assert main(["evaluate", "--model", ref, "--data", str(EVAL_DATA), "--limit", "3", "--out", str(out), *flags]) == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"n", "base", "finetuned"} and metrics["n"] == 3
+    for model in ("base", "finetuned"):
+        assert set(metrics[model]) == {"bleu", "rougeL"}
+        assert 0 <= metrics[model]["bleu"] <= 100 and 0 <= metrics[model]["rougeL"] <= 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{cfg.registry.model_name} version 1 (@challenger, @champion) on 3 examples of {EVAL_DATA}"
+    assert lines[1].split() == ["BLEU", "ROUGE-L"]
+    assert lines[2].split() == ["base", f"{metrics['base']['bleu']:.2f}", f"{metrics['base']['rougeL']:.4f}"]
+    assert lines[3].split()[1:] == [f"{metrics['finetuned']['bleu']:.2f}", f"{metrics['finetuned']['rougeL']:.4f}"]
+
+
+def test_evaluate_an_adapter_folder_and_a_version_number_agree(store, tmp_path):
+    cfg, adapter, flags = store
+    data = ["--data", str(EVAL_DATA), "--limit", "2"]
+    outs = [tmp_path / "folder.json", tmp_path / "version.json"]
+    assert main(["evaluate", "--model", str(adapter), *data, "--out", str(outs[0]), *flags]) == 0
+    assert main(["evaluate", "--model", f"models:/{cfg.registry.model_name}/1", *data, "--out", str(outs[1]), *flags]) == 0
+    assert json.loads(outs[0].read_text()) == json.loads(outs[1].read_text())
+
+
+@pytest.mark.parametrize(
+    "ref, data, message",
+    [
+        ("models:/tiny-desctune@prod", None, "tiny-desctune has no version with alias @prod"),
+        ("models:/nobody@champion", None, "no model named 'nobody' is registered yet"),
+        ("models:/tiny-desctune/7", None, "tiny-desctune has no version 7"),
+        ("no/such/folder", None, "is neither a models:/ reference nor an existing folder"),
+        ("models:/tiny-desctune@champion", "missing.jsonl", "data file not found: missing.jsonl"),
+    ],
+)
+def test_evaluate_errors_are_one_line_and_exit_2(store, capsys, ref, data, message):
+    _, _, flags = store
+    assert main(["evaluate", "--model", ref, "--data", data or str(EVAL_DATA), "--limit", "1", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("desctune: ") and message in err[0]

@@ -1,0 +1,124 @@
+"""Registry: the champion gate on a real MLflow store, the pyfunc model loaded back, promote/rollback, and a guarded
+flow run that registers nothing."""
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SAMPLE, head_records, tiny_config
+from desctune.cli import main
+from desctune.files import dir_sha256
+from desctune.tracking import tracking_uri
+from tasks.register import register_model, should_promote, start_run
+from test_evaluate import save_adapter
+
+
+def test_gate_needs_strictly_better_than_base_and_champion():
+    assert should_promote({"rougeL": 0.3}, {"rougeL": 0.2}, None, "rougeL")
+    assert should_promote({"rougeL": 0.3}, {"rougeL": 0.2}, 0.25, "rougeL")
+    assert not should_promote({"rougeL": 0.3}, {"rougeL": 0.2}, 0.3, "rougeL")
+    assert not should_promote({"rougeL": 0.3}, {"rougeL": 0.2}, 0.35, "rougeL")
+    assert not should_promote({"rougeL": 0.2}, {"rougeL": 0.2}, None, "rougeL")
+
+
+def stages_for(adapter, base_dir, rougeL: float, base_rougeL: float = 0.1) -> dict:
+    """What the flow hands to register: a real adapter folder plus the evaluation's scores on one test set."""
+    scores = {"bleu": 10 * rougeL, "rougeL": rougeL}
+    return {
+        "base": {"name": str(base_dir), "sha256": dir_sha256(base_dir)},
+        "ingest": {"input_sha256": "in" * 32}, "clean": {"sha256": "cl" * 32},
+        "sample": {"train": {"sha256": "tr" * 32}, "test": {"sha256": "te" * 32, "path": "unused"}},
+        "train": {"adapter_path": str(adapter), "adapter_sha256": dir_sha256(adapter)},
+        "evaluate": {"metrics": {"n": 6, "base": {"bleu": 1.0, "rougeL": base_rougeL}, "finetuned": scores}},
+    }
+
+
+def register(cfg, stages) -> dict:
+    run_id = start_run(cfg)
+    return register_model(cfg, run_id, stages)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir):
+    """Four versions in a real SQLite registry: 0.30 (beats base), 0.20 (worse), 0.30 (tie), 0.40 (better)."""
+    tmp = tmp_path_factory.mktemp("registry")
+    cfg = tiny_config(tmp, tiny_model_dir)
+    adapters = [save_adapter(tiny_model_dir, tmp / f"adapter{i}", seed=i) for i in range(2)]
+    results = [register(cfg, stages_for(adapters[i % 2], tiny_model_dir, score))
+               for i, score in enumerate((0.30, 0.20, 0.30, 0.40))]
+    return cfg, results
+
+
+def test_champion_moves_only_for_a_strictly_better_challenger(registry):
+    cfg, results = registry
+    assert [r["promoted"] for r in results] == [True, False, False, True]
+    assert [r["previous_champion"] for r in results] == [None, "1", "1", "1"]
+    c = MlflowClient(tracking_uri(cfg))
+    name = cfg.registry.model_name
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "4"
+    assert str(c.get_model_version_by_alias(name, "challenger").version) == "4"
+    assert c.get_registered_model(name).tags["champion_history"] == '["1", "4"]'
+    v4 = c.get_model_version(name, "4")
+    assert v4.tags["champion.by"] == "finetune flow" and "beats base" in v4.tags["champion.reason"]
+    for key in ("desctune.git_commit", "desctune.config_hash", "data.train_sha256", "data.test_sha256",
+                "base_model_sha256", "adapter_sha256", "metric.finetuned_rougeL"):
+        assert v4.tags[key]
+    assert "ROUGE-L 0.1000 -> 0.4000" in v4.description
+    assert c.get_run(v4.run_id).data.tags["desctune.model_version"] == f"{name}/4"
+
+
+def test_registered_model_loads_back_through_mlflow_and_generates(registry, monkeypatch):
+    cfg, _ = registry
+    monkeypatch.setenv("DESCTUNE_ARTIFACTS", cfg.artifacts_dir)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_registry_uri(tracking_uri(cfg))
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    titles = pd.DataFrame({"title": ["Blue Ceramic Coffee Mug 12 oz", "Stainless Steel Kettle"]})
+    tuned = model.predict(titles, params={"max_new_tokens": 8})
+    base = model.predict(titles, params={"max_new_tokens": 8, "base": True})
+    assert len(tuned) == 2 and all(isinstance(t, str) and t for t in tuned)
+    assert tuned != base
+    assert model.metadata.metadata["base_model"] == cfg.model.name
+
+
+def test_promote_and_rollback_record_who_and_why(registry, monkeypatch, capsys):
+    cfg, _ = registry
+    monkeypatch.setenv("DESCTUNE_USER", "alice")
+    store = ["--set", f"artifacts_dir={cfg.artifacts_dir}"]
+    name = cfg.registry.model_name
+    c = MlflowClient(tracking_uri(cfg))
+    assert main(["promote", name, "2", "--reason", "reads better", *store]) == 0
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
+    v2 = c.get_model_version(name, "2")
+    assert (v2.tags["champion.by"], v2.tags["champion.reason"]) == ("alice", "reads better")
+    assert main(["rollback", name, "--reason", "complaints", *store]) == 0
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "4"
+    assert c.get_model_version(name, "4").tags["champion.by"] == "alice"
+    assert "complaints" in c.get_registered_model(name).tags["champion.last_change"]
+    assert main(["rollback", name, *store]) == 0
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    capsys.readouterr()
+    assert main(["rollback", name, *store]) == 2
+    assert main(["promote", name, "99", *store]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"desctune: {name} has no previous champion to roll back to (the champion is version 1)"
+    assert err[1] == f"desctune: the registry has no model {name} version 99"
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_guarded_flow_run_registers_nothing_and_its_mlflow_run_is_failed(tmp_path, tiny_model_dir):
+    from flows.finetune import finetune
+
+    records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
+    cfg = tiny_config(tmp_path, tiny_model_dir, records, train={"max_steps": 2, "learning_rate": 1e-12},
+                      eval={"limit": 4, "max_new_tokens": 6}, registry={"model_name": "tiny-guarded"})
+    state = finetune(config=cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="all zero|equal the base outputs on 100%"):
+        state.result()
+    c = MlflowClient(tracking_uri(cfg))
+    assert c.search_registered_models() == []
+    runs = c.search_runs([c.get_experiment_by_name(cfg.registry.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
