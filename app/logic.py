@@ -1,0 +1,144 @@
+"""The demo's logic without Streamlit: which models there are, their evaluation report and metrics, the adapter
+checks, and one side-by-side generation. `app/demo.py` only lays these out."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from desctune.config import Config, load_config
+
+CONFIG_ENV, MODEL_ENV = "DESCTUNE_DEMO_CONFIG", "DESCTUNE_DEMO_MODEL"
+IDENTICAL_LIMIT = 0.9
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings from the sidebar; greedy unless `sample` is set."""
+
+    max_new_tokens: int = 128
+    sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+
+def demo_config() -> tuple[Config, str]:
+    """The config (`desctune demo --config`) and the starting model reference (`--model`, else @champion)."""
+    cfg = load_config(os.environ.get(CONFIG_ENV) or None)
+    ref = os.environ.get(MODEL_ENV) or f"models:/{cfg.registry.model_name}@champion"
+    return cfg, ref
+
+
+def model_choices(tracking_uri: str, name: str) -> list[str]:
+    """References the registry offers for `name`: each alias, then each version, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    from desctune.tracking import client
+
+    c = client(tracking_uri)
+    try:
+        model = c.get_registered_model(name)
+    except MlflowException:
+        return []
+    versions = sorted((int(v.version) for v in c.search_model_versions(f"name = '{name}'")), reverse=True)
+    return [f"models:/{name}@{a}" for a in sorted(model.aliases)] + [f"models:/{name}/{v}" for v in versions]
+
+
+def report_path(tracking_uri: str, run_id: str, artifacts_dir: str | Path) -> Path | None:
+    """The run's `report/eval.parquet`, downloaded once under the artifacts folder (None when the run has none)."""
+    import mlflow
+
+    dest = Path(artifacts_dir) / "registry" / "runs" / run_id
+    path = dest / "eval.parquet"
+    if not path.is_file():
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/eval.parquet", dst_path=str(dest))
+        except Exception:
+            return None
+    return path if path.is_file() else None
+
+
+def test_split_path(tracking_uri: str, run_id: str) -> Path | None:
+    """The test split Parquet the run recorded as its `test` dataset input, if it is still on disk."""
+    from desctune.tracking import client
+
+    for d in client(tracking_uri).get_run(run_id).inputs.dataset_inputs:
+        if d.dataset.name == "test":
+            try:
+                source = json.loads(d.dataset.source)
+            except (TypeError, ValueError):
+                continue
+            path = Path(str(source.get("uri") or source.get("path") or "").removeprefix("file://"))
+            if path.is_file():
+                return path
+    return None
+
+
+def examples(tracking_uri: str, run_id: str | None, artifacts_dir: str | Path) -> pd.DataFrame:
+    """Test-split titles with their reference descriptions (and the evaluation's outputs when the report has them)."""
+    if run_id is None:
+        return pd.DataFrame(columns=["title", "reference"])
+    path = report_path(tracking_uri, run_id, artifacts_dir)
+    if path is not None:
+        return pd.read_parquet(path)
+    split = test_split_path(tracking_uri, run_id)
+    if split is None:
+        return pd.DataFrame(columns=["title", "reference"])
+    return pd.read_parquet(split, columns=["title", "content"]).rename(columns={"content": "reference"})
+
+
+def metrics_frame(tags: dict, run_metrics: dict | None = None) -> pd.DataFrame | None:
+    """BLEU and ROUGE-L of base and fine-tuned, from the version's `metric.*` tags (else the run's metrics)."""
+    rows = {}
+    for model, label in (("base", "base"), ("finetuned", "fine-tuned")):
+        row = {}
+        for key, col in (("bleu", "BLEU"), ("rougeL", "ROUGE-L")):
+            value = tags.get(f"metric.{model}_{key}", (run_metrics or {}).get(f"{model}_{key}"))
+            if value is None:
+                return None
+            row[col] = float(value)
+        rows[label] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def adapter_problems(status: dict, report: pd.DataFrame | None = None) -> list[str]:
+    """Everything that makes the fine-tuned column no different from the base; empty when the adapter works."""
+    problems = []
+    if not status["loaded"]:
+        problems.append("The adapter is NOT loaded: the model has no LoRA layers, so 'fine-tuned' is the base model.")
+    elif not status["nonzero"]:
+        problems.append("The adapter's LoRA weights are all zero: it cannot change a single output.")
+    elif not status["active"]:
+        problems.append("The adapter is loaded but not active: generations use the base weights only.")
+    if report is not None and len(report) and {"base_output", "finetuned_output"} <= set(report.columns):
+        same = float((report["base_output"] == report["finetuned_output"]).mean())
+        if same >= IDENTICAL_LIMIT:
+            problems.append(
+                f"In this model's evaluation the fine-tuned output equals the base output on {same:.0%} of "
+                "test examples: the adapter has no effect."
+            )
+    return problems
+
+
+def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Settings) -> tuple[str, str]:
+    """(base, fine-tuned) descriptions of one title from the same weights, the adapter off then on."""
+    import torch
+
+    from desctune.inference import base_context, generate
+
+    kwargs = dict(
+        batch_size=1, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
+        temperature=settings.temperature, top_p=settings.top_p,
+    )
+    torch.manual_seed(settings.seed)
+    with base_context(model):
+        base = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
+    torch.manual_seed(settings.seed)
+    tuned = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
+    return base, tuned

@@ -1,0 +1,205 @@
+"""The demo app on a real registered tiny model: Streamlit's AppTest drives app/demo.py against a real MLflow registry
+filled by a real finetune flow run; the `desctune demo` command's one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file, save_file
+from streamlit.testing.v1 import AppTest
+
+from conftest import SAMPLE, head_records, tiny_config
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "demo.py")
+
+
+def registered_model(tmp_path_factory, tiny_model_dir) -> Path:
+    """Run the finetune flow once per test session and make its version the champion, as `promote` would.
+
+    Shared with the browser test through a folder under the session's temp root; returns the config's YAML path.
+    """
+    from desctune.config import config_to_yaml
+    from desctune.tracking import client
+    from flows.finetune import finetune
+
+    root = tmp_path_factory.getbasetemp() / "demo-registry"
+    cfg_path = root / "config.yaml"
+    if not cfg_path.is_file():
+        root.mkdir(exist_ok=True)
+        records = head_records(SAMPLE, root / "records.jsonl", 40)
+        cfg = tiny_config(root, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
+        version = finetune(config=cfg)["register"]["version"]
+        client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", version)
+        cfg_path.write_text(config_to_yaml(cfg))
+    return cfg_path
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, tiny_model_dir):
+    from desctune.config import load_config
+    from desctune.tracking import client
+
+    cfg_path = registered_model(tmp_path_factory, tiny_model_dir)
+    cfg = load_config(cfg_path)
+    version = client(cfg).get_model_version_by_alias(cfg.registry.model_name, "champion")
+    return cfg_path, cfg, version
+
+
+def app(monkeypatch, config: Path, model: str | None = None) -> AppTest:
+    monkeypatch.setenv("DESCTUNE_DEMO_CONFIG", str(config))
+    if model is None:
+        monkeypatch.delenv("DESCTUNE_DEMO_MODEL", raising=False)
+    else:
+        monkeypatch.setenv("DESCTUNE_DEMO_MODEL", model)
+    return AppTest.from_file(APP, default_timeout=60).run()
+
+
+def run_report(cfg, version) -> pd.DataFrame:
+    import mlflow
+
+    from desctune.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="report/eval.parquet")
+    return pd.read_parquet(path)
+
+
+def test_no_registered_model_says_what_to_run_first(tmp_path, tiny_model_dir, monkeypatch):
+    from desctune.config import config_to_yaml
+
+    cfg_path = tmp_path / "empty.yaml"
+    cfg_path.write_text(config_to_yaml(tiny_config(tmp_path, tiny_model_dir)))
+    at = app(monkeypatch, cfg_path)
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "No model is registered yet (models:/tiny-desctune@champion). Run `make run` first, then reload this page."
+    ]
+    assert not at.button and not at.text
+
+
+def test_page_shows_champion_adapter_status_examples_and_metrics(registered, monkeypatch):
+    cfg_path, cfg, version = registered
+    at = app(monkeypatch, cfg_path)
+    assert not at.exception and not at.error
+    loaded = at.markdown[0].value
+    assert f"{cfg.registry.model_name} version {version.version}" in loaded and "@champion" in loaded
+    assert version.run_id in loaded
+    metrics = {m.label: m.value for m in at.metric}
+    adapter = load_file(Path(cfg.artifacts_dir) / "registry" / cfg.registry.model_name / str(version.version)
+                        / "artifacts" / "adapter" / "adapter_model.safetensors")
+    assert metrics == {
+        "Adapter loaded": "yes", "Adapter active": "yes",
+        "LoRA parameters": f"{sum(t.numel() for t in adapter.values()):,}",
+        "Target modules": str(len(cfg.lora.target_modules)),
+    }
+    assert "Adapter loaded, active and non-zero" in at.success[0].value
+    report = run_report(cfg, version)
+    assert at.selectbox(key="example").options == report["title"].tolist()
+    assert len(at.get("vega_lite_chart")) == 2
+    shown = at.dataframe[0].value
+    assert shown.loc["fine-tuned", "ROUGE-L"] == pytest.approx(float(version.tags["metric.finetuned_rougeL"]))
+    assert shown.loc["base", "BLEU"] == pytest.approx(float(version.tags["metric.base_bleu"]))
+
+
+def test_generate_puts_base_and_finetuned_side_by_side_as_evaluated(registered, monkeypatch):
+    """Greedy with the evaluation's token budget reproduces the evaluation's outputs for a test title."""
+    cfg_path, cfg, version = registered
+    at = app(monkeypatch, cfg_path, f"models:/{cfg.registry.model_name}/{version.version}")
+    row = run_report(cfg, version).iloc[0]
+    at.selectbox(key="example").select(row["title"]).run()
+    assert at.text_input(key="title").value == row["title"]
+    at.button[0].click().run()
+    assert not at.exception
+    title, base, tuned = at.session_state.outputs
+    assert (title, base, tuned) == (row["title"], row["base_output"], row["finetuned_output"])
+    assert base != tuned
+    assert [t.value for t in at.text] == [base or "(empty output)", tuned or "(empty output)"]
+    assert row["reference"] in [m.value for m in at.markdown]
+    assert not at.error
+
+    at.radio[0].set_value("sample").run()
+    at.button[0].click().run()
+    _, sampled_base, sampled_tuned = at.session_state.outputs
+    assert sampled_base and sampled_tuned and sampled_base != sampled_tuned
+
+
+def test_all_zero_adapter_is_a_red_error_and_identical_outputs_too(registered, tmp_path, monkeypatch):
+    """The original project's bug: an adapter that changes nothing. Here its LoRA B matrices are zeroed."""
+    cfg_path, cfg, version = registered
+    src = Path(cfg.artifacts_dir) / "registry" / cfg.registry.model_name / str(version.version) / "artifacts" / "adapter"
+    zero = shutil.copytree(src, tmp_path / "zero-adapter")
+    weights = load_file(zero / "adapter_model.safetensors")
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, zero / "adapter_model.safetensors")
+    at = app(monkeypatch, cfg_path, str(zero))
+    assert not at.exception and not at.success
+    assert at.markdown[0].value.startswith(f"**Loaded:** adapter folder {zero.resolve()}")
+    assert [e.value for e in at.error] == ["The adapter's LoRA weights are all zero: it cannot change a single output."]
+    at.text_input(key="title").input("Stainless Steel Electric Kettle 1.7 L").run()
+    at.radio[0].set_value("sample").run()
+    at.button[0].click().run()
+    _, base, tuned = at.session_state.outputs
+    assert base == tuned
+    assert at.error[-1].value.startswith("The base and fine-tuned outputs are identical")
+
+
+def test_registered_adapter_folder_is_traced_back_to_its_version(registered):
+    from desctune.modelref import resolve
+    from desctune.tracking import tracking_uri
+
+    _, cfg, version = registered
+    by_alias = resolve(f"models:/{cfg.registry.model_name}@champion", tracking_uri(cfg), cfg.artifacts_dir)
+    by_folder = resolve(str(by_alias.adapter_dir), tracking_uri(cfg), cfg.artifacts_dir)
+    assert (by_folder.name, by_folder.version, by_folder.run_id) == (cfg.registry.model_name, str(version.version),
+                                                                   version.run_id)
+    assert "champion" in by_folder.aliases
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("models:/{name}@nosuch", "Cannot load models:/{name}@nosuch: {name} has no version with alias @nosuch; "
+                                  "aliases: @challenger (version {v}), @champion (version {v})"),
+        ("models:/{name}/99", "Cannot load models:/{name}/99: {name} has no version 99"),
+        ("models:/{name}/x/y", "Cannot load models:/{name}/x/y: 'models:/{name}/x/y' is not models:/NAME@ALIAS or "
+                               "models:/NAME/VERSION"),
+    ],
+)
+def test_unusable_model_reference_is_one_red_line(registered, monkeypatch, model, message):
+    cfg_path, cfg, version = registered
+    name = cfg.registry.model_name
+    at = app(monkeypatch, cfg_path, model.format(name=name))
+    assert not at.exception
+    assert [e.value for e in at.error] == [message.format(name=name, v=version.version)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/no/such/adapter"], "desctune: --model /no/such/adapter: no such adapter folder"),
+        (["--port", "70000"], "desctune: --port 70000 is not a TCP port (1-65535)"),
+        (["--config", "/no/such.yaml"], "desctune: config file not found: /no/such.yaml"),
+    ],
+)
+def test_demo_command_user_errors_are_one_line(argv, message, capsys):
+    from desctune.cli import main
+
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_demo_command_refuses_a_port_in_use(capsys):
+    import socket
+
+    from desctune.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["demo", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"desctune: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
