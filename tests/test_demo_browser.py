@@ -1,0 +1,117 @@
+"""The demo in a real browser: `desctune demo` serves the page on a free loopback port, headless Chromium (Debian's
+chromium + chromium-driver, never a downloaded browser) types a title, generates, and finds both columns filled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_demo import registered_model
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+)
+TITLE = "Stainless Steel Electric Kettle 1.7 Litre with Auto Shut-Off"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"desctune demo exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.read() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the demo did not answer {url} within {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def demo_server(tmp_path_factory, tiny_model_dir, tmp_path):
+    config = registered_model(tmp_path_factory, tiny_model_dir)
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "desctune.cli", "demo", "--config", str(config), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "HOME": str(tmp_path)},
+        )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(demo_server)
+    title = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'input[aria-label="Product title"]')))
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "@champion" in page and "Adapter loaded, active and non-zero" in page
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+
+    browser.find_element(By.XPATH, '//label[.//p[text()="sample"]]').click()
+    title.send_keys(TITLE, Keys.ENTER)
+    generate = wait.until(ec.element_to_be_clickable((By.XPATH, '//button[.//p[text()="Generate"]]')))
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'input[aria-label="Product title"]').get_attribute("value")
+               == TITLE)
+    generate.click()
+    base, tuned = (wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, f".st-key-{key}")))
+                   for key in ("base_output", "finetuned_output"))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", base)
+    shot = tmp_path / "demo.png"
+    browser.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+    assert base.text.strip() and tuned.text.strip()
+    assert "(empty output)" not in (base.text, tuned.text)
+    assert base.text != tuned.text
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+    assert shot.stat().st_size > 10_000
