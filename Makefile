@@ -25,5 +25,8 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+demo: install
+	$(VENV)/bin/desctune demo --config $(CONFIG)
+
 clean-artifacts:
 	rm -rf artifacts/stages artifacts/models artifacts/prefect-results artifacts/mlflow.db artifacts/mlruns

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from desctune.config import Config, load_config
 
 CONFIG_ENV, MODEL_ENV = "DESCTUNE_DEMO_CONFIG", "DESCTUNE_DEMO_MODEL"
 IDENTICAL_LIMIT = 0.9
+GENERATING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,10 @@ def adapter_problems(status: dict, report: pd.DataFrame | None = None) -> list[s
 
 
 def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Settings) -> tuple[str, str]:
-    """(base, fine-tuned) descriptions of one title from the same weights, the adapter off then on."""
+    """(base, fine-tuned) descriptions of one title from the same weights, the adapter off then on.
+
+    The adapter toggle is state of the one shared model, so sessions generate one at a time.
+    """
     import torch
 
     from desctune.inference import base_context, generate
@@ -136,9 +141,10 @@ def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Set
         batch_size=1, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
         temperature=settings.temperature, top_p=settings.top_p,
     )
-    torch.manual_seed(settings.seed)
-    with base_context(model):
-        base = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
-    torch.manual_seed(settings.seed)
-    tuned = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
+    with GENERATING:
+        torch.manual_seed(settings.seed)
+        with base_context(model):
+            base = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
+        torch.manual_seed(settings.seed)
+        tuned = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
     return base, tuned
