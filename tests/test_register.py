@@ -44,7 +44,7 @@ def registry(tmp_path_factory, tiny_model_dir):
     """Four versions in a real SQLite registry: 0.30 (beats base), 0.20 (worse), 0.30 (tie), 0.40 (better)."""
     tmp = tmp_path_factory.mktemp("registry")
     cfg = tiny_config(tmp, tiny_model_dir)
-    adapters = [save_adapter(tiny_model_dir, tmp / f"adapter{i}", seed=i) for i in range(2)]
+    adapters = [save_adapter(tiny_model_dir, tmp / f"run{i}" / "adapter", seed=i) for i in range(2)]
     results = [register(cfg, stages_for(adapters[i % 2], tiny_model_dir, score))
                for i, score in enumerate((0.30, 0.20, 0.30, 0.40))]
     return cfg, results
@@ -122,3 +122,24 @@ def test_guarded_flow_run_registers_nothing_and_its_mlflow_run_is_failed(tmp_pat
     runs = c.search_runs([c.get_experiment_by_name(cfg.registry.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+
+
+def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registry, tmp_path):
+    from flows.evaluate_champion import evaluate_champion
+
+    cfg, _ = registry
+    c = MlflowClient(tracking_uri(cfg))
+    name = cfg.registry.model_name
+    champion = str(c.get_model_version_by_alias(name, "champion").version)
+    records = head_records(SAMPLE, tmp_path / "records.jsonl", 10)
+    checked = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 3, "max_new_tokens": 6})})
+    out = evaluate_champion(config=checked, dataset=str(records))
+    run = c.get_run(out["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["desctune.model_version"].startswith(f"{name} version {champion}")
+    assert run.data.tags["prefect.flow_run_id"]
+    assert run.data.metrics["eval_n"] == 3 and "finetuned_rougeL" in run.data.metrics
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"eval-raw", "eval"} and '"num_rows": 10' in inputs["eval-raw"].profile
+    assert c.get_model_version(name, champion).tags["last_evaluation_run"] == run.info.run_id
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "report")} >= {"report/eval.parquet", "report/report.md"}
