@@ -1,0 +1,1 @@
+"""Deployment helpers: the desctune-local process work pool and the deployments of prefect.yaml."""

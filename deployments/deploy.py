@@ -1,0 +1,86 @@
+"""Create the `desctune-local` process work pool and deploy prefect.yaml's deployments to a running Prefect server.
+
+`desctune serve` calls `deploy`; against a server of your own run `python -m deployments.deploy` with
+PREFECT_API_URL and MLFLOW_TRACKING_URI set. Deployments whose entrypoint file is missing are skipped with a note,
+so one flow still in the making never blocks the others.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = "desctune-local"
+TEMPLATE = Path(__file__).with_name("process-job-template.json")
+
+
+class DeployError(Exception):
+    """Deploying failed for a reason the user can act on; the message is one line."""
+
+
+def load_spec(root: Path = ROOT) -> dict:
+    return yaml.safe_load((root / "prefect.yaml").read_text())
+
+
+def deployable(spec: dict, root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """Names of deployments whose entrypoint file exists, and of those skipped because it does not."""
+    ready, skipped = [], []
+    for d in spec.get("deployments", []):
+        path = d["entrypoint"].split(":", 1)[0]
+        (ready if (root / path).is_file() else skipped).append(d["name"])
+    return ready, skipped
+
+
+def deploy_env(base: dict, project: Path, artifacts: Path, mlflow_uri: str) -> dict:
+    """The environment prefect.yaml's `{{ $VAR }}` placeholders are filled from."""
+    return {
+        **base,
+        "DESCTUNE_PROJECT_DIR": str(project),
+        "DESCTUNE_ARTIFACTS_DIR": str(artifacts),
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+    }
+
+
+def _prefect(args: list[str], env: dict, cwd: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args], env=env, cwd=cwd, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        lines = [l for l in (done.stderr + done.stdout).splitlines() if l.strip()]
+        raise DeployError(f"prefect {args[0]} {args[1] if len(args) > 1 else ''} failed: {lines[-1] if lines else done.returncode}")
+
+
+def deploy(env: dict, root: Path = ROOT) -> list[str]:
+    """Create (or update) the work pool, deploy every deployable entry; returns the deployed names."""
+    names, skipped = deployable(load_spec(root), root)
+    for name in skipped:
+        print(f"deploy: skipping {name!r}: its entrypoint file is not there yet", file=sys.stderr)
+    _prefect(["work-pool", "create", POOL, "--type", "process", "--base-job-template", str(TEMPLATE), "--overwrite"],
+             env, root)
+    if names:
+        _prefect(["deploy", *(a for n in names for a in ("--name", n))], env, root)
+    return names
+
+
+def main() -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("deploy: set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        return 2
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    artifacts = Path(os.environ.get("DESCTUNE_ARTIFACTS_DIR", ROOT / "artifacts")).resolve()
+    try:
+        names = deploy(deploy_env(dict(os.environ), ROOT, artifacts, mlflow_uri))
+    except DeployError as exc:
+        print(f"deploy: {exc}", file=sys.stderr)
+        return 2
+    print("deployed: " + ", ".join(names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
