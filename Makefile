@@ -25,6 +25,10 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+# Prefect server + worker on the desctune-local pool + MLflow server, deployed; Ctrl-C stops them all.
+serve: install
+	$(VENV)/bin/desctune serve
+
 demo: install
 	$(VENV)/bin/desctune demo --config $(CONFIG)
 

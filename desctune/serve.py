@@ -1,0 +1,299 @@
+"""`desctune serve`: a Prefect server, a worker on the `desctune-local` pool and an MLflow tracking server, deployed.
+
+Each server runs in its own process group with its log under <artifacts>/serve-logs/, so Ctrl-C (or SIGTERM) stops
+every process they started, in order, and nothing is left behind. A lock file in the artifacts folder makes a second
+`serve` on the same folder say so in one line; a port check does the same for a port another program holds.
+Backends: Prefect uses PREFECT_API_DATABASE_CONNECTION_URL when set (else its SQLite default under PREFECT_HOME);
+MLflow uses MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION when set (else sqlite:///<artifacts>/mlflow.db
+and <artifacts>/mlruns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from desctune.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = "desctune-local"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where everything listens and stores; built from the command line and the environment."""
+
+    host: str
+    prefect_port: int
+    mlflow_port: int
+    artifacts: Path
+    prefect_db: str | None
+    mlflow_backend: str
+    mlflow_artifacts: str
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.prefect_url}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+
+def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | Path, env: dict) -> Plan:
+    art = Path(artifacts).resolve()
+    return Plan(
+        host=host,
+        prefect_port=prefect_port,
+        mlflow_port=mlflow_port,
+        artifacts=art,
+        prefect_db=env.get("PREFECT_API_DATABASE_CONNECTION_URL") or None,
+        mlflow_backend=env.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{art / 'mlflow.db'}",
+        mlflow_artifacts=env.get("MLFLOW_ARTIFACTS_DESTINATION") or str(art / "mlruns"),
+    )
+
+
+def hide_password(url: str) -> str:
+    """A database URL fit to print."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def commands(plan: Plan, env: dict) -> dict[str, tuple[list[str], dict]]:
+    """The three long-running processes, each with its own environment."""
+    py = sys.executable
+    client_env = {**env, "PREFECT_API_URL": plan.api_url, "MLFLOW_TRACKING_URI": plan.mlflow_url}
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    mlflow_env = {**server_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    worker_env = {
+        **client_env,
+        "PREFECT_WORKER_QUERY_SECONDS": env.get("PREFECT_WORKER_QUERY_SECONDS", "5"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(plan.artifacts / "prefect-results"),
+    }
+    return {
+        "prefect-server": ([py, "-m", "prefect", "server", "start", "--host", plan.host, "--port",
+                            str(plan.prefect_port)], server_env),
+        "mlflow-server": ([py, "-m", "mlflow", "server", "--host", plan.host, "--port", str(plan.mlflow_port),
+                           "--workers", "1", "--backend-store-uri", plan.mlflow_backend,
+                           "--artifacts-destination", plan.mlflow_artifacts], mlflow_env),
+        "worker": ([py, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+                    "--name", f"{POOL}-{socket.gethostname()}-{os.getpid()}"], worker_env),
+    }
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+class ServeError(UserError):
+    """A problem `serve` reports in one line."""
+
+
+class Processes:
+    """Children started in their own process groups, stopped in reverse order with every descendant."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def last_line(self, name: str) -> str:
+        try:
+            lines = [l for l in (self.logs / f"{name}.log").read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise ServeError(f"{name} exited with code {proc.returncode}: {self.last_line(name)} "
+                                 f"(log: {self.logs / (name + '.log')})")
+
+    def stop(self, timeout: float = 20) -> None:
+        import psutil
+
+        for name, proc in reversed(list(self.procs.items())):
+            try:
+                family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                family = [proc.pid]
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+            _, alive = psutil.wait_procs(_existing(family), timeout=5)
+            for p in alive:
+                p.kill()
+            psutil.wait_procs(alive, timeout=5)
+        self.procs.clear()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _existing(pids: list[int]) -> list:
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def pool_ready(api_url: str) -> bool:
+    """True once a worker has polled the pool (Prefect then marks it READY)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/work_pools/{POOL}", timeout=2) as r:
+            return json.load(r).get("status") == "READY"
+    except Exception:
+        return False
+
+
+def wait_until(ready, what: str, procs: Processes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        procs.check()
+        if time.monotonic() > deadline:
+            raise ServeError(f"{what} not ready after {timeout:.0f}s (logs: {procs.logs})")
+        time.sleep(0.5)
+
+
+def banner(plan: Plan, deployed: list[str]) -> str:
+    prefect_db = hide_password(plan.prefect_db) if plan.prefect_db else "SQLite under PREFECT_HOME"
+    lines = [
+        "desctune serve: ready",
+        f"  Prefect UI    {plan.prefect_url}   (database: {prefect_db})",
+        f"  MLflow UI     {plan.mlflow_url}   (backend: {hide_password(plan.mlflow_backend)}, "
+        f"artifacts: {plan.mlflow_artifacts})",
+        f"  worker        on work pool {POOL}",
+        f"  deployments   {', '.join(deployed) or 'none'}",
+        f"  logs          {plan.artifacts / 'serve-logs'}",
+        "From another shell:",
+        f"  export PREFECT_API_URL={plan.api_url} MLFLOW_TRACKING_URI={plan.mlflow_url}",
+        "  .venv/bin/prefect deployment run finetune/finetune --param config='{\"train\": {\"epochs\": 1}}'",
+        "Ctrl-C stops all of them.",
+    ]
+    return "\n".join(lines)
+
+
+def already_running(state: Path) -> str:
+    try:
+        info = json.loads(state.read_text())
+        return (f"serve is already running for {state.parent} (pid {info['pid']}): Prefect "
+                f"{info['prefect_url']}, MLflow {info['mlflow_url']}; stop it with Ctrl-C there or `kill {info['pid']}`")
+    except (OSError, ValueError, KeyError):
+        return f"serve is already running for {state.parent} (lock {state.with_suffix('.lock')} is held)"
+
+
+def serve(plan: Plan, env: dict, timeout: float) -> int:
+    """Start everything, deploy, print the URLs, then wait for Ctrl-C or a child's exit."""
+    from filelock import FileLock, Timeout
+
+    from deployments.deploy import DeployError, deploy, deploy_env
+
+    plan.artifacts.mkdir(parents=True, exist_ok=True)
+    state = plan.artifacts / "serve.json"
+    lock = FileLock(str(plan.artifacts / "serve.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ServeError(already_running(state)) from None
+    procs = Processes(plan.artifacts / "serve-logs")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for port, flag in ((plan.prefect_port, "--prefect-port"), (plan.mlflow_port, "--mlflow-port")):
+            if port_in_use(plan.host, port):
+                raise ServeError(f"port {port} on {plan.host} is already in use by another program; pick another "
+                                 f"with {flag}")
+        state.write_text(json.dumps({"pid": os.getpid(), "prefect_url": plan.prefect_url,
+                                     "mlflow_url": plan.mlflow_url}))
+        cmds = commands(plan, env)
+        for name in ("prefect-server", "mlflow-server"):
+            procs.start(name, *cmds[name])
+        wait_until(lambda: http_ok(f"{plan.api_url}/health"), f"Prefect server at {plan.prefect_url}", procs, timeout)
+        wait_until(lambda: http_ok(f"{plan.mlflow_url}/health"), f"MLflow server at {plan.mlflow_url}", procs, timeout)
+        try:
+            deployed = deploy(deploy_env(cmds["worker"][1], ROOT, plan.artifacts, plan.mlflow_url))
+        except DeployError as exc:
+            raise ServeError(str(exc)) from None
+        procs.start("worker", *cmds["worker"])
+        wait_until(lambda: pool_ready(plan.api_url), f"worker on pool {POOL}", procs, timeout)
+        print(banner(plan, deployed), flush=True)
+        while True:
+            procs.check()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("desctune serve: stopping the worker, MLflow and Prefect ...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
+        state.unlink(missing_ok=True)
+        lock.release()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    plan = make_plan(args.host, args.prefect_port, args.mlflow_port, args.artifacts_dir, dict(os.environ))
+    return serve(plan, dict(os.environ), args.timeout)
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="Prefect server + worker + MLflow server, deployed; Ctrl-C stops them")
+    p.add_argument("--host", default="127.0.0.1", help="interface both servers bind (default: 127.0.0.1)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--artifacts-dir", default="artifacts",
+                   help="MLflow store, stage cache, logs and the serve lock live here (default: artifacts)")
+    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for each server to be ready")
+    p.set_defaults(func=cmd_serve)
