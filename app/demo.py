@@ -109,7 +109,7 @@ cols[3].metric("Target modules", len(status["target_modules"]))
 st.caption("Target modules: " + (", ".join(status["target_modules"]) or "none"))
 problems = logic.adapter_problems(status, report)
 for problem in problems:
-    st.error(problem)
+    st.error(problem, icon="🚨")
 if not problems:
     st.success("Adapter loaded, active and non-zero: the fine-tuned column uses it, the base column turns it off.")
 
@@ -133,7 +133,8 @@ if "outputs" in st.session_state:
             with st.container(border=True, key=key):
                 st.text(text or "(empty output)")
     if base_out == tuned_out:
-        st.error("The base and fine-tuned outputs are identical for this title: the adapter had no effect here.")
+        st.error("The base and fine-tuned outputs are identical for this title: the adapter had no effect here.",
+                 icon="🚨")
     match = report[report["title"] == shown_title] if len(report) else report
     if len(match):
         with st.expander("Reference description from the test split", expanded=True):
