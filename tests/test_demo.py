@@ -203,3 +203,31 @@ def test_demo_command_refuses_a_port_in_use(capsys):
         assert main(["demo", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"desctune: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
+
+
+def test_adapter_problems_name_each_way_the_finetuned_column_could_be_the_base(registered, tiny_model_dir):
+    from app.logic import adapter_problems
+    from desctune.config import ModelConfig
+    from desctune.inference import adapter_status, base_context, load_adapter_model
+    from desctune.modelref import resolve
+    from desctune.tracking import tracking_uri
+    from tasks.base_model import load_model
+
+    _, cfg, _ = registered
+    plain = adapter_status(load_model(tiny_model_dir, ModelConfig(name=str(tiny_model_dir))))
+    assert adapter_problems(plain) == [
+        "The adapter is NOT loaded: the model has no LoRA layers, so 'fine-tuned' is the base model."
+    ]
+    adapter = resolve(f"models:/{cfg.registry.model_name}@champion", tracking_uri(cfg), cfg.artifacts_dir).adapter_dir
+    model, _, _ = load_adapter_model(adapter, cfg.artifacts_dir)
+    with base_context(model):
+        assert adapter_problems(adapter_status(model)) == [
+            "The adapter is loaded but not active: generations use the base weights only."
+        ]
+    working = adapter_status(model)
+    assert adapter_problems(working) == []
+    same = pd.DataFrame({"base_output": ["a", "b", "c"], "finetuned_output": ["a", "b", "c"]})
+    assert adapter_problems(working, same) == [
+        "In this model's evaluation the fine-tuned output equals the base output on 100% of test examples: "
+        "the adapter has no effect."
+    ]
