@@ -9,6 +9,10 @@ import streamlit as st
 
 from app import logic
 from desctune.errors import UserError
+from desctune.modelref import NoRegisteredModel
+from desctune.modelref import resolve as resolve_ref
+from desctune.tracking import client
+from desctune.tracking import tracking_uri as uri_of
 
 st.set_page_config(page_title="desctune demo", layout="wide")
 
@@ -24,8 +28,6 @@ def load_model(adapter_dir: str, artifacts_dir: str):
 
 @st.cache_data(ttl=15, show_spinner=False)
 def resolve(ref: str, tracking_uri: str, artifacts_dir: str):
-    from desctune.modelref import resolve as resolve_ref
-
     return resolve_ref(ref, tracking_uri, artifacts_dir)
 
 
@@ -36,8 +38,6 @@ def load_examples(tracking_uri: str, run_id: str | None, artifacts_dir: str):
 
 def run_data(tracking_uri: str, run_id: str | None):
     """The MLflow run's metrics and params (empty for an adapter folder that was never registered)."""
-    from desctune.tracking import client
-
     if run_id is None:
         return {}, {}
     data = client(tracking_uri).get_run(run_id).data
@@ -55,8 +55,6 @@ except UserError as exc:
     st.error(str(exc))
     st.stop()
 
-from desctune.tracking import tracking_uri as uri_of
-
 tracking_uri = uri_of(cfg)
 with st.sidebar:
     st.header("Model")
@@ -70,8 +68,6 @@ with st.sidebar:
 try:
     resolved = resolve(ref, tracking_uri, cfg.artifacts_dir)
 except UserError as exc:
-    from desctune.modelref import NoRegisteredModel
-
     if isinstance(exc, NoRegisteredModel):
         st.error(f"No model is registered yet ({ref}). Run `make run` first, then reload this page.")
     else:
@@ -138,7 +134,7 @@ if "outputs" in st.session_state:
     match = report[report["title"] == shown_title] if len(report) else report
     if len(match):
         with st.expander("Reference description from the test split", expanded=True):
-            st.write(match["reference"].iloc[0])
+            st.text(match["reference"].iloc[0])
 
 st.header("Latest evaluation")
 metrics = logic.metrics_frame(resolved.tags, run_metrics)
