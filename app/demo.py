@@ -93,7 +93,8 @@ with st.sidebar:
     settings = logic.Settings(max_new_tokens, mode == "sample", temperature, top_p)
 
 st.markdown(
-    f"**Loaded:** {resolved.label}"
+    "**Loaded:** "
+    + (resolved.label if resolved.version else f"adapter folder `{resolved.adapter_dir}` (not in the registry)")
     + (f" · MLflow run `{resolved.run_id}`" if resolved.run_id else "")
     + f" · base model `{meta['base_model']['name']}`"
 )

@@ -134,7 +134,7 @@ def test_all_zero_adapter_is_a_red_error_and_identical_outputs_too(registered, t
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, zero / "adapter_model.safetensors")
     at = app(monkeypatch, cfg_path, str(zero))
     assert not at.exception and not at.success
-    assert at.markdown[0].value.startswith(f"**Loaded:** adapter folder {zero.resolve()}")
+    assert at.markdown[0].value.startswith(f"**Loaded:** adapter folder `{zero.resolve()}` (not in the registry)")
     assert [e.value for e in at.error] == ["The adapter's LoRA weights are all zero: it cannot change a single output."]
     at.text_input(key="title").input("Stainless Steel Electric Kettle 1.7 L").run()
     at.radio[0].set_value("sample").run()
