@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from prefect import task
 
 from desctune.config import ModelConfig
@@ -79,9 +80,10 @@ def provision(name: str, artifacts_dir: str | Path) -> dict:
         gguf = embedded_gguf(name)
         digest = file_sha256(gguf)
         out = Path(artifacts_dir) / "models" / f"{name}-{digest[:12]}"
-        if not (out / "config.json").is_file():
-            log.info("converting embedded %s (%s) into %s", name, gguf.name, out)
-            convert_gguf(gguf, out)
+        with FileLock(str(out) + ".lock"):
+            if not (out / "config.json").is_file():
+                log.info("converting embedded %s (%s) into %s", name, gguf.name, out)
+                convert_gguf(gguf, out)
         return {"name": name, "path": str(out.resolve()), "sha256": digest, "source": f"gguf:{gguf.name}"}
     local = Path(name).expanduser()
     if local.is_dir():
