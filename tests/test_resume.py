@@ -1,0 +1,74 @@
+"""Resume: a training process killed with SIGKILL right after a checkpoint resumes from it and finishes the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import SAMPLE, tiny_config
+from desctune.files import write_parquet
+from tasks.base_model import provision
+from tasks.tokenize import tokenize_frame
+from tasks.train import latest_checkpoint, train_adapter
+
+import pandas as pd
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from desctune.config import Config
+from tasks.train import train_adapter
+
+args = json.loads(sys.argv[1])
+
+def stall(step, path):
+    Path(args["marker"]).write_text(str(step))
+    time.sleep(600)
+
+train_adapter(args["tokens"], args["base"], Config.model_validate(args["cfg"]), Path(args["out"]), on_checkpoint=stall)
+"""
+
+
+def test_kill_9_after_a_checkpoint_then_rerun_resumes(tmp_path, tiny_model_dir, tiny_tokenizer):
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 12, "save_steps": 4, "batch_size": 4})
+    df = pd.DataFrame([json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:40]])
+    tokens = {}
+    for name, part in (("train", df.iloc[:32]), ("val", df.iloc[32:])):
+        table, _ = tokenize_frame(part, tiny_tokenizer, cfg.model)
+        path = tmp_path / f"tokens_{name}.parquet"
+        tokens[name] = {"path": str(path), "sha256": write_parquet(table, path)}
+    base = provision(str(tiny_model_dir), tmp_path)
+    out, marker = tmp_path / "train", tmp_path / "checkpointed"
+    args = {"tokens": tokens, "base": base, "cfg": json.loads(cfg.model_dump_json()), "out": str(out),
+            "marker": str(marker)}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, "the training process died before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert marker.read_text() == "4"
+    assert not (out / "adapter").exists()
+    (out / "checkpoints" / ".checkpoint-8.tmp-half-written").mkdir()
+    (out / "checkpoints" / "checkpoint-9").mkdir()
+    assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "checkpoint-4"
+
+    result = train_adapter(tokens, base, cfg, out)
+    assert result["resumed_from"] == str(out / "checkpoints" / "checkpoint-4")
+    assert result["steps"] == 12
+    assert [h["step"] for h in result["history"]][:3] == [1, 2, 4]
+    assert result["history"][-1]["step"] == 12
+    assert (Path(result["adapter_path"]) / "adapter_model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".checkpoint-*"))
