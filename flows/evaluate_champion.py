@@ -17,9 +17,9 @@ from tasks.register import log_evaluation_run, resolve
 
 @flow(name="evaluate-champion", log_prints=True)
 def evaluate_champion(
-    config: Config = Config(), dataset: str = "data/amazon_titles_sample.jsonl", alias: str = "champion"
+    config: Config = Config(), dataset: str = "../shared/data/amazon_titles_eval.jsonl", alias: str = "champion"
 ) -> dict:
-    """Evaluate models:/{registry.model_name}@{alias} against its base on `dataset`, logged as its own MLflow run."""
+    """Evaluate models:/{registry.model_name}@{alias} against its base on `dataset` (default: the held-out eval set)."""
     data = config.data.model_copy(update={"path": dataset})
     raw = ingest(data, config.artifacts_dir, fingerprint(dataset))
     cleaned = clean(raw, data, config.artifacts_dir)
