@@ -306,7 +306,7 @@ def register_model(cfg: Config, run_id: str, stages: dict) -> dict:
         "data.train_sha256": stages["sample"]["train"]["sha256"],
         "data.test_sha256": test["sha256"],
         "eval_config": cfg.eval.digest(),
-        **{f"metric.{m}_{k}": f"{metrics[m][k]:.6g}" for m in ("base", "finetuned") for k in ("bleu", "rougeL")},
+        **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned") for k in ("bleu", "rougeL")},
         **prefect_context(),
     }
     for k, v in tags.items():

@@ -41,12 +41,12 @@ def register(cfg, stages) -> dict:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_model_dir):
-    """Four versions in a real SQLite registry: 0.30 (beats base), 0.20 (worse), 0.30 (tie), 0.40 (better)."""
+    """Four versions in a real SQLite registry: beats the base, worse, an exact tie (to 7 digits), better."""
     tmp = tmp_path_factory.mktemp("registry")
     cfg = tiny_config(tmp, tiny_model_dir)
     adapters = [save_adapter(tiny_model_dir, tmp / f"run{i}" / "adapter", seed=i) for i in range(2)]
     results = [register(cfg, stages_for(adapters[i % 2], tiny_model_dir, score))
-               for i, score in enumerate((0.30, 0.20, 0.30, 0.40))]
+               for i, score in enumerate((0.1234561, 0.11, 0.1234561, 0.40))]
     return cfg, results
 
 
