@@ -123,3 +123,22 @@ def test_embedded_model_overfits_a_handful_of_records(tmp_path, embedded_base):
     result, rouge, _ = overfit(tmp_path, embedded_base, ROOT / "artifacts", tokenizer, df, max_steps=25,
                                batch_size=4, learning_rate=2e-3)
     assert min(rouge) > 0.8, rouge
+
+
+def test_streams_loss_lr_speed_and_memory_to_mlflow(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "mlruns"))).info.run_id
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 6, "logging_steps": 2, "save_steps": 100})
+    df = records(12)
+    tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:8], df.iloc[8:])
+    result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out", run_id, uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 4, 6]
+    for name in ("train_learning_rate", "train_tokens_per_s", "train_supervised_tokens_per_s"):
+        assert len(client.get_metric_history(run_id, name)) == 4
+    data = client.get_run(run_id).data
+    assert data.metrics["train_peak_memory_mb"] > 0 and data.metrics["val_loss"] == pytest.approx(result["val_loss"])
+    assert data.params["train_plan.steps"] == "6" and data.params["train_plan.device"] == "cpu"
+    assert Path(result["loss_plot"]).read_bytes()[:4] == b"\x89PNG"
