@@ -45,7 +45,7 @@ def metrics_json(metrics: dict) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from desctune.files import atomic_path, file_sha256, stage_dir
-    from tasks.evaluate import evaluate_file
+    from tasks.evaluate import IDENTICAL_LIMIT, evaluate_file
     from tasks.ingest import DataError
     from tasks.register import resolve_model
 
@@ -60,6 +60,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_file(model["adapter_path"], data, eval_cfg, cfg.artifacts_dir, out_dir)
     print(comparison_table(model["label"], args.data, result["metrics"]))
     print(f"per-example table {result['eval_path']}, chart {result['plot_path']}")
+    if result["metrics"]["identical_outputs"] >= IDENTICAL_LIMIT:
+        print(f"warning: the fine-tuned outputs equal the base outputs on {result['metrics']['identical_outputs']:.0%} "
+              f"of examples: the adapter has (almost) no effect")
     if args.out:
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(metrics_json(result["metrics"]), indent=2) + "\n")
