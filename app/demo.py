@@ -14,7 +14,7 @@ from desctune.modelref import resolve as resolve_ref
 from desctune.tracking import client
 from desctune.tracking import tracking_uri as uri_of
 
-st.set_page_config(page_title="desctune demo", layout="wide")
+st.set_page_config(page_title="desctune demo", layout="wide", initial_sidebar_state="expanded")
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the base model and the adapter…")

@@ -86,32 +86,39 @@ def browser(tmp_path):
 
 
 def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, tmp_path):
+    """On failure the page is kept as failure.png and failure.html in the test's temp folder."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 90)
-    browser.get(demo_server)
-    title = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'input[aria-label="Product title"]')))
-    page = browser.find_element(By.TAG_NAME, "body").text
-    assert "@champion" in page and "Adapter loaded, active and non-zero" in page
-    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+    try:
+        browser.get(demo_server)
+        title = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'input[aria-label="Product title"]')))
+        page = browser.find_element(By.TAG_NAME, "body").text
+        assert "@champion" in page and "Adapter loaded, active and non-zero" in page
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
 
-    browser.find_element(By.XPATH, '//label[.//p[text()="sample"]]').click()
-    title.send_keys(TITLE, Keys.ENTER)
-    generate = wait.until(ec.element_to_be_clickable((By.XPATH, '//button[.//p[text()="Generate"]]')))
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'input[aria-label="Product title"]').get_attribute("value")
-               == TITLE)
-    generate.click()
-    base, tuned = (wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, f".st-key-{key}")))
-                   for key in ("base_output", "finetuned_output"))
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", base)
-    shot = tmp_path / "demo.png"
-    browser.save_screenshot(str(shot))
-    print(f"screenshot: {shot}")
-    assert base.text.strip() and tuned.text.strip()
-    assert "(empty output)" not in (base.text, tuned.text)
-    assert base.text != tuned.text
-    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
-    assert shot.stat().st_size > 10_000
+        wait.until(ec.element_to_be_clickable(
+            (By.XPATH, '//div[@data-testid="stRadio"]//label[normalize-space(.)="sample"]'))).click()
+        title.send_keys(TITLE, Keys.ENTER)
+        generate = wait.until(ec.element_to_be_clickable((By.XPATH, '//button[.//p[text()="Generate"]]')))
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'input[aria-label="Product title"]').get_attribute("value")
+                   == TITLE)
+        generate.click()
+        base, tuned = (wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, f".st-key-{key}")))
+                       for key in ("base_output", "finetuned_output"))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", base)
+        shot = tmp_path / "demo.png"
+        browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        assert base.text.strip() and tuned.text.strip()
+        assert "(empty output)" not in (base.text, tuned.text)
+        assert base.text != tuned.text
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+        assert shot.stat().st_size > 10_000
+    except Exception:
+        browser.save_screenshot(str(tmp_path / "failure.png"))
+        (tmp_path / "failure.html").write_text(browser.page_source)
+        raise
