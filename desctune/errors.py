@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A problem the user can fix; its message is one plain line that says how."""
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry transient failures, never a mistake the user must fix first."""
+    return not isinstance(state.result(raise_on_failure=False), UserError)

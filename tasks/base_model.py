@@ -15,7 +15,7 @@ from filelock import FileLock
 from prefect import task
 
 from desctune.config import ModelConfig
-from desctune.errors import UserError
+from desctune.errors import UserError, retry_unless_user_error
 from desctune.files import atomic_dir, dir_sha256, file_sha256
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def load_model(path: str | Path, cfg: ModelConfig, device: str | None = None):
         raise ModelError(f"cannot load the model at {path}: {str(exc).splitlines()[0]}") from None
 
 
-@task(name="base-model", retries=2, retry_delay_seconds=[5, 30])
+@task(name="base-model", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=[5, 30])
 def base_model(name: str, artifacts_dir: str) -> dict:
     """Provision the base checkpoint (idempotent: the converted checkpoint is its own cache)."""
     return provision(name, artifacts_dir)

@@ -21,7 +21,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from prefect import task
 
 from desctune.config import Config, config_to_yaml
-from desctune.errors import UserError
+from desctune.errors import UserError, retry_unless_user_error
 from desctune.tracking import client, experiment_id, run_url, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -338,13 +338,13 @@ def register_model(cfg: Config, run_id: str, stages: dict) -> dict:
     }
 
 
-@task(name="start-tracking", retries=2, retry_delay_seconds=5)
+@task(name="start-tracking", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
 def start_tracking(cfg: Config) -> str:
     """Open the MLflow run for this flow run; returns its id."""
     return start_run(cfg)
 
 
-@task(name="register", retries=2, retry_delay_seconds=10)
+@task(name="register", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=10)
 def register(cfg: Config, run_id: str, stages: dict) -> dict:
     """Log results and lineage, register the adapter, move aliases, close the MLflow run."""
     from prefect.artifacts import create_link_artifact
@@ -396,13 +396,13 @@ def log_evaluation(cfg: Config, model: dict, raw: dict, cleaned: dict, result: d
     return {"run_id": run_id, "run_url": run_url(cfg, run_id), "model": label, "metrics": result["metrics"]}
 
 
-@task(name="resolve-model", retries=2, retry_delay_seconds=5)
+@task(name="resolve-model", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
 def resolve(cfg: Config, ref: str) -> dict:
     """The registered model version behind a models:/ URI (or an adapter directory), downloaded once."""
     return resolve_model(cfg, ref)
 
 
-@task(name="log-evaluation", retries=2, retry_delay_seconds=5)
+@task(name="log-evaluation", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
 def log_evaluation_run(cfg: Config, model: dict, raw: dict, cleaned: dict, result: dict) -> dict:
     """Record the evaluation in MLflow and link it from the Prefect flow run."""
     from prefect.artifacts import create_link_artifact

@@ -31,7 +31,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from desctune.cache import code_version
 from desctune.config import Config, LoraConfig, ModelConfig, TrainConfig
+from desctune.errors import retry_unless_user_error
 from desctune.files import atomic_dir, atomic_path, dir_sha256, stage_dir
+from desctune.stagelock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +409,13 @@ def train_adapter(
 CODE = code_version(__name__, "tasks.base_model")
 
 
-@task(name="train", cache_policy=(INPUTS - "run_id" - "tracking_uri") + TASK_SOURCE, persist_result=True, retries=1)
+@task(
+    name="train",
+    cache_policy=(INPUTS - "run_id" - "tracking_uri") + TASK_SOURCE,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_unless_user_error,
+)
 def train(
     tokens: dict,
     base: dict,
@@ -421,8 +429,10 @@ def train(
 ) -> dict:
     """Train (or resume) the adapter for this exact data and configuration; cached on those alone.
 
-    Prefect retries it once: the retry resumes from the newest checkpoint the failed attempt left."""
+    Prefect retries it once: the retry resumes from the newest checkpoint the failed attempt left. Two identical
+    runs at once train once: the second waits on the stage folder's lock and reuses the first one's result."""
     cfg = Config(artifacts_dir=artifacts_dir, model=model, lora=lora, train=training)
     keys = (tokens["train"]["sha256"], tokens["val"]["sha256"], base["sha256"], model.digest(), lora.digest(),
             training.digest(), code)
-    return train_adapter(tokens, base, cfg, stage_dir(artifacts_dir, "train", *keys), run_id, tracking_uri)
+    out_dir = stage_dir(artifacts_dir, "train", *keys)
+    return exclusive(out_dir, lambda: train_adapter(tokens, base, cfg, out_dir, run_id, tracking_uri))

@@ -51,3 +51,23 @@ def test_embedded_model_converts_once_and_chats(embedded_base):
     model = AutoModelForCausalLM.from_pretrained(got["path"])
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
     assert provision("smollm2-135m-instruct", ROOT / "artifacts") == got
+
+
+def test_a_missing_model_fails_at_once_instead_of_being_retried(tmp_path, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from tasks.base_model import base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    @flow
+    def provision_only() -> tuple[str, str]:
+        state = base_model("nobody/no-such-model", str(tmp_path), return_state=True)
+        return str(state.state_details.task_run_id), type(state.result(raise_on_failure=False)).__name__
+
+    task_run_id, error = provision_only()
+    assert error == "ModelError"
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(task_run_id).run_count == 1
