@@ -21,9 +21,17 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def client(cfg_or_uri: Config | str) -> MlflowClient:
+    """A client for the store, also made mlflow's current one; the user's environment is left as it was, because
+    mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI and every later config would silently reuse this store."""
     uri = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(uri, registry_uri=uri)
 
 

@@ -4,12 +4,11 @@ flow run that registers nothing."""
 import mlflow
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from conftest import SAMPLE, head_records, tiny_config
 from desctune.cli import main
 from desctune.files import dir_sha256
-from desctune.tracking import tracking_uri
+from desctune.tracking import client, tracking_uri
 from tasks.register import register_model, should_promote, start_run
 from test_evaluate import save_adapter
 
@@ -54,7 +53,7 @@ def test_champion_moves_only_for_a_strictly_better_challenger(registry):
     cfg, results = registry
     assert [r["promoted"] for r in results] == [True, False, False, True]
     assert [r["previous_champion"] for r in results] == [None, "1", "1", "1"]
-    c = MlflowClient(tracking_uri(cfg))
+    c = client(cfg)
     name = cfg.registry.model_name
     assert str(c.get_model_version_by_alias(name, "champion").version) == "4"
     assert str(c.get_model_version_by_alias(name, "challenger").version) == "4"
@@ -87,7 +86,7 @@ def test_promote_and_rollback_record_who_and_why(registry, monkeypatch, capsys):
     monkeypatch.setenv("DESCTUNE_USER", "alice")
     store = ["--set", f"artifacts_dir={cfg.artifacts_dir}"]
     name = cfg.registry.model_name
-    c = MlflowClient(tracking_uri(cfg))
+    c = client(cfg)
     assert main(["promote", name, "2", "--reason", "reads better", *store]) == 0
     assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
     v2 = c.get_model_version(name, "2")
@@ -117,7 +116,7 @@ def test_guarded_flow_run_registers_nothing_and_its_mlflow_run_is_failed(tmp_pat
     assert state.is_failed()
     with pytest.raises(Exception, match="all zero|equal the base outputs on 100%"):
         state.result()
-    c = MlflowClient(tracking_uri(cfg))
+    c = client(cfg)
     assert c.search_registered_models() == []
     runs = c.search_runs([c.get_experiment_by_name(cfg.registry.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
@@ -128,7 +127,7 @@ def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registr
     from flows.evaluate_champion import evaluate_champion
 
     cfg, _ = registry
-    c = MlflowClient(tracking_uri(cfg))
+    c = client(cfg)
     name = cfg.registry.model_name
     champion = str(c.get_model_version_by_alias(name, "champion").version)
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 10)
