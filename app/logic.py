@@ -58,9 +58,9 @@ def report_path(tracking_uri: str, run_id: str, artifacts_dir: str | Path) -> Pa
     dest = Path(artifacts_dir) / "registry" / "runs" / run_id
     path = dest / "eval.parquet"
     if not path.is_file():
-        mlflow.set_tracking_uri(tracking_uri)
         try:
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/eval.parquet", dst_path=str(dest))
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/eval.parquet", dst_path=str(dest),
+                                                tracking_uri=tracking_uri)
         except Exception:
             return None
     return path if path.is_file() else None

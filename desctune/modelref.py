@@ -86,8 +86,8 @@ def registry_version(client, name: str, alias: str | None, version: str | None):
         raise ModelRefError(f"{name} has no version {version}") from None
 
 
-def download_version(name: str, version: str, artifacts_dir: str | Path) -> Path:
-    """The version's adapter folder, downloaded once into the artifacts folder."""
+def download_version(name: str, version: str, tracking_uri: str, artifacts_dir: str | Path) -> Path:
+    """The version's adapter folder from this store (not mlflow's current one), downloaded once."""
     import mlflow
 
     from desctune.files import atomic_dir
@@ -95,7 +95,8 @@ def download_version(name: str, version: str, artifacts_dir: str | Path) -> Path
     dest = Path(artifacts_dir) / "registry" / name / str(version)
     if find_adapter(dest) is None:
         with atomic_dir(dest) as tmp:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
+                                                tracking_uri=tracking_uri, registry_uri=tracking_uri)
     adapter = find_adapter(dest)
     if adapter is None:
         raise ModelRefError(f"models:/{name}/{version} holds no desctune adapter")
@@ -131,7 +132,7 @@ def resolve(ref: str, tracking_uri: str, artifacts_dir: str | Path = "artifacts"
         name, alias, version = parsed
         mv = registry_version(client, name, alias, version)
         version = str(mv.version)
-        adapter = download_version(name, version, artifacts_dir)
+        adapter = download_version(name, version, tracking_uri, artifacts_dir)
     mv = client.get_model_version(name, version)
     return ResolvedModel(
         ref=ref, adapter_dir=adapter.resolve(), name=name, version=version, aliases=sorted(mv.aliases),

@@ -62,8 +62,8 @@ def run_report(cfg, version) -> pd.DataFrame:
 
     from desctune.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="report/eval.parquet")
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="report/eval.parquet",
+                                               tracking_uri=tracking_uri(cfg))
     return pd.read_parquet(path)
 
 
