@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from desctune.config import Config, load_config
+from desctune.config import Config, EvalConfig, load_config
 
 CONFIG_ENV, MODEL_ENV = "DESCTUNE_DEMO_CONFIG", "DESCTUNE_DEMO_MODEL"
 IDENTICAL_LIMIT = 0.9
@@ -27,6 +27,8 @@ class Settings:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    repetition_penalty: float = EvalConfig().repetition_penalty
+    no_repeat_ngram_size: int = EvalConfig().no_repeat_ngram_size
 
 
 def demo_config() -> tuple[Config, str]:
@@ -139,7 +141,8 @@ def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Set
 
     kwargs = dict(
         batch_size=1, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
-        temperature=settings.temperature, top_p=settings.top_p,
+        temperature=settings.temperature, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
     )
     with GENERATING:
         torch.manual_seed(settings.seed)

@@ -90,6 +90,10 @@ class EvalConfig(Section):
     limit: int | None = Field(50, ge=1, description="test examples to generate for (None: all)")
     batch_size: int = Field(16, ge=1, description="generation batch, independent of training's")
     max_new_tokens: int = Field(128, ge=1)
+    repetition_penalty: float = Field(
+        1.2, ge=1.0, description="for base and fine-tuned alike: greedy decoding of small models loops without it"
+    )
+    no_repeat_ngram_size: int = Field(3, ge=0, description="0: off")
 
 
 class RegistryConfig(Section):

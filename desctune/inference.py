@@ -81,6 +81,8 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
     """Batched generation with left padding and KV cache; prompts are grouped by length to waste little padding.
 
@@ -101,7 +103,8 @@ def generate(
             p = prompts[i]
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
-        kwargs = {"do_sample": do_sample}
+        kwargs = {"do_sample": do_sample, "repetition_penalty": repetition_penalty,
+                  "no_repeat_ngram_size": no_repeat_ngram_size}
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         out = model.generate(

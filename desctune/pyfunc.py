@@ -32,10 +32,12 @@ class DescTuneModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.meta = load_adapter_model(context.artifacts["adapter"], artifacts_dir)
 
     def predict(self, context, model_input, params=None):
+        from desctune.config import EvalConfig
         from desctune.inference import base_context, generate
 
         params = params or {}
         titles = model_input["title"].astype(str).tolist()
+        settings = EvalConfig().model_dump() | self.meta["config"].get("eval", {})
         with base_context(self.model) if params.get("base", False) else contextlib.nullcontext():
             return generate(
                 self.model,
@@ -44,4 +46,6 @@ class DescTuneModel(mlflow.pyfunc.PythonModel):
                 self.meta["system_prompt"],
                 batch_size=int(params.get("batch_size", 16)),
                 max_new_tokens=int(params.get("max_new_tokens", 128)),
+                repetition_penalty=float(settings["repetition_penalty"]),
+                no_repeat_ngram_size=int(settings["no_repeat_ngram_size"]),
             )

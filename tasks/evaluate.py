@@ -89,12 +89,18 @@ def plot_metrics(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def decoding(cfg: EvalConfig) -> dict:
+    """The generation settings evaluation uses; the registered model and the demo decode the same way."""
+    return {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+            "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
+
+
 def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
     """Generate with the adapter off and on, then score both against the references."""
     titles = test["title"].tolist()
     with base_context(model):
-        base_out = generate(model, tokenizer, titles, system_prompt, cfg.batch_size, cfg.max_new_tokens)
-    tuned_out = generate(model, tokenizer, titles, system_prompt, cfg.batch_size, cfg.max_new_tokens)
+        base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
+    tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
     df, metrics = score(test["content"].tolist(), {"base": base_out, "finetuned": tuned_out})
     df.insert(0, "title", titles)
     if "uid" in test:
