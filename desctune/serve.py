@@ -243,7 +243,8 @@ def serve(plan: Plan, env: dict, timeout: float) -> int:
     except Timeout:
         raise ServeError(already_running(state)) from None
     procs = Processes(plan.artifacts / "serve-logs")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a shell that starts a background job makes it ignore SIGINT, and Python keeps that.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for port, flag in ((plan.prefect_port, "--prefect-port"), (plan.mlflow_port, "--mlflow-port")):
             if port_in_use(plan.host, port):
@@ -273,8 +274,8 @@ def serve(plan: Plan, env: dict, timeout: float) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         state.unlink(missing_ok=True)
         lock.release()
 
