@@ -37,9 +37,8 @@ def prompt_ids(tokenizer, title: str, system_prompt: str) -> list[int]:
     return tokenizer(prompt_text(tokenizer, title, system_prompt), add_special_tokens=False)["input_ids"]
 
 
-def completion_text(tokenizer, title: str, description: str, system_prompt: str) -> str:
-    """The assistant answer as the template renders it, ending with the end-of-turn token."""
-    prompt = prompt_text(tokenizer, title, system_prompt)
+def completion_text(tokenizer, prompt: str, title: str, description: str, system_prompt: str) -> str:
+    """The assistant answer as the template renders it after `prompt`, ending with the end-of-turn token."""
     full = tokenizer.apply_chat_template(
         chat_messages(title, system_prompt, description), add_generation_prompt=False, tokenize=False
     )
@@ -54,8 +53,11 @@ def completion_text(tokenizer, title: str, description: str, system_prompt: str)
 
 def encode_example(tokenizer, title: str, description: str, system_prompt: str, max_len: int) -> dict:
     """input_ids and labels (-100 on the prompt) for one record, or {"drop": reason}."""
-    p = prompt_ids(tokenizer, title, system_prompt)
-    c = tokenizer(completion_text(tokenizer, title, description, system_prompt), add_special_tokens=False)["input_ids"]
+    prompt = prompt_text(tokenizer, title, system_prompt)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion_text(tokenizer, prompt, title, description, system_prompt), add_special_tokens=False)[
+        "input_ids"
+    ]
     if len(p) >= max_len:
         return {"drop": "prompt_too_long"}
     truncated = len(p) + len(c) > max_len
