@@ -4,6 +4,7 @@ Prefect + MLflow setup per test session."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import tempfile
@@ -112,6 +113,13 @@ def tiny_config(tmp_path: Path, model_dir: Path, records: Path = SAMPLE, **secti
         "registry": {"model_name": "tiny-desctune", **sections.pop("registry", {})},
     }
     return Config.model_validate(cfg)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def head_records(src: Path, dest: Path, n: int) -> Path:

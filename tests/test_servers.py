@@ -23,18 +23,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SAMPLE, head_records, tiny_config
+from conftest import ROOT, SAMPLE, free_port, head_records, tiny_config
 from desctune.config import load_config
 
 READY_TIMEOUT = 240
 RUN_TIMEOUT = 240
 PG = dict(host="127.0.0.1", port=5432, user="postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
