@@ -1,4 +1,5 @@
-"""Create the `desctune-local` process work pool and deploy prefect.yaml's deployments to a running Prefect server.
+"""Create the `desctune-local` process work pool, deploy prefect.yaml's deployments to a running Prefect server and
+create (or rewrite) the automation that marks their runs Crashed when heartbeats stop (deployments/crashed_runs.py).
 
 `desctune serve` calls `deploy`; against a server of your own run `python -m deployments.deploy` with
 PREFECT_API_URL and MLFLOW_TRACKING_URI set. Deployments whose entrypoint file is missing are skipped with a note,
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from deployments import crashed_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "desctune-local"
@@ -55,8 +58,19 @@ def _prefect(args: list[str], env: dict, cwd: Path) -> None:
         raise DeployError(f"prefect {args[0]} {args[1] if len(args) > 1 else ''} failed: {lines[-1] if lines else done.returncode}")
 
 
+def heartbeat_timing(env: dict) -> tuple[int, int]:
+    """Flow-run heartbeat and crash-detection window in seconds, or a DeployError naming the bad setting."""
+    try:
+        return crashed_runs.timing(env)
+    except ValueError as exc:
+        raise DeployError(str(exc)) from None
+
+
 def deploy(env: dict, root: Path = ROOT) -> list[str]:
-    """Create (or update) the work pool, deploy every deployable entry; returns the deployed names."""
+    """Create (or update) the work pool, deploy every deployable entry with the flow-run heartbeat in its
+    environment, then upsert the crashed-runs automation; returns the deployed names."""
+    heartbeat, window = heartbeat_timing(env)
+    env = {**env, crashed_runs.HEARTBEAT_ENV: str(heartbeat)}
     names, skipped = deployable(load_spec(root), root)
     for name in skipped:
         print(f"deploy: skipping {name!r}: its entrypoint file is not there yet", file=sys.stderr)
@@ -64,6 +78,11 @@ def deploy(env: dict, root: Path = ROOT) -> list[str]:
              env, root)
     if names:
         _prefect(["deploy", *(a for n in names for a in ("--name", n))], env, root)
+    try:
+        crashed_runs.upsert(env["PREFECT_API_URL"], crashed_runs.automation(window))
+    except Exception as exc:
+        raise DeployError(f"creating the automation {crashed_runs.NAME!r} failed: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return names
 
 
