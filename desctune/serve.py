@@ -1,8 +1,10 @@
 """`desctune serve`: a Prefect server, a worker on the `desctune-local` pool and an MLflow tracking server, deployed.
 
 Each server runs in its own process group with its log under <artifacts>/serve-logs/, so Ctrl-C (or SIGTERM) stops
-every process they started, in order, and nothing is left behind. A lock file in the artifacts folder makes a second
-`serve` on the same folder say so in one line; a port check does the same for a port another program holds.
+every process they started, in order, and nothing is left behind. A worker that dies is started again, unless the
+restarted one dies within a minute (the automation `deploy` creates marks the dead worker's runs Crashed once their
+heartbeats stop); any other child's exit stops `serve`. A lock file in the artifacts folder makes a second `serve` on
+the same folder say so in one line; a port check does the same for a port another program holds.
 Backends: Prefect uses PREFECT_API_DATABASE_CONNECTION_URL when set (else its SQLite default under PREFECT_HOME);
 MLflow uses MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION when set (else sqlite:///<artifacts>/mlflow.db
 and <artifacts>/mlruns).
@@ -26,6 +28,7 @@ from desctune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "desctune-local"
+WORKER_MIN_UPTIME = 60  # seconds: a restarted worker that dies sooner would only die again, so serve stops instead
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class Processes:
     def __init__(self, logs: Path):
         self.logs = logs
         self.procs: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, float] = {}
+        self.revived: set[str] = set()
 
     def start(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -121,7 +126,21 @@ class Processes:
             proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc
+        self.started[name] = time.monotonic()
         return proc
+
+    def revive(self, name: str, argv: list[str], env: dict, min_uptime: float) -> bool:
+        """Start `name` again when it has exited, unless it was itself a restart that lived less than `min_uptime`
+        seconds (it would only die again; `check` then reports it); True when it did. Call it only once `name` has
+        proved it works (serve does after the worker's first poll)."""
+        proc = self.procs[name]
+        if proc.poll() is None or (name in self.revived and time.monotonic() - self.started[name] < min_uptime):
+            return False
+        print(f"desctune serve: {name} exited with code {proc.returncode} ({self.last_line(name)}); starting a new "
+              f"one (log: {self.logs / (name + '.log')})", file=sys.stderr, flush=True)
+        self.start(name, argv, env)
+        self.revived.add(name)
+        return True
 
     def last_line(self, name: str) -> str:
         try:
@@ -233,8 +252,12 @@ def serve(plan: Plan, env: dict, timeout: float) -> int:
     """Start everything, deploy, print the URLs, then wait for Ctrl-C or a child's exit."""
     from filelock import FileLock, Timeout
 
-    from deployments.deploy import DeployError, deploy, deploy_env
+    from deployments.deploy import DeployError, deploy, deploy_env, heartbeat_timing
 
+    try:
+        heartbeat_timing(env)
+    except DeployError as exc:
+        raise ServeError(str(exc)) from None
     plan.artifacts.mkdir(parents=True, exist_ok=True)
     state = plan.artifacts / "serve.json"
     lock = FileLock(str(plan.artifacts / "serve.lock"))
@@ -265,6 +288,7 @@ def serve(plan: Plan, env: dict, timeout: float) -> int:
         wait_until(lambda: pool_ready(plan.api_url), f"worker on pool {POOL}", procs, timeout)
         print(banner(plan, deployed), flush=True)
         while True:
+            procs.revive("worker", *cmds["worker"], min_uptime=WORKER_MIN_UPTIME)
             procs.check()
             time.sleep(1)
     except KeyboardInterrupt:
