@@ -1,6 +1,8 @@
 """`desctune serve` for real on loopback, once on PostgreSQL (fresh databases, dropped after) and once on its SQLite
 defaults: deployments as prefect.yaml says, two identical `finetune` runs triggered at once through the Prefect API,
-the model versions, aliases and Prefect artifacts they leave, a second `serve` refused, Ctrl-C leaving no process."""
+the model versions, aliases and Prefect artifacts they leave, a second `serve` refused, Ctrl-C leaving no process.
+On SQLite only (it waits for heartbeats): a run whose worker and process are killed -9 is marked Crashed by the
+automation, serve starts a new worker, and the same parameters again take the cache and resume training."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from desctune.config import load_config
 
 READY_TIMEOUT = 240
 RUN_TIMEOUT = 240
+CRASH_WINDOW = 45  # seconds without a heartbeat (they come every 30 s, Prefect's minimum) before a run is Crashed
 PG = dict(host="127.0.0.1", port=5432, user="postgres")
 
 
@@ -90,6 +93,24 @@ class Served:
         self.stop()
         pytest.fail(f"desctune serve did not get ready: {''.join(self.output)[-2000:]}")
 
+    def new_output(self) -> str:
+        """Everything serve printed so far (stdout and stderr)."""
+        while True:
+            try:
+                self.output.append(self.lines.get_nowait())
+            except queue.Empty:
+                return "".join(self.output)
+
+    def worker(self) -> psutil.Process | None:
+        for p in self.family():
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if cmd[1:5] == ["-m", "prefect", "worker", "start"]:
+                return p
+        return None
+
     def family(self) -> list[psutil.Process]:
         try:
             root = psutil.Process(self.proc.pid)
@@ -111,6 +132,10 @@ class Served:
 def serve_env(backend: str, home: Path, databases: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL")}
     env.update(PREFECT_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="1")
+    env.pop("DESCTUNE_HEARTBEAT_SECONDS", None)
+    env.pop("DESCTUNE_HEARTBEAT_WINDOW_SECONDS", None)
+    if backend == "sqlite":
+        env["DESCTUNE_HEARTBEAT_WINDOW_SECONDS"] = str(CRASH_WINDOW)
     if backend == "postgresql":
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{databases[0]}"
         env["MLFLOW_BACKEND_STORE_URI"] = f"postgresql://postgres@127.0.0.1:5432/{databases[1]}"
@@ -150,6 +175,28 @@ async def trigger_and_wait(api_url: str, name: str, parameters: dict, n: int) ->
             await asyncio.sleep(1)
 
 
+async def create_run(api_url: str, name: str, parameters: dict):
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
+        deployment = await client.read_deployment_by_name(name)
+        return await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+
+
+async def read_run(api_url: str, flow_run_id):
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
+        return await client.read_flow_run(flow_run_id)
+
+
+async def read_automations(api_url: str, name: str) -> list:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
+        return await client.read_automations_by_name(name)
+
+
 async def run_details(api_url: str, flow_run_id) -> tuple[set[str], dict[str, str]]:
     """Artifact keys and task states (by task name) of one flow run."""
     from prefect.client.orchestration import PrefectClient
@@ -171,6 +218,11 @@ def test_deployments_carry_the_profiles_the_schedules_and_the_servers(served):
     assert env["MLFLOW_TRACKING_URI"] == served.mlflow_url
     assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(served.artifacts / "prefect-results")
     assert finetune.job_variables["working_dir"] == str(ROOT)
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30" and "desctune" in finetune.tags
+    [automation] = asyncio.run(read_automations(served.api_url, "desctune-crashed-runs"))
+    window = CRASH_WINDOW if served.backend == "sqlite" else 90
+    assert automation.enabled and automation.trigger.within.total_seconds() == window
+    assert automation.actions[0].message.startswith(f"No heartbeat for {window} s:")
     weekly = asyncio.run(read_deployment(served.api_url, "finetune/retrain-weekly"))
     gpu = json.loads(load_config(ROOT / "configs/gpu-tinyllama.yaml").model_dump_json())
     assert weekly.parameters["config"] == gpu
@@ -215,6 +267,97 @@ def test_two_identical_runs_at_once_complete_share_one_adapter_and_register_two_
         assert states["register"] == "Completed"
         trained += states["train"] == "Completed"
     assert trained >= 1
+
+
+def test_deploying_again_keeps_one_crashed_runs_automation(served):
+    from deployments.deploy import deploy, deploy_env
+
+    if served.backend != "sqlite":
+        pytest.skip("one backend is enough: deploying runs `prefect deploy` again")
+    [before] = asyncio.run(read_automations(served.api_url, "desctune-crashed-runs"))
+    env = {**served.env, "PREFECT_API_URL": served.api_url}
+    deploy(deploy_env(env, ROOT, served.artifacts, served.mlflow_url))
+    [after] = asyncio.run(read_automations(served.api_url, "desctune-crashed-runs"))
+    assert after.id == before.id and after.trigger.within == before.trigger.within
+
+
+def flow_run_tree(worker: psutil.Process, flow_run_id) -> list[psutil.Process]:
+    """The process(es) the worker started for this flow run (in their own session) and everything under them."""
+    found = []
+    for p in worker.children(recursive=True):
+        try:
+            if p.environ().get("PREFECT__FLOW_RUN_ID") == str(flow_run_id):
+                found += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            pass
+    return list({p.pid: p for p in found}.values())
+
+
+def wait_for_checkpoint(served: Served, artifacts: Path, flow_run_id, timeout: float) -> Path:
+    deadline, checked = time.monotonic() + timeout, 0.0
+    while True:
+        found = list(artifacts.glob("stages/train-*/checkpoints/checkpoint-*"))
+        if found:
+            return found[0]
+        if time.monotonic() - checked > 2:
+            checked = time.monotonic()
+            state = asyncio.run(read_run(served.api_url, flow_run_id)).state
+            assert not state.is_final(), f"the run ended before its first checkpoint: {state.name} {state.message}"
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def wait_for_final(api_url: str, flow_run_id, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        run = asyncio.run(read_run(api_url, flow_run_id))
+        if run.state.is_final() or time.monotonic() > deadline:
+            return run
+        time.sleep(1)
+
+
+def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_same_run_again_resumes(
+        served, tiny_model_dir, tmp_path):
+    if served.backend != "sqlite":
+        pytest.skip("one backend is enough: this test waits for the heartbeats to stop")
+    records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
+    cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
+                      train={"max_steps": 600, "save_steps": 20}, registry={"model_name": "tiny-crash"})
+    parameters = {"config": json.loads(cfg.model_dump_json())}
+    artifacts = Path(cfg.artifacts_dir)
+    run = asyncio.run(create_run(served.api_url, "finetune/finetune", parameters))
+    first = wait_for_checkpoint(served, artifacts, run.id, RUN_TIMEOUT)
+
+    worker = served.worker()
+    tree = flow_run_tree(worker, run.id)
+    assert tree, "no process of the flow run under the worker"
+    assert tree[0].environ()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    for p in [worker, *tree]:  # the worker first, so nothing is left to report the run's end
+        p.kill()
+    _, alive = psutil.wait_procs([worker, *tree], timeout=10)
+    assert not alive
+    killed_at = time.monotonic()
+    assert not (first.parents[1] / "adapter").exists(), "training finished before the kill: raise max_steps"
+
+    crashed = wait_for_final(served.api_url, run.id, 2 * CRASH_WINDOW + 60)
+    crashed_after = time.monotonic() - killed_at
+    assert crashed.state.name == "Crashed", (crashed.state.name, crashed.state.message)
+    assert crashed.state.message.startswith(f"No heartbeat for {CRASH_WINDOW} s: the process running this flow run")
+    said = served.new_output()
+    assert "worker exited with code -9" in said and "starting a new one" in said
+    assert served.worker() is not None and served.worker().pid != worker.pid
+
+    [again] = asyncio.run(trigger_and_wait(served.api_url, "finetune/finetune", parameters, 1))
+    assert again.state.name == "Completed", (again.state.message, served.artifacts / "serve-logs" / "worker.log")
+    _, states = asyncio.run(run_details(served.api_url, again.id))
+    assert {k: states[k] for k in ("ingest", "clean", "sample", "tokenize")} == dict.fromkeys(
+        ("ingest", "clean", "sample", "tokenize"), "Cached")
+    assert states["train"] == "Completed"
+    result = json.loads((first.parents[1] / "result.json").read_text())
+    resumed = Path(result["resumed_from"])
+    assert resumed.parent == first.parent and 20 <= int(resumed.name.split("-")[1]) < 600
+    assert result["steps"] == 600 and result["history"][-1]["step"] == 600
+    print(f"crashed {crashed_after:.0f} s after the kill; resumed from {resumed.name}")
 
 
 def test_ctrl_c_stops_every_process_it_started(served):
@@ -262,3 +405,16 @@ def test_a_run_that_waited_for_the_same_stage_reuses_the_holders_result(tmp_path
     waiter.join(10)
     assert got == [{"computed": "by the holder"}]
     assert exclusive(out, lambda: {"computed": "again"}) == {"computed": "again"}
+
+
+def test_serve_starts_a_dead_worker_again_but_stops_on_one_that_keeps_dying(tmp_path):
+    from desctune.serve import Processes, ServeError
+
+    procs = Processes(tmp_path / "logs")
+    argv, env = [sys.executable, "-c", "print('polled once, then gone')"], dict(os.environ)
+    procs.start("worker", argv, env).wait(30)
+    assert procs.revive("worker", argv, env, min_uptime=60)  # serve revives only a worker that had polled the pool
+    procs.procs["worker"].wait(30)
+    assert not procs.revive("worker", argv, env, min_uptime=60)  # the new one died within the minute
+    with pytest.raises(ServeError, match="worker exited with code 0: polled once, then gone"):
+        procs.check()
