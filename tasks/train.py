@@ -34,6 +34,7 @@ from desctune.config import Config, LoraConfig, ModelConfig, TrainConfig
 from desctune.errors import retry_unless_user_error
 from desctune.files import atomic_dir, atomic_path, dir_sha256, stage_dir
 from desctune.stagelock import exclusive
+from desctune.trainops import head_cross_entropy, speed_up_lora
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,13 @@ class Plan:
     fused_adamw: bool
     attn_implementation: str
     num_workers: int
+    fast_lora: bool
 
 
 def plan(cfg: Config, device: str, dtype: torch.dtype) -> Plan:
     """CUDA: QLoRA (4-bit NF4 base, k-bit preparation, gradient checkpointing) when asked. CPU: never 4-bit, bf16
-    weights for the frozen base where the CPU has bf16, fp32 otherwise."""
+    weights for the frozen base where the CPU has bf16, fp32 otherwise, and LoRA layers with cheap dropout masks and
+    no input up-cast (`desctune.trainops.speed_up_lora`)."""
     name = str(dtype).removeprefix("torch.")
     cuda = device == "cuda"
     four_bit = cfg.model.load_in_4bit and cuda
@@ -76,6 +79,7 @@ def plan(cfg: Config, device: str, dtype: torch.dtype) -> Plan:
         fused_adamw=cuda,
         attn_implementation=cfg.model.attn_implementation,
         num_workers=dataloader_workers(cfg.train.num_workers, cuda),
+        fast_lora=not cuda,
     )
 
 
@@ -121,13 +125,13 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 def supervised_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the supervised positions, and their count.
 
-    The language-model head runs only on the hidden states that predict a supervised token."""
+    The language-model head runs only on the hidden states that predict a supervised token, in chunks that never hold
+    the full logits (`desctune.trainops.head_cross_entropy`)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    loss = head_cross_entropy(hidden[:, :-1][keep], causal_lm.lm_head, targets[keep])
     return loss, int(keep.sum())
 
 
@@ -153,7 +157,10 @@ def build_peft_model(base_path: str, cfg: Config, p: Plan):
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+    model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    if p.fast_lora:
+        speed_up_lora(model)
+    return model
 
 
 def total_steps(n_batches: int, t: TrainConfig) -> int:
@@ -209,6 +216,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     return json.loads((path / "state.json").read_text())
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger (shown in the UI) inside a flow or task run, this module's logger elsewhere."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def peak_memory_mb(device: str) -> float:
@@ -308,9 +326,13 @@ def train_adapter(
     resume = latest_checkpoint(ckpt_dir)
     state = {"step": 0, "history": [], "loss_sum": 0.0, "tokens": 0, "supervised_tokens": 0, "seconds": 0.0}
     if resume:
-        log.info("resuming training from %s", resume)
         state = load_checkpoint(resume, model, optimizer, scheduler)
     start_step = state["step"]
+    run_logger().info(
+        "training %d steps on %s (%s, base %s): %d examples, %d trainable parameters%s", steps, device, p.dtype,
+        p.base_dtype, len(train_ex), trainable,
+        f"; resuming from {resume.name} (step {start_step})" if resume else "",
+    )
     loader = torch.utils.data.DataLoader(
         train_ex, batch_sampler=schedule[start_step * t.grad_accum :], num_workers=p.num_workers,
         collate_fn=lambda ex: collate(ex, pad_id),
