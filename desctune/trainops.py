@@ -1,19 +1,23 @@
 """Training building blocks that make a LoRA step cheaper without changing what it computes.
 
 Measured on the 2-core CPU (bench/train.py, profile of a real step): the 49k-vocabulary head and its cross-entropy
-materialised ~300 MB of fp32 logits per batch, PEFT cast every LoRA input from bf16 to fp32 (and autocast cast it
-straight back), and `nn.Dropout` drew one Mersenne-Twister number per element of seven LoRA inputs per layer, which
-cost more than the layer's matmuls. Each piece here removes one of those:
+materialised ~300 MB of fp32 logits per batch, and PEFT's LoRA forward (input cast to fp32 and back by autocast,
+`nn.Dropout` drawing one Mersenne-Twister number per element of seven LoRA inputs per layer, then a scale, a
+multiply and an add, each a pass over the activations) cost more than the layer's matmuls. Each piece here removes
+one of those:
 
 - `head_cross_entropy`: the head and the loss in row chunks, with the gradient for the hidden states computed in the
   same pass (the head is frozen), so no full logits tensor is ever kept; same loss and gradient as
   `F.cross_entropy(lm_head(h).float(), t, reduction="sum")`.
-- `BitsDropout`: dropout with the same distribution (p rounded to 1/65536) whose mask comes from numpy's PCG64,
-  seeded from torch's generator, so `torch.manual_seed` and a restored RNG state replay it exactly.
-- `speed_up_lora`: swaps LoRA's dropouts for `BitsDropout` and turns off PEFT's input up-cast, which autocast undoes.
+- `keep_mask`: dropout's mask with the same distribution (p rounded to 1/65536) from numpy's PCG64, seeded from
+  torch's generator, so `torch.manual_seed` and a restored RNG state replay it exactly.
+- `LoraBranch` / `speed_up_lora`: the LoRA branch as one autograd function (masked input, two matmuls, the scale and
+  the residual add inside `addmm`), used by every LoRA layer while it trains; eval goes through PEFT unchanged.
 """
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 import torch
@@ -60,40 +64,70 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     return HeadCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
-class BitsDropout(nn.Module):
-    """`nn.Dropout(p)` with a mask from 16 random bits per element, drawn by numpy's PCG64 (far cheaper on CPU)."""
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Dropout's keep mask (True with probability 1-p, p rounded to 1/65536) from 16 random bits per element drawn by
+    numpy's PCG64, seeded from torch's generator so `torch.manual_seed` and a restored RNG state replay it."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    seed = int(torch.randint(0, 2**62, (1,)))
+    bits = np.random.Generator(np.random.PCG64(seed)).integers(-32768, 32768, shape.numel(), dtype=np.int16)
+    return torch.from_numpy(bits).to(device).view(shape) >= -32768 + round(p * 65536)
 
-    def __init__(self, p: float):
-        super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-        self.threshold = -32768 + round(p * 65536)
-        self.scale = 1.0 / (1.0 - p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == -32768:
-            return x
-        seed = int(torch.randint(0, 2**62, (1,)))
-        bits = np.random.Generator(np.random.PCG64(seed)).integers(-32768, 32768, x.numel(), dtype=np.int16)
-        keep = torch.from_numpy(bits).to(x.device).view(x.shape) >= self.threshold
-        return torch.where(keep, x * self.scale, 0)
+class LoraBranch(torch.autograd.Function):
+    """`base_out + alpha * (where(keep, x, 0) @ A.T) @ B.T` with hand-written backward: one masked copy of x, the
+    scale and the add folded into `addmm`, and only x's mask, the masked x and the rank-r activations kept.
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+    With alpha = scaling / (1 - p) this is PEFT's `base_out + lora_B(lora_A(dropout(x))) * scaling`."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, a, b, alpha: float, keep):
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        flat = (x if keep is None else torch.where(keep, x, 0)).reshape(-1, x.shape[-1])
+        u = flat @ a_.T
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b_.T, alpha=alpha)
+        ctx.save_for_backward(flat, u, a_, b_, keep)
+        ctx.alpha, ctx.weight_dtypes = alpha, (a.dtype, b.dtype)
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, u, a_, b_, keep = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(u.dtype)
+        grad_b = (g.T @ u).mul_(ctx.alpha)
+        grad_u = (g @ b_).mul_(ctx.alpha)
+        grad_a = grad_u.T @ flat
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad_u @ a_).view(*grad_out.shape[:-1], a_.shape[1])
+            if keep is not None:
+                grad_x = torch.where(keep, grad_x, 0)
+        return grad_out, grad_x, grad_a.to(ctx.weight_dtypes[0]), grad_b.to(ctx.weight_dtypes[1]), None, None
+
+
+def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Training forward of a PEFT LoRA `Linear` through `LoraBranch`; anything else (eval, merged, several or
+    variant adapters, extra arguments) goes to PEFT's own forward."""
+    names = [n for n in self.active_adapters if n in self.lora_A]
+    if (not self.training or self.disable_adapters or self.merged or args or kwargs or len(names) != 1
+            or names[0] in self.lora_variant or self.lora_B[names[0]].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = names[0]
+    result = self.base_layer(x)
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    keep = keep_mask(x.shape, p, x.device) if p > 0 else None
+    weights = self.lora_A[name].weight, self.lora_B[name].weight
+    return LoraBranch.apply(result, x.to(result.dtype), *weights, self.scaling[name] / (1.0 - p), keep)
 
 
 def speed_up_lora(model: nn.Module) -> int:
-    """Swap every LoRA dropout for `BitsDropout` and stop PEFT up-casting LoRA inputs (autocast casts them back);
-    returns how many LoRA layers were changed. For CPU training under bf16 autocast."""
+    """Route every PEFT LoRA layer on an `nn.Linear` through `fused_lora_forward` while training; returns how many."""
     changed = 0
     for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for name, dropout in list(dropouts.items()):
-            if isinstance(dropout, nn.Dropout):
-                dropouts[name] = BitsDropout(dropout.p).train(dropout.training)
-        module.cast_input_dtype_enabled = False
-        changed += 1
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
+            getattr(module, "base_layer", None), nn.Linear
+        ):
+            module.forward = types.MethodType(fused_lora_forward, module)
+            changed += 1
     return changed

@@ -62,8 +62,8 @@ class Plan:
 
 def plan(cfg: Config, device: str, dtype: torch.dtype) -> Plan:
     """CUDA: QLoRA (4-bit NF4 base, k-bit preparation, gradient checkpointing) when asked. CPU: never 4-bit, bf16
-    weights for the frozen base where the CPU has bf16, fp32 otherwise, and LoRA layers with cheap dropout masks and
-    no input up-cast (`desctune.trainops.speed_up_lora`)."""
+    weights for the frozen base where the CPU has bf16, fp32 otherwise, and LoRA layers whose training forward is one
+    fused autograd function with cheap dropout masks (`desctune.trainops.speed_up_lora`)."""
     name = str(dtype).removeprefix("torch.")
     cuda = device == "cuda"
     four_bit = cfg.model.load_in_4bit and cuda

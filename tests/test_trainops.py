@@ -1,11 +1,11 @@
 """The CPU fast path computes what the plain path computes: chunked head loss and gradient, dropout's distribution,
-and a LoRA model whose inputs are no longer up-cast."""
+and LoRA layers that train exactly like PEFT's."""
 
 import pytest
 import torch
 from torch import nn
 
-from desctune.trainops import BitsDropout, HeadCrossEntropy, head_cross_entropy, speed_up_lora
+from desctune.trainops import HeadCrossEntropy, LoraBranch, head_cross_entropy, keep_mask, speed_up_lora
 
 
 def reference(hidden, weight, targets):
@@ -42,40 +42,76 @@ def test_head_loss_uses_the_plain_path_when_the_head_trains_and_needs_no_gradien
     assert head_cross_entropy(hidden[:0], head, targets[:0]) == 0
 
 
-def test_bits_dropout_drops_p_of_the_inputs_keeps_the_mean_and_replays_under_a_seed():
-    x = torch.ones(400, 500, requires_grad=True)
-    drop = BitsDropout(0.1).train()
+def test_keep_mask_keeps_1_minus_p_and_replays_under_a_seed():
     torch.manual_seed(3)
-    y = drop(x)
-    dropped = float((y == 0).float().mean())
-    assert abs(dropped - 0.1) < 0.005
-    assert abs(float(y.detach().mean()) - 1.0) < 0.01
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())
+    keep = keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (400, 500)
+    assert abs(float(keep.float().mean()) - 0.9) < 0.005
     torch.manual_seed(3)
-    assert torch.equal(drop(x), y)
-    assert not torch.equal(drop(x), y)
-    assert drop.eval()(x) is x
-    assert BitsDropout(0.0).train()(x) is x
+    assert torch.equal(keep_mask(keep.shape, 0.1, keep.device), keep)
+    assert not torch.equal(keep_mask(keep.shape, 0.1, keep.device), keep)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        BitsDropout(1.0)
+        keep_mask(keep.shape, 1.0, keep.device)
 
 
-def test_speed_up_lora_swaps_dropouts_and_keeps_the_outputs(tiny_model_dir):
+@pytest.mark.parametrize("masked", [False, True])
+def test_lora_branch_output_and_gradients_equal_the_plain_formula(masked):
+    torch.manual_seed(0)
+    p, scaling = 0.2, 2.0
+    base_out = torch.randn(2, 5, 6, requires_grad=True)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    a, b = torch.randn(3, 8, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    keep = (torch.rand(2, 5, 8) > p) if masked else None
+    scale = 1 / (1 - p) if masked else 1.0
+    want = base_out + ((x * keep * scale) if masked else x) @ a.T @ b.T * scaling
+    want_grads = torch.autograd.grad(want.square().sum(), (base_out, x, a, b))
+    got = LoraBranch.apply(base_out, x, a, b, scaling * scale, keep)
+    got_grads = torch.autograd.grad(got.square().sum(), (base_out, x, a, b))
+    assert torch.allclose(got, want, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def lora_model(model_dir, dropout):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(model, config, autocast_adapter_dtype=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+
+
+def test_fused_lora_layers_train_exactly_like_peft_and_leave_eval_to_it(tiny_model_dir):
     ids = torch.randint(0, 100, (2, 12))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        before = model(input_ids=ids).logits
-    assert speed_up_lora(model) == 2 * model.config.num_hidden_layers
-    kinds = {type(d).__name__ for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()}
-    assert kinds == {"BitsDropout"}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        after = model(input_ids=ids).logits
-    assert torch.equal(before, after)
+    plain, fused = lora_model(tiny_model_dir, 0.0).train(), lora_model(tiny_model_dir, 0.0).train()
+    assert speed_up_lora(fused) == 3 * fused.config.num_hidden_layers
+    seen = []
+    fused.base_model.model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, out: seen.append(type(out.grad_fn).__name__))
+    want_loss, want_grads = loss_and_grads(plain, ids)
+    got_loss, got_grads = loss_and_grads(fused, ids)
+    assert seen == ["LoraBranchBackward"]
+    assert torch.allclose(got_loss, want_loss, atol=1e-6)
+    assert want_grads.keys() == got_grads.keys() and len(got_grads) == 6 * fused.config.num_hidden_layers
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    dropped = lora_model(tiny_model_dir, 0.3)
+    speed_up_lora(dropped)
+    with torch.no_grad():
+        evaluated = dropped.eval()(input_ids=ids).logits
+        assert torch.equal(evaluated, dropped(input_ids=ids).logits)
+        dropped.train()
+        torch.manual_seed(5)
+        first = dropped(input_ids=ids).logits
+        assert not torch.allclose(first, evaluated)
+        torch.manual_seed(5)
+        assert torch.equal(dropped(input_ids=ids).logits, first)
