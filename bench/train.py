@@ -5,7 +5,8 @@ tokenized by the real stage code, max_seq_len 256), batch 8, one pass, each in i
 own). The baseline is what a first attempt looks like: Trainer, fp32, every batch padded to max_seq_len, no length
 grouping, full-vocabulary logits. Both are timed per optimizer step, model loading excluded. Utilisation compares
 the linear-layer FLOPs the work needs (forward + input-gradient through the frozen base for real tokens, the head
-only where a token is supervised, forward + both gradients for LoRA) with a bf16 matmul peak measured in this run.
+only where a token is supervised, forward + both gradients for LoRA) with a bf16 matmul peak measured in this run
+(the best of this model's shapes and a 2048^3 square; on CPUs with AMX the square one is several times the rest).
 
     python -m bench.train [--examples 48]
 """
@@ -127,18 +128,22 @@ def run_baseline(tmp: Path, n: int) -> dict:
             "params": linear_params(model), "dtype": "float32"}
 
 
-def bf16_peak_gflops(seconds: float = 4.0) -> float:
-    """Best bf16 matmul rate over model-like and square shapes, on all threads torch uses."""
-    best = 0.0
-    for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (1024, 576, 49152), (2048, 2048, 2048)):
+MODEL_SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (1024, 576, 49152))  # MLP in/out, vocabulary head
+SQUARE = (2048, 2048, 2048)
+
+
+def bf16_matmul_gflops(seconds: float = 4.0) -> dict[tuple[int, int, int], float]:
+    """bf16 matmul rate of each shape (this model's and a large square one) on all threads torch uses."""
+    rates = {}
+    for m, k, n in (*MODEL_SHAPES, SQUARE):
         a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
         a @ b
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / 4:
             a @ b
             reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-    return best
+        rates[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+    return rates
 
 
 def child(arm: str, n: int) -> None:
@@ -164,19 +169,25 @@ def main() -> None:
     args = parser.parse_args()
     if args.arm:
         return child(args.arm, args.examples)
-    peak = bf16_peak_gflops()
+    rates = bf16_matmul_gflops()
+    peak, model_peak = max(rates.values()), max(rates[shape] for shape in MODEL_SHAPES)
     runs = {arm: measure(arm, args.examples) for arm in ("baseline", "desctune")}
     rate = {arm: r["supervised"] / r["seconds"] for arm, r in runs.items()}
     params = runs["baseline"]["params"]
-    util = {arm: needed_flops(params, r["real"], r["supervised"]) / r["seconds"] / 1e9 / peak for arm, r in runs.items()}
+    achieved = {arm: needed_flops(params, r["real"], r["supervised"]) / r["seconds"] / 1e9 for arm, r in runs.items()}
+    util = {arm: gflops / peak for arm, gflops in achieved.items()}
     for arm, r in runs.items():
         print(f"{arm:9s} {r['steps']} steps of {BATCH} in {r['seconds']:.1f} s ({r['dtype']}): "
               f"{rate[arm]:.0f} supervised tokens/s, {r['real'] / r['seconds']:.0f} real tokens/s, "
               f"{util[arm]:.0%} of the bf16 peak, peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"bf16 matmul peak {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    print(f"bf16 matmul GFLOP/s on {torch.get_num_threads()} threads: "
+          + ", ".join(f"{m}x{k}x{n} {g:.0f}" for (m, k, n), g in rates.items())
+          + f"; desctune's linear layers ran at {achieved['desctune']:.0f} GFLOP/s, {achieved['desctune'] / model_peak:.0%}"
+          f" of the best model-shape rate")
     print(f"ratio={rate['desctune'] / rate['baseline']:.2f} desctune_supervised_tokens_per_s={rate['desctune']:.0f} "
           f"baseline_supervised_tokens_per_s={rate['baseline']:.0f} desctune_peak_util={util['desctune']:.2f} "
           f"baseline_peak_util={util['baseline']:.2f} bf16_peak_gflops={peak:.0f} "
+          f"desctune_model_shape_util={achieved['desctune'] / model_peak:.2f} bf16_model_shape_gflops={model_peak:.0f} "
           f"desctune_peak_rss_mb={runs['desctune']['peak_rss_mb']:.0f} "
           f"baseline_peak_rss_mb={runs['baseline']['peak_rss_mb']:.0f} examples={args.examples}")
 
