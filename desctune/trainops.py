@@ -55,13 +55,15 @@ class HeadCrossEntropy(torch.autograd.Function):
 
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token loss of the rows of `hidden` through `head`; the chunked path when the head is frozen."""
+    """Summed next-token loss of the rows of `hidden` through `head`; the chunked path when the head is frozen, its
+    matmuls in autocast's dtype where autocast is on (as `head(hidden)` would run), the softmax in fp32."""
     weight = getattr(head, "weight", None)
     frozen = isinstance(head, nn.Linear) and head.bias is None and weight is not None and not weight.requires_grad
     if not frozen or hidden.shape[0] == 0:
         return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    chunk = HEAD_CHUNK_ROWS.get(hidden.device.type, 1024)
-    return HeadCrossEntropy.apply(hidden, weight, targets, chunk)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return HeadCrossEntropy.apply(hidden.to(dtype), weight, targets, HEAD_CHUNK_ROWS.get(device, 1024))
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:

@@ -40,6 +40,10 @@ def test_head_loss_uses_the_plain_path_when_the_head_trains_and_needs_no_gradien
         chunked = head_cross_entropy(hidden, head, targets)
     assert torch.allclose(chunked, nn.functional.cross_entropy(head(hidden), targets, reduction="sum"), rtol=1e-5)
     assert head_cross_entropy(hidden[:0], head, targets[:0]) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = head_cross_entropy(hidden.detach().requires_grad_(True), head, targets)
+        plain = nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    assert torch.allclose(autocast, plain, rtol=1e-3)
 
 
 def test_keep_mask_keeps_1_minus_p_and_replays_under_a_seed():
