@@ -3,17 +3,20 @@ Prefect + MLflow setup per test session."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
-from pathlib import Path
-
 import tempfile
+from pathlib import Path
 
 import pytest
 
 # Set before Prefect is imported anywhere: every test session gets its own Prefect home, API database and result
 # storage, the ephemeral API server, quiet logs, no hub access, and MLflow stores under each test's artifacts.
 _HOME = Path(tempfile.mkdtemp(prefix="desctune-prefect-"))
+# Registered before Prefect is imported, so it runs after Prefect's own exit handlers have stopped its server.
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.update(
     {
         "PREFECT_HOME": str(_HOME),
