@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from desctune.config import Config
+from desctune.watchdog import exit_with_worker
 from tasks.clean import clean
 from tasks.evaluate import evaluate_model
 from tasks.ingest import fingerprint, ingest
@@ -20,6 +21,7 @@ def evaluate_champion(
     config: Config = Config(), dataset: str = "../shared/data/amazon_titles_eval.jsonl", alias: str = "champion"
 ) -> dict:
     """Evaluate models:/{registry.model_name}@{alias} against its base on `dataset` (default: the held-out eval set)."""
+    exit_with_worker()
     data = config.data.model_copy(update={"path": dataset})
     raw = ingest(data, config.artifacts_dir, fingerprint(dataset))
     cleaned = clean(raw, data, config.artifacts_dir)

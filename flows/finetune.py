@@ -6,6 +6,7 @@ from prefect import flow
 
 from desctune.config import Config
 from desctune.tracking import tracking_uri
+from desctune.watchdog import exit_with_worker
 from tasks.base_model import base_model
 from tasks.clean import clean
 from tasks.evaluate import evaluate
@@ -24,6 +25,7 @@ def _mark_failed(flow, flow_run, state) -> None:
 @flow(name="finetune", log_prints=True, on_failure=[_mark_failed], on_crashed=[_mark_failed])
 def finetune(config: Config = Config()) -> dict:
     """Fine-tune the base model on product titles -> descriptions and register the adapter in MLflow."""
+    exit_with_worker()
     cfg = config
     run_id = start_tracking(cfg)
     raw = ingest(cfg.data, cfg.artifacts_dir, fingerprint(cfg.data.path))
