@@ -1,8 +1,9 @@
 """`desctune serve` for real on loopback, once on PostgreSQL (fresh databases, dropped after) and once on its SQLite
 defaults: deployments as prefect.yaml says, two identical `finetune` runs triggered at once through the Prefect API,
 the model versions, aliases and Prefect artifacts they leave, a second `serve` refused, Ctrl-C leaving no process.
-On SQLite only (it waits for heartbeats): a run whose worker and process are killed -9 is marked Crashed by the
-automation, serve starts a new worker, and the same parameters again take the cache and resume training."""
+On SQLite only: a run whose worker and process are killed -9 is marked Crashed by the automation (it waits for the
+heartbeats to stop); a run whose worker alone is killed -9 stops itself and reports Crashed at once; each time serve
+starts a new worker, and the same parameters again take the cache and resume training."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -316,21 +318,79 @@ def wait_for_final(api_url: str, flow_run_id, timeout: float):
         time.sleep(1)
 
 
-def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_same_run_again_resumes(
-        served, tiny_model_dir, tmp_path):
+@pytest.fixture
+def sqlite_served(served):
     if served.backend != "sqlite":
-        pytest.skip("one backend is enough: this test waits for the heartbeats to stop")
+        pytest.skip("one backend is enough: killing a run's processes does not depend on the databases")
+    return served
+
+
+@dataclass
+class MidTraining:
+    """A `finetune` run at its first checkpoint, and serve's worker that runs it."""
+
+    parameters: dict
+    run: object
+    first: Path  # the checkpoint
+    tree: list[psutil.Process]  # the run's processes under the worker
+    worker: psutil.Process
+    said_before: int  # how much serve had printed
+
+
+def start_run_to_first_checkpoint(served: Served, tiny_model_dir: Path, tmp_path: Path, model_name: str) -> MidTraining:
+    """A `finetune` run of the tiny model, long enough to be killed mid-training, once it has a checkpoint."""
+    from desctune.serve import WORKER_MIN_UPTIME
+
+    if "starting a new one" in served.new_output():  # serve stops if a restarted worker dies within a minute
+        time.sleep(max(0.0, WORKER_MIN_UPTIME + 2 - (time.time() - served.worker().create_time())))
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
     cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
-                      train={"max_steps": 600, "save_steps": 20}, registry={"model_name": "tiny-crash"})
+                      train={"max_steps": 600, "save_steps": 20}, registry={"model_name": model_name})
     parameters = {"config": json.loads(cfg.model_dump_json())}
-    artifacts = Path(cfg.artifacts_dir)
     run = asyncio.run(create_run(served.api_url, "finetune/finetune", parameters))
-    first = wait_for_checkpoint(served, artifacts, run.id, RUN_TIMEOUT)
-
+    first = wait_for_checkpoint(served, Path(cfg.artifacts_dir), run.id, RUN_TIMEOUT)
     worker = served.worker()
     tree = flow_run_tree(worker, run.id)
     assert tree, "no process of the flow run under the worker"
+    return MidTraining(parameters, run, first, tree, worker, len(served.new_output()))
+
+
+def assert_serve_started_a_new_worker(served: Served, killed: psutil.Process, said_before: int) -> None:
+    said = served.new_output()[said_before:]
+    assert "worker exited with code -9" in said and "starting a new one" in said
+    assert served.worker() is not None and served.worker().pid != killed.pid
+
+
+def assert_the_same_run_again_resumes(served: Served, parameters: dict, first: Path) -> Path:
+    """Trigger `parameters` again: it completes, ingest -> tokenize are Cached and training resumed from a
+    checkpoint after `first`; returns that checkpoint."""
+    [again] = asyncio.run(trigger_and_wait(served.api_url, "finetune/finetune", parameters, 1))
+    assert again.state.name == "Completed", (again.state.message, served.artifacts / "serve-logs" / "worker.log")
+    _, states = asyncio.run(run_details(served.api_url, again.id))
+    assert {k: states[k] for k in ("ingest", "clean", "sample", "tokenize")} == dict.fromkeys(
+        ("ingest", "clean", "sample", "tokenize"), "Cached")
+    assert states["train"] == "Completed"
+    result = json.loads((first.parents[1] / "result.json").read_text())
+    resumed = Path(result["resumed_from"])
+    assert resumed.parent == first.parent and 20 <= int(resumed.name.split("-")[1]) < 600
+    assert result["steps"] == 600 and result["history"][-1]["step"] == 600
+    return resumed
+
+
+async def read_log_messages(api_url: str, flow_run_id) -> list[str]:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with PrefectClient(api_url) as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_same_run_again_resumes(
+        sqlite_served, tiny_model_dir, tmp_path):
+    served = sqlite_served
+    mid = start_run_to_first_checkpoint(served, tiny_model_dir, tmp_path, "tiny-crash")
+    parameters, run, first, tree, worker = mid.parameters, mid.run, mid.first, mid.tree, mid.worker
     assert tree[0].environ()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     for p in [worker, *tree]:  # the worker first, so nothing is left to report the run's end
         p.kill()
@@ -343,21 +403,40 @@ def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_sam
     crashed_after = time.monotonic() - killed_at
     assert crashed.state.name == "Crashed", (crashed.state.name, crashed.state.message)
     assert crashed.state.message.startswith(f"No heartbeat for {CRASH_WINDOW} s: the process running this flow run")
-    said = served.new_output()
-    assert "worker exited with code -9" in said and "starting a new one" in said
-    assert served.worker() is not None and served.worker().pid != worker.pid
-
-    [again] = asyncio.run(trigger_and_wait(served.api_url, "finetune/finetune", parameters, 1))
-    assert again.state.name == "Completed", (again.state.message, served.artifacts / "serve-logs" / "worker.log")
-    _, states = asyncio.run(run_details(served.api_url, again.id))
-    assert {k: states[k] for k in ("ingest", "clean", "sample", "tokenize")} == dict.fromkeys(
-        ("ingest", "clean", "sample", "tokenize"), "Cached")
-    assert states["train"] == "Completed"
-    result = json.loads((first.parents[1] / "result.json").read_text())
-    resumed = Path(result["resumed_from"])
-    assert resumed.parent == first.parent and 20 <= int(resumed.name.split("-")[1]) < 600
-    assert result["steps"] == 600 and result["history"][-1]["step"] == 600
+    assert_serve_started_a_new_worker(served, worker, mid.said_before)
+    resumed = assert_the_same_run_again_resumes(served, parameters, first)
     print(f"crashed {crashed_after:.0f} s after the kill; resumed from {resumed.name}")
+
+
+def test_a_run_whose_worker_alone_is_killed_stops_itself_is_marked_crashed_and_the_same_run_again_resumes(
+        sqlite_served, tiny_model_dir, tmp_path):
+    from desctune.watchdog import message
+
+    served = sqlite_served
+    mid = start_run_to_first_checkpoint(served, tiny_model_dir, tmp_path, "tiny-orphan")
+    parameters, run, first, tree, worker = mid.parameters, mid.run, mid.first, mid.tree, mid.worker
+    assert tree[0].environ()["DESCTUNE_EXIT_WITH_WORKER"] == "1" and tree[0].ppid() == worker.pid
+    worker.kill()
+    killed_at = time.monotonic()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    left = [f"pid {p.pid} {p.status()}" for p in alive]
+    for p in alive:  # serve no longer knows them: leave nothing behind
+        p.kill()
+    assert not left, f"the flow-run process outlived its worker by 30 s: {left}"
+    stopped_after = time.monotonic() - killed_at
+    assert not (first.parents[1] / "adapter").exists(), "training finished before the kill: raise max_steps"
+
+    crashed = wait_for_final(served.api_url, run.id, 10)  # the run reported its own end: no heartbeat window
+    assert crashed.state.name == "Crashed", (crashed.state.name, crashed.state.message)
+    assert message(worker.pid) in asyncio.run(read_log_messages(served.api_url, run.id))
+    mlflow = MlflowClient(served.mlflow_url)
+    experiment = mlflow.get_experiment_by_name(parameters["config"]["registry"]["experiment"])
+    [tracked] = mlflow.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert tracked.info.status == "FAILED"  # the flow's on_crashed hook ran before the process ended
+    assert_serve_started_a_new_worker(served, worker, mid.said_before)
+    resumed = assert_the_same_run_again_resumes(served, parameters, first)
+    print(f"stopped {stopped_after:.1f} s after its worker was killed: {crashed.state.message}; "
+          f"resumed from {resumed.name}")
 
 
 def test_ctrl_c_stops_every_process_it_started(served):
