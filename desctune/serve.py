@@ -24,10 +24,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.deploy import POOL
 from desctune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-POOL = "desctune-local"
 WORKER_MIN_UPTIME = 60  # seconds: a restarted worker that dies sooner would only die again, so serve stops instead
 
 
