@@ -132,16 +132,21 @@ MODEL_SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (1024, 576, 49152))  # MLP
 SQUARE = (2048, 2048, 2048)
 
 
-def bf16_matmul_gflops(seconds: float = 4.0) -> dict[tuple[int, int, int], float]:
-    """bf16 matmul rate of each shape (this model's and a large square one) on all threads torch uses."""
+def bf16_matmul_gflops(shapes=(*MODEL_SHAPES, SQUARE), seconds: float = 4.0, device: str = "cpu"
+                       ) -> dict[tuple[int, int, int], float]:
+    """bf16 matmul rate of each (m, k, n) shape on `device` (on the CPU, all threads torch uses)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rates = {}
-    for m, k, n in (*MODEL_SHAPES, SQUARE):
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
         a @ b
+        sync()
         reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 4:
+        while time.perf_counter() - t0 < seconds / len(shapes):
             a @ b
             reps += 1
+        sync()
         rates[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
     return rates
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train import needed_flops
+from bench.train import bf16_matmul_gflops, needed_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
@@ -51,19 +51,6 @@ def linear_params(shape: dict) -> tuple[int, int]:
     h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i), shape["vocab_size"] * h
-
-
-def matmul_peak_gflops(device: str, n: int, seconds: float = 2.0) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    a @ b
-    sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def sync(device: str) -> None:
@@ -135,7 +122,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     shape = SHAPES[args.shapes]
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    peak = matmul_peak_gflops(args.device, 8192 if args.device == "cuda" else 1024)
+    n = 8192 if args.device == "cuda" else 1024
+    peak = bf16_matmul_gflops([(n, n, n)], seconds=2.0, device=args.device)[(n, n, n)]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-train-gpu-") as tmp:
         torch.manual_seed(0)
