@@ -1,7 +1,7 @@
 """Write a synthetic trn.json in AmazonTitles-1.3MM's real format, for the data-stage benchmark.
 
 Text comes from the shipped real sample (titles and sentences recombined), so entities, stubs and word shapes are
-real. Shape follows the facts in shared/data/README.md: 54% of contents ≥ 100 chars (median ≈ 410, mean ≈ 530
+real. Shape follows the facts in data/README.md: 54% of contents ≥ 100 chars (median ≈ 410, mean ≈ 530
 among them), the rest empty or short; about 18% of non-empty contents carry HTML entities; ~20% of long ones end in a
 "--This text refers to ..." stub; each line has `target_ind`/`target_rel` lists like the real file.
 

@@ -18,7 +18,7 @@ from tasks.register import log_evaluation_run, resolve
 
 @flow(name="evaluate-champion", log_prints=True)
 def evaluate_champion(
-    config: Config = Config(), dataset: str = "../shared/data/amazon_titles_eval.jsonl", alias: str = "champion"
+    config: Config = Config(), dataset: str = "data/amazon_titles_eval.jsonl", alias: str = "champion"
 ) -> dict:
     """Evaluate models:/{registry.model_name}@{alias} against its base on `dataset` (default: the held-out eval set)."""
     exit_with_worker()

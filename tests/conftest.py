@@ -34,7 +34,8 @@ for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+EVAL_DATA = ROOT / "data" / "amazon_titles_eval.jsonl"
+ABT_DATA = ROOT / "data" / "abt_electronics.jsonl"
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

@@ -4,12 +4,10 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, tiny_config
+from conftest import EVAL_DATA, tiny_config
 from desctune.cli import main
 from test_evaluate import save_adapter
 from test_register import register, stages_for
-
-EVAL_DATA = SHARED_DATA / "amazon_titles_eval.jsonl"
 
 
 @pytest.fixture(scope="module")

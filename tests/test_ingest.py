@@ -9,13 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import ABT_DATA
 from desctune.config import DataConfig
 from tasks import ingest as ingest_mod
 from tasks.ingest import DataError, ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
-ABT = ROOT.parent / "shared" / "data" / "abt_electronics.jsonl"
 
 
 def run(tmp_path: Path, payload: bytes, name: str = "in.jsonl", **data) -> tuple[dict, list[dict], list[dict]]:
@@ -127,7 +127,7 @@ def test_max_records_stops_early(tmp_path):
 
 
 def test_configurable_field_names_on_real_other_shop_data(tmp_path):
-    rows = [json.loads(x) for x in ABT.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(x) for x in ABT_DATA.read_text(encoding="utf-8").splitlines()]
     renamed = "\n".join(json.dumps({"id": r["uid"], "name": r["title"], "description": r["content"]}) for r in rows)
     result, records, rejects = run(tmp_path, renamed.encode(), uid_field="id", title_field="name",
                                    content_field="description")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import ABT_DATA
 from desctune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +92,7 @@ def test_cli_process_prints_no_traceback(tmp_path):
 
 
 def test_abt_data_with_renamed_fields_via_config(tmp_path, capsys):
-    abt = ROOT.parent / "shared" / "data" / "abt_electronics.jsonl"
-    rows = [json.loads(x) for x in abt.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(x) for x in ABT_DATA.read_text(encoding="utf-8").splitlines()]
     src = tmp_path / "abt.jsonl"
     src.write_text("\n".join(json.dumps({"sku": r["uid"], "name": r["title"], "desc": r["content"]}) for r in rows))
     cfg = tmp_path / "abt.yaml"

@@ -1,0 +1,69 @@
+"""A clone of the repository stands on its own: no file points outside the checkout, and the tests that read the
+shipped data pass in a copy of the checkout with nothing beside it."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# A path that climbs out of the checkout: a relative path up a level, or a pathlib walk above the repository root.
+LEAVES_CHECKOUT = re.compile(r"\.\./\w|parent ?/ ?[\"']shared[\"']|parents\[[2-9]\]|parent\.parent\.parent")
+DATA_TESTS = ["tests/test_ingest.py", "tests/test_prepare.py", "tests/test_evaluate_cli.py", "tests/test_standalone.py"]
+
+
+def checkout_files() -> list[str]:
+    """What a clone would hold: tracked files and untracked ones git does not ignore, as they are in the work tree."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True).stdout
+    return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+
+
+def test_no_file_points_outside_the_checkout():
+    offenders = []
+    for name in checkout_files():
+        if name.endswith(".jsonl"):
+            continue
+        try:
+            text = (ROOT / name).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        offenders += [f"{name}:{n}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1)
+                      if LEAVES_CHECKOUT.search(line)]
+    assert offenders == []
+
+
+def test_every_default_dataset_is_in_the_repository():
+    from desctune.config import Config
+    from flows.evaluate_champion import evaluate_champion
+
+    default = inspect.signature(evaluate_champion.fn).parameters["dataset"].default
+    for path in (default, Config().data.path):
+        assert not Path(path).is_absolute() and (ROOT / path).is_file(), path
+
+
+@pytest.mark.skipif(os.environ.get("DESCTUNE_IN_CLONE") == "1", reason="already running inside the copy")
+def test_the_data_tests_pass_in_a_copy_with_nothing_beside_it(tmp_path):
+    clone = tmp_path / "alone" / "desctune"
+    for name in checkout_files():
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, clone / name)
+    assert not (tmp_path / "shared").exists()
+    env = {**os.environ, "PYTHONPATH": str(clone), "DESCTUNE_IN_CLONE": "1"}
+    where = subprocess.run([sys.executable, "-c", "import desctune, tasks; print(desctune.__file__, tasks.__file__)"],
+                           cwd=clone, env=env, capture_output=True, text=True, check=True).stdout
+    assert where.count(str(clone)) == 2, where
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                           *DATA_TESTS], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]
