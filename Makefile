@@ -22,7 +22,9 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/desctune run --config $(CONFIG)
 
+# The import contract first (seconds: an upward import fails here), then the suite.
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # Prefect server + worker on the desctune-local pool + MLflow server, deployed; Ctrl-C stops them all.

@@ -1,156 +1,73 @@
-"""desctune demo: the base and the fine-tuned model side by side, from one copy of the base weights.
+"""`desctune demo`: the Streamlit side-by-side app, on 127.0.0.1 unless told otherwise.
 
-Started by `desctune demo`, which passes the config and the starting model reference in the environment.
+    desctune demo [--host 127.0.0.1] [--port 8501] [--model REF] [--config FILE]
+
+REF is `models:/NAME@ALIAS`, `models:/NAME/VERSION` or an adapter folder (default: the configured model @champion).
+The process becomes the Streamlit server (headless, no usage statistics, no browser opened), so stopping it stops
+the app.
 """
 
 from __future__ import annotations
 
-import streamlit as st
+import argparse
+import importlib.util
+import os
+import socket
+import sys
+from pathlib import Path
 
-from app import logic
 from desctune.errors import UserError
-from desctune.modelref import NoRegisteredModel
-from desctune.modelref import resolve as resolve_ref
-from desctune.tracking import client
-from desctune.tracking import tracking_uri as uri_of
 
-st.set_page_config(page_title="desctune demo", layout="wide", initial_sidebar_state="expanded")
+PAGE = Path(__file__).resolve().parent / "demo_page.py"
 
 
-@st.cache_resource(max_entries=1, show_spinner="Loading the base model and the adapter…")
-def load_model(adapter_dir: str, artifacts_dir: str):
-    """One copy of the base weights with the adapter on top, kept across reruns; status measured once."""
-    from desctune.inference import adapter_status, load_adapter_model
-
-    model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir)
-    return model, tokenizer, meta, adapter_status(model)
-
-
-@st.cache_data(ttl=15, show_spinner=False)
-def resolve(ref: str, tracking_uri: str, artifacts_dir: str):
-    return resolve_ref(ref, tracking_uri, artifacts_dir)
+def streamlit_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "streamlit", "run", str(PAGE),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",
+    ]
 
 
-@st.cache_data(show_spinner=False)
-def load_examples(tracking_uri: str, run_id: str | None, artifacts_dir: str):
-    return logic.examples(tracking_uri, run_id, artifacts_dir)
+def check_port(host: str, port: int) -> None:
+    """Fail with one line when the address cannot be bound, before Streamlit prints its own traceback."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port (1-65535)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port or --host") from None
 
 
-def run_data(tracking_uri: str, run_id: str | None):
-    """The MLflow run's metrics and params (empty for an adapter folder that was never registered)."""
-    if run_id is None:
-        return {}, {}
-    data = client(tracking_uri).get_run(run_id).data
-    return data.metrics, data.params
+def main(args: argparse.Namespace) -> int:
+    from desctune.config import load_config
+    from desctune.modelref import parse_ref
+
+    cfg = load_config(args.config, [])
+    if importlib.util.find_spec("streamlit") is None:
+        raise UserError("the demo needs Streamlit: pip install -e '.[demo]'")
+    env = dict(os.environ)
+    if args.config:
+        env["DESCTUNE_DEMO_CONFIG"] = str(Path(args.config).resolve())
+    if args.model:
+        if parse_ref(args.model) is None:
+            if not Path(args.model).is_dir():
+                raise UserError(f"--model {args.model}: no such adapter folder (or use models:/NAME@ALIAS)")
+            args.model = str(Path(args.model).resolve())
+        env["DESCTUNE_DEMO_MODEL"] = args.model
+    check_port(args.host, args.port)
+    print(f"desctune demo: http://{args.host}:{args.port} (model {args.model or cfg.registry.model_name + '@champion'})",
+          flush=True)
+    cmd = streamlit_command(args.host, args.port)
+    os.execve(cmd[0], cmd, env)
 
 
-def pick_example() -> None:
-    st.session_state.title = st.session_state.example
-
-
-st.title("desctune — base vs fine-tuned")
-try:
-    cfg, start_ref = logic.demo_config()
-except UserError as exc:
-    st.error(str(exc))
-    st.stop()
-
-tracking_uri = uri_of(cfg)
-with st.sidebar:
-    st.header("Model")
-    choices = logic.model_choices(tracking_uri, cfg.registry.model_name)
-    options = [start_ref] + [c for c in choices if c != start_ref]
-    chosen = st.selectbox("Registered model", options, key="ref")
-    other = st.text_input("…or another reference or an adapter folder", key="other_ref",
-                          placeholder="models:/NAME/VERSION or path/to/adapter")
-    ref = other.strip() or chosen
-
-try:
-    resolved = resolve(ref, tracking_uri, cfg.artifacts_dir)
-except UserError as exc:
-    if isinstance(exc, NoRegisteredModel):
-        st.error(f"No model is registered yet ({ref}). Run `make run` first, then reload this page.")
-    else:
-        st.error(f"Cannot load {ref}: {exc}")
-    st.stop()
-
-try:
-    model, tokenizer, meta, status = load_model(str(resolved.adapter_dir), cfg.artifacts_dir)
-except UserError as exc:
-    st.error(f"Cannot load {resolved.label}: {exc}")
-    st.stop()
-
-report = load_examples(tracking_uri, resolved.run_id, cfg.artifacts_dir)
-run_metrics, run_params = run_data(tracking_uri, resolved.run_id)
-
-with st.sidebar:
-    st.header("Generation")
-    max_new_tokens = st.slider("Max new tokens", 1, 512, int(run_params.get("eval.max_new_tokens", 128)),
-                               help="defaults to the budget the model was evaluated with")
-    mode = st.radio("Decoding", ["greedy", "sample"], horizontal=True)
-    temperature = st.slider("Temperature", 0.05, 2.0, 0.7, step=0.05, disabled=mode == "greedy")
-    top_p = st.slider("Top-p", 0.05, 1.0, 0.9, step=0.05, disabled=mode == "greedy")
-    settings = logic.Settings(max_new_tokens, mode == "sample", temperature, top_p)
-
-st.markdown(
-    "**Loaded:** "
-    + (resolved.label if resolved.version else f"adapter folder `{resolved.adapter_dir}` (not in the registry)")
-    + (f" · MLflow run `{resolved.run_id}`" if resolved.run_id else "")
-    + f" · base model `{meta['base_model']['name']}`"
-)
-cols = st.columns(4)
-cols[0].metric("Adapter loaded", "yes" if status["loaded"] else "NO")
-cols[1].metric("Adapter active", "yes" if status["active"] else "NO")
-cols[2].metric("LoRA parameters", f"{status['lora_parameters']:,}")
-cols[3].metric("Target modules", len(status["target_modules"]))
-st.caption("Target modules: " + (", ".join(status["target_modules"]) or "none"))
-problems = logic.adapter_problems(status, report)
-for problem in problems:
-    st.error(problem, icon="🚨")
-if not problems:
-    st.success("Adapter loaded, active and non-zero: the fine-tuned column uses it, the base column turns it off.")
-
-if len(report):
-    st.selectbox("Example from the test split", report["title"].tolist(), index=None, key="example",
-                 on_change=pick_example, placeholder="pick a title to try it")
-title = st.text_input("Product title", key="title", placeholder="e.g. Stainless Steel Electric Kettle 1.7 L")
-system_prompt = st.text_area("System prompt", meta["system_prompt"], height=80)
-
-if st.button("Generate", type="primary", disabled=not title.strip()):
-    with st.spinner("Generating with the adapter off, then on…"):
-        st.session_state.outputs = (title, *logic.side_by_side(model, tokenizer, title, system_prompt, settings))
-
-if "outputs" in st.session_state:
-    shown_title, base_out, tuned_out = st.session_state.outputs
-    left, right = st.columns(2)
-    for col, heading, text, key in ((left, "Base model (adapter off)", base_out, "base_output"),
-                                    (right, "Fine-tuned (adapter on)", tuned_out, "finetuned_output")):
-        with col:
-            st.subheader(heading)
-            with st.container(border=True, key=key):
-                st.text(text or "(empty output)")
-    if base_out == tuned_out:
-        st.error("The base and fine-tuned outputs are identical for this title: the adapter had no effect here.",
-                 icon="🚨")
-    match = report[report["title"] == shown_title] if len(report) else report
-    if len(match):
-        with st.expander("Reference description from the test split", expanded=True):
-            st.text(match["reference"].iloc[0])
-
-st.header("Latest evaluation")
-metrics = logic.metrics_frame(resolved.tags, run_metrics)
-if metrics is None:
-    st.info("No evaluation metrics recorded for this model.")
-else:
-    bleu, rouge = st.columns(2)
-    with bleu:
-        st.caption("corpus BLEU (0–100)")
-        st.bar_chart(metrics[["BLEU"]], horizontal=True, height=180)
-    with rouge:
-        st.caption("ROUGE-L F (0–1)")
-        st.bar_chart(metrics[["ROUGE-L"]], horizontal=True, height=180)
-    st.dataframe(metrics.style.format({"BLEU": "{:.2f}", "ROUGE-L": "{:.4f}"}))
-if len(report):
-    with st.expander(f"Test-split examples ({len(report)})"):
-        st.dataframe(report[[c for c in ("title", "reference", "base_output", "finetuned_output") if c in report]],
-                     hide_index=True)
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="Streamlit app: base vs fine-tuned descriptions side by side")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder (default: @champion)")
+    p.add_argument("--config", help="YAML profile: which registry, tracking store and artifacts folder to use")
+    p.set_defaults(func=main)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from desctune.clean import clean_text
 from desctune.config import DEFAULT_SYSTEM_PROMPT, ModelConfig
 from desctune.inference import generate
-from tasks.base_model import load_model, load_tokenizer, provision
-from tasks.clean import clean_text
+from desctune.models import load_model, load_tokenizer, provision
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"

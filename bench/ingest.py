@@ -26,8 +26,8 @@ STAGES = """
 import json, resource, sys, time
 from pathlib import Path
 from desctune.config import DataConfig
-from tasks.ingest import ingest_file
-from tasks.clean import clean_file
+from desctune.ingest import ingest_file
+from desctune.clean import clean_file
 data, out = DataConfig(path=sys.argv[1]), Path(sys.argv[2])
 t = time.perf_counter()
 raw = ingest_file(data, out / "ingest")

@@ -60,7 +60,8 @@ def sync(device: str) -> None:
 
 def run_arm(model_dir: Path, shape: dict, device: str, four_bit: bool, args) -> dict:
     from desctune.config import Config
-    from tasks.train import IGNORE, build_peft_model, collate, plan, supervised_loss
+    from desctune.tokenize import IGNORE
+    from desctune.train import build_peft_model, collate, plan, supervised_loss
 
     cfg = Config.model_validate({
         "model": {"name": str(model_dir), "max_seq_len": args.max_len, "device": device, "dtype": "bf16",

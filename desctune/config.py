@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from desctune.errors import UserError
+from desctune.errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are an e-commerce copywriter. Given a product title, write the product description."
@@ -27,6 +27,10 @@ class Section(BaseModel):
     def digest(self) -> str:
         """A short stable hash of this section, for cache keys and registry tags."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def subset(self, names: tuple[str, ...]) -> dict:
+        """The named fields and their values: the part of a section that one stage's output depends on."""
+        return {k: getattr(self, k) for k in names}
 
 
 class DataConfig(Section):
@@ -112,9 +116,6 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem the user can fix; its message is one plain line."""
 
 
 def _parse_value(raw: str) -> Any:

@@ -1,10 +1,37 @@
-"""The base of every error a user can fix: the CLI prints its message as one line and exits 2."""
+"""Every error a user can fix, in one place: the CLI prints its message as one line and exits 2."""
 
 
 class UserError(Exception):
     """A problem the user can fix; its message is one plain line that says how."""
 
 
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry transient failures, never a mistake the user must fix first."""
-    return not isinstance(state.result(raise_on_failure=False), UserError)
+class ConfigError(UserError, ValueError):
+    """A profile or an override that does not fit the Config model."""
+
+
+class DataError(UserError, ValueError):
+    """Input data the user must fix (missing, empty, not JSON Lines, undecodable, truncated)."""
+
+
+class ModelError(UserError, RuntimeError):
+    """The base model cannot be provided; the message says how to fix it, in one sentence."""
+
+
+class AdapterError(UserError, RuntimeError):
+    """The adapter is missing, empty or not applied; the message says which."""
+
+
+class ModelRefError(UserError):
+    """A model reference names nothing usable; the message says what exists instead."""
+
+
+class NoRegisteredModel(ModelRefError):
+    """The registry has no model of that name yet: nothing has been trained and registered."""
+
+
+class RegistryError(UserError):
+    """A model, version or alias the user named is not in the registry, or a move is impossible."""
+
+
+class ServeError(UserError):
+    """The servers cannot start: a port is taken, another serve runs, a server did not come up."""

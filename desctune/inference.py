@@ -13,12 +13,8 @@ from pathlib import Path
 import torch
 
 from desctune.config import ModelConfig
-from desctune.errors import UserError
-from tasks.tokenize import prompt_ids
-
-
-class AdapterError(UserError, RuntimeError):
-    """The adapter is missing, empty or not applied; the message says which."""
+from desctune.errors import AdapterError
+from desctune.tokenize import prompt_ids
 
 
 def adapter_meta(adapter_dir: str | Path) -> dict:
@@ -32,7 +28,7 @@ def load_adapter_model(adapter_dir: str | Path, artifacts_dir: str | Path = "art
     """(peft model, tokenizer, meta): the adapter's base provisioned by name, the adapter loaded on top, eval mode."""
     from peft import PeftModel
 
-    from tasks.base_model import load_model, load_tokenizer, provision
+    from desctune.models import load_model, load_tokenizer, provision
 
     meta = adapter_meta(adapter_dir)
     cfg = model_cfg or ModelConfig.model_validate(meta["config"]["model"])

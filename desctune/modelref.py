@@ -11,17 +11,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from desctune.errors import UserError
+from desctune.errors import ModelRefError, NoRegisteredModel
 
 REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
 
 
-class ModelRefError(UserError):
-    """The reference names nothing usable; the message says what exists instead."""
-
-
-class NoRegisteredModel(ModelRefError):
-    """The registry has no model of that name yet: nothing has been trained and registered."""
 
 
 @dataclass

@@ -22,22 +22,30 @@ SIGNATURE = ModelSignature(
 )
 
 
+def decoding_settings(model_config: dict | None) -> dict:
+    """The registering run's eval section (the Config model's defaults for anything it does not name)."""
+    from desctune.config import EvalConfig
+
+    return EvalConfig.model_validate((model_config or {}).get("eval", {})).model_dump()
+
+
 class DescTuneModel(mlflow.pyfunc.PythonModel):
-    """Loads the base named in the adapter's desctune.json (provisioned under $DESCTUNE_ARTIFACTS) plus the adapter."""
+    """Loads the base named in the adapter's desctune.json (provisioned under $DESCTUNE_ARTIFACTS) plus the adapter,
+    and decodes with the evaluation settings of the run that registered it (its model_config)."""
 
     def load_context(self, context):
         from desctune.inference import load_adapter_model
 
         artifacts_dir = os.environ.get("DESCTUNE_ARTIFACTS", "artifacts")
         self.model, self.tokenizer, self.meta = load_adapter_model(context.artifacts["adapter"], artifacts_dir)
+        self.settings = decoding_settings(context.model_config)
 
     def predict(self, context, model_input, params=None):
-        from desctune.config import EvalConfig
         from desctune.inference import base_context, generate
 
         params = params or {}
         titles = model_input["title"].astype(str).tolist()
-        settings = EvalConfig().model_dump() | self.meta["config"].get("eval", {})
+        settings = self.settings
         with base_context(self.model) if params.get("base", False) else contextlib.nullcontext():
             return generate(
                 self.model,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from desctune.config import Config
+
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -50,7 +54,30 @@ def experiment_id(cfg: Config) -> str:
         return c.get_experiment_by_name(cfg.registry.experiment).experiment_id
 
 
-def run_url(cfg: Config, run_id: str) -> str:
+def ui_base(cfg: Config) -> str:
+    """The MLflow UI that shows this store: the tracking server itself, else a local `mlflow ui` on its default port."""
     uri = tracking_uri(cfg)
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id(cfg)}/runs/{run_id}"
+    return (uri if uri.startswith("http") else LOCAL_MLFLOW_UI).rstrip("/")
+
+
+def run_url(cfg: Config, run_id: str) -> str:
+    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs/{run_id}"
+
+
+def mlflow_sink(run_id: str | None, uri: str | None) -> tuple[Callable[[dict], None], Callable[[dict, int], None]]:
+    """(log_params, log_metrics) for training: the plan as `train_plan.*` params, then metrics at a step, each one
+    batched call into the MLflow run; both do nothing without a run."""
+    if not (run_id and uri):
+        return (lambda params: None), (lambda metrics, step: None)
+    from mlflow.entities import Metric, Param
+
+    c = client(uri)
+
+    def log_params(params: dict) -> None:
+        c.log_batch(run_id, params=[Param(f"train_plan.{k}", str(v)) for k, v in params.items()])
+
+    def log_metrics(metrics: dict, step: int) -> None:
+        ts = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    return log_params, log_metrics

@@ -9,11 +9,11 @@ from __future__ import annotations
 from prefect import flow
 
 from desctune.config import Config
-from desctune.watchdog import exit_with_worker
 from tasks.clean import clean
 from tasks.evaluate import evaluate_model
 from tasks.ingest import fingerprint, ingest
 from tasks.register import log_evaluation_run, resolve
+from tasks.watchdog import exit_with_worker
 
 
 @flow(name="evaluate-champion", log_prints=True)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from prefect import flow
 
 from desctune.config import Config
+from desctune.lineage import fail_run
 from desctune.tracking import tracking_uri
-from desctune.watchdog import exit_with_worker
 from tasks.base_model import base_model
 from tasks.clean import clean
 from tasks.evaluate import evaluate
 from tasks.ingest import fingerprint, ingest
-from tasks.register import fail_run, register, start_tracking
+from tasks.register import register, start_tracking
 from tasks.sample import sample
 from tasks.tokenize import tokenize
 from tasks.train import train
+from tasks.watchdog import exit_with_worker
 
 
 def _mark_failed(flow, flow_run, state) -> None:

@@ -88,7 +88,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from tasks.base_model import load_tokenizer
+    from desctune.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -96,7 +96,7 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def embedded_base() -> dict:
     """The embedded SmolLM2 checkpoint, converted once into the project's own artifacts/models cache."""
-    from tasks.base_model import provision
+    from desctune.models import provision
 
     return provision("smollm2-135m-instruct", ROOT / "artifacts")
 

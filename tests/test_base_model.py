@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-
 from desctune.config import ModelConfig
-from tasks.base_model import ModelError, compute_dtype, provision
+from desctune.errors import ModelError
+from desctune.models import compute_dtype, provision
 
 
 def test_local_path_is_used_as_is_and_hashed(tiny_model_dir, tmp_path):
@@ -41,7 +41,7 @@ def test_embedded_model_converts_once_and_chats(embedded_base):
     """The real embedded SmolLM2: converted to safetensors with its ChatML template, cached by the GGUF hash."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.base_model import load_tokenizer
+    from desctune.models import load_tokenizer
 
     got = embedded_base
     config = json.loads((Path(got["path"]) / "config.json").read_text())

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from desctune import clean as clean_mod
+from desctune.clean import clean_column, clean_file, clean_text
 from desctune.config import DataConfig
-from tasks import clean as clean_mod
-from tasks.clean import clean_column, clean_file, clean_text
-from tasks.ingest import ingest_file
+from desctune.ingest import ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"

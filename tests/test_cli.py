@@ -5,8 +5,8 @@ import sys
 
 import yaml
 
+from app.cli import main
 from conftest import SAMPLE, head_records, tiny_config
-from desctune.cli import main
 
 
 def write_profile(tmp_path, cfg) -> str:
@@ -26,7 +26,7 @@ def test_run_prints_the_summary(tmp_path, tiny_model_dir, capsys):
 
 
 def desctune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "desctune.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_model_dir):

@@ -1,4 +1,4 @@
-"""The demo app on a real registered tiny model: Streamlit's AppTest drives app/demo.py against a real MLflow registry
+"""The demo app on a real registered tiny model: Streamlit's AppTest drives app/demo_page.py against a real MLflow registry
 filled by a real finetune flow run; the `desctune demo` command's one-line errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import SAMPLE, head_records, tiny_config
 
-APP = str(Path(__file__).resolve().parents[1] / "app" / "demo.py")
+APP = str(Path(__file__).resolve().parents[1] / "app" / "demo_page.py")
 
 
 def registered_model(tmp_path_factory, tiny_model_dir) -> Path:
@@ -135,7 +135,7 @@ def test_all_zero_adapter_is_a_red_error_and_identical_outputs_too(registered, t
     at = app(monkeypatch, cfg_path, str(zero))
     assert not at.exception and not at.success
     assert at.markdown[0].value.startswith(f"**Loaded:** adapter folder `{zero.resolve()}` (not in the registry)")
-    assert [e.value for e in at.error] == ["The adapter's LoRA weights are all zero: it cannot change a single output."]
+    assert [e.value for e in at.error] == ["The adapter's LoRA weights are all zero: training changed nothing, so no output can change."]
     at.text_input(key="title").input("Stainless Steel Electric Kettle 1.7 L").run()
     at.radio[0].set_value("sample").run()
     at.button[0].click().run()
@@ -183,7 +183,7 @@ def test_unusable_model_reference_is_one_red_line(registered, monkeypatch, model
     ],
 )
 def test_demo_command_user_errors_are_one_line(argv, message, capsys):
-    from desctune.cli import main
+    from app.cli import main
 
     assert main(["demo", *argv]) == 2
     err = capsys.readouterr().err
@@ -193,7 +193,7 @@ def test_demo_command_user_errors_are_one_line(argv, message, capsys):
 def test_demo_command_refuses_a_port_in_use(capsys):
     import socket
 
-    from desctune.cli import main
+    from app.cli import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,28 +205,27 @@ def test_demo_command_refuses_a_port_in_use(capsys):
 
 
 def test_adapter_problems_name_each_way_the_finetuned_column_could_be_the_base(registered, tiny_model_dir):
-    from app.logic import adapter_problems
+    from app.demo_logic import adapter_problems
     from desctune.config import ModelConfig
     from desctune.inference import adapter_status, base_context, load_adapter_model
     from desctune.modelref import resolve
+    from desctune.models import load_model
     from desctune.tracking import tracking_uri
-    from tasks.base_model import load_model
 
     _, cfg, _ = registered
     plain = adapter_status(load_model(tiny_model_dir, ModelConfig(name=str(tiny_model_dir))))
     assert adapter_problems(plain) == [
-        "The adapter is NOT loaded: the model has no LoRA layers, so 'fine-tuned' is the base model."
+        "The adapter was not applied: the model has no LoRA layers, so 'fine-tuned' is the base model."
     ]
     adapter = resolve(f"models:/{cfg.registry.model_name}@champion", tracking_uri(cfg), cfg.artifacts_dir).adapter_dir
     model, _, _ = load_adapter_model(adapter, cfg.artifacts_dir)
     with base_context(model):
         assert adapter_problems(adapter_status(model)) == [
-            "The adapter is loaded but not active: generations use the base weights only."
+            "The adapter was not applied: its LoRA layers are disabled, so generations use the base weights."
         ]
     working = adapter_status(model)
     assert adapter_problems(working) == []
     same = pd.DataFrame({"base_output": ["a", "b", "c"], "finetuned_output": ["a", "b", "c"]})
     assert adapter_problems(working, same) == [
-        "In this model's evaluation the fine-tuned output equals the base output on 100% of test examples: "
-        "the adapter has no effect."
+        "The fine-tuned outputs equal the base outputs on 100% of examples (limit 90%): the adapter has no effect."
     ]

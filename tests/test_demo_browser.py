@@ -13,9 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_demo import registered_model
 
 from conftest import free_port
-from test_demo import registered_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def demo_server(tmp_path_factory, tiny_model_dir, tmp_path):
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "desctune.cli", "demo", "--config", str(config), "--port", str(port)],
+            [sys.executable, "-m", "app.cli", "demo", "--config", str(config), "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "HOME": str(tmp_path)},
         )
     try:

@@ -9,8 +9,9 @@ import torch
 
 from conftest import SAMPLE, head_records
 from desctune.config import Config, DataConfig, EvalConfig, ModelConfig
-from desctune.inference import AdapterError, adapter_status, base_context, generate
-from tasks.evaluate import evaluate_adapter, evaluate_file, guard, score
+from desctune.errors import AdapterError
+from desctune.evaluate import evaluate_adapter, evaluate_file, guard_adapter, score
+from desctune.inference import adapter_status, base_context, generate
 
 SYSTEM_PROMPT = "Describe the product."
 
@@ -29,7 +30,7 @@ def test_scores_reward_the_reference_and_count_better_worse():
 def peft_tiny(tiny_model_dir, init_nonzero: bool, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
-    from tasks.base_model import load_model
+    from desctune.models import load_model
 
     model = get_peft_model(load_model(tiny_model_dir, ModelConfig(name=str(tiny_model_dir))),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -43,7 +44,7 @@ def peft_tiny(tiny_model_dir, init_nonzero: bool, seed: int = 0):
 
 def save_adapter(tiny_model_dir, out: Path, init_nonzero: bool = True, seed: int = 0) -> Path:
     """A real adapter folder as training leaves it: PEFT safetensors, tokenizer and desctune.json."""
-    from tasks.base_model import load_tokenizer, provision
+    from desctune.models import load_tokenizer, provision
 
     peft_tiny(tiny_model_dir, init_nonzero, seed).save_pretrained(out)
     load_tokenizer(tiny_model_dir).save_pretrained(out)
@@ -59,11 +60,11 @@ def test_guard_rejects_zero_adapter_and_identical_outputs(tiny_model_dir):
     zero = adapter_status(peft_tiny(tiny_model_dir, init_nonzero=False))
     assert zero["loaded"] and zero["lora_parameters"] > 0 and not zero["nonzero"]
     with pytest.raises(AdapterError, match="all zero"):
-        guard(zero, {"identical_outputs": 0.0})
+        guard_adapter(zero, 0.0)
     trained = adapter_status(peft_tiny(tiny_model_dir, init_nonzero=True))
     with pytest.raises(AdapterError, match="equal the base outputs on 95%"):
-        guard(trained, {"identical_outputs": 0.95})
-    guard(trained, {"identical_outputs": 0.5})
+        guard_adapter(trained, 0.95)
+    guard_adapter(trained, 0.5)
 
 
 def test_batched_generation_matches_one_at_a_time_and_adapter_toggle_changes_output(tiny_model_dir, tiny_tokenizer):
@@ -114,4 +115,4 @@ def test_guard_rejects_a_disabled_adapter(tiny_model_dir):
         status = adapter_status(model)
     assert status["loaded"] and not status["active"]
     with pytest.raises(AdapterError, match="not applied"):
-        guard(status, {"identical_outputs": 0.0})
+        guard_adapter(status, 0.0)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from app.cli import main
 from conftest import EVAL_DATA, tiny_config
-from desctune.cli import main
 from test_evaluate import save_adapter
 from test_register import register, stages_for
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from app.cli import main
 from conftest import ABT_DATA
-from desctune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
@@ -83,7 +83,7 @@ def test_unusable_input_exits_2_with_one_line(tmp_path, capsys, payload, name, m
 def test_cli_process_prints_no_traceback(tmp_path):
     """The installed entry point: a bad file gives exit 2 and exactly one stderr line, before Prefect starts."""
     proc = subprocess.run(
-        [sys.executable, "-m", "desctune.cli", "prepare", "--data", str(tmp_path / "nope.json"), "--out",
+        [sys.executable, "-m", "app.cli", "prepare", "--data", str(tmp_path / "nope.json"), "--out",
          str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=120,
     )

@@ -5,11 +5,12 @@ import mlflow
 import pandas as pd
 import pytest
 
+from app.cli import main
 from conftest import SAMPLE, head_records, tiny_config
-from desctune.cli import main
 from desctune.files import dir_sha256
+from desctune.lineage import start_run
+from desctune.registry import register_model, should_promote
 from desctune.tracking import client, tracking_uri
-from tasks.register import register_model, should_promote, start_run
 from test_evaluate import save_adapter
 
 

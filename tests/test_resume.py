@@ -8,19 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from conftest import SAMPLE, tiny_config
 from desctune.files import write_parquet
-from tasks.base_model import provision
-from tasks.tokenize import tokenize_frame
-from tasks.train import latest_checkpoint, train_adapter
-
-import pandas as pd
+from desctune.models import provision
+from desctune.tokenize import tokenize_frame
+from desctune.train import latest_checkpoint, train_adapter
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
 from desctune.config import Config
-from tasks.train import train_adapter
+from desctune.train import train_adapter
 
 args = json.loads(sys.argv[1])
 

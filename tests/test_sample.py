@@ -3,7 +3,7 @@
 import pandas as pd
 
 from desctune.config import DataConfig
-from tasks.sample import split_frame
+from desctune.sample import split_frame
 
 
 def frame(n: int) -> pd.DataFrame:

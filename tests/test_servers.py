@@ -68,7 +68,7 @@ class Served:
         self.api_url = f"http://127.0.0.1:{self.prefect_port}/api"
         self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
         self.env = env
-        self.argv = [sys.executable, "-m", "desctune.cli", "serve", "--prefect-port", str(self.prefect_port),
+        self.argv = [sys.executable, "-m", "app.cli", "serve", "--prefect-port", str(self.prefect_port),
                      "--mlflow-port", str(self.mlflow_port), "--artifacts-dir", str(self.artifacts)]
         self.proc = subprocess.Popen(self.argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -339,7 +339,7 @@ class MidTraining:
 
 def start_run_to_first_checkpoint(served: Served, tiny_model_dir: Path, tmp_path: Path, model_name: str) -> MidTraining:
     """A `finetune` run of the tiny model, long enough to be killed mid-training, once it has a checkpoint."""
-    from desctune.serve import WORKER_MIN_UPTIME
+    from app.serve import WORKER_MIN_UPTIME
 
     if "starting a new one" in served.new_output():  # serve stops if a restarted worker dies within a minute
         time.sleep(max(0.0, WORKER_MIN_UPTIME + 2 - (time.time() - served.worker().create_time())))
@@ -410,7 +410,7 @@ def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_sam
 
 def test_a_run_whose_worker_alone_is_killed_stops_itself_is_marked_crashed_and_the_same_run_again_resumes(
         sqlite_served, tiny_model_dir, tmp_path):
-    from desctune.watchdog import message
+    from tasks.watchdog import message
 
     served = sqlite_served
     mid = start_run_to_first_checkpoint(served, tiny_model_dir, tmp_path, "tiny-orphan")
@@ -487,7 +487,7 @@ def test_a_run_that_waited_for_the_same_stage_reuses_the_holders_result(tmp_path
 
 
 def test_serve_starts_a_dead_worker_again_but_stops_on_one_that_keeps_dying(tmp_path):
-    from desctune.serve import Processes, ServeError
+    from app.serve import Processes, ServeError
 
     procs = Processes(tmp_path / "logs")
     argv, env = [sys.executable, "-c", "print('polled once, then gone')"], dict(os.environ)

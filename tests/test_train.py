@@ -12,10 +12,17 @@ from conftest import SAMPLE, tiny_config
 from desctune.config import load_config
 from desctune.files import write_parquet
 from desctune.inference import base_context, generate, load_adapter_model
-from tasks.base_model import load_tokenizer, provision
-from tasks.tokenize import IGNORE, encode_example, tokenize_frame
-from tasks.train import (
-    collate, length_grouped_batches, micro_batches, plan, supervised_loss, total_steps, train_adapter,
+from desctune.models import load_tokenizer, provision
+from desctune.tokenize import IGNORE, encode_example, tokenize_frame
+from desctune.tracking import mlflow_sink
+from desctune.train import (
+    collate,
+    length_grouped_batches,
+    micro_batches,
+    plan,
+    supervised_loss,
+    total_steps,
+    train_adapter,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +141,9 @@ def test_streams_loss_lr_speed_and_memory_to_mlflow(tmp_path, tiny_model_dir, ti
     cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 6, "logging_steps": 2, "save_steps": 100})
     df = records(12)
     tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:8], df.iloc[8:])
-    result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out", run_id, uri)
+    log_params, log_metrics = mlflow_sink(run_id, uri)
+    result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out",
+                           log_params=log_params, log_metrics=log_metrics)
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 4, 6]
     for name in ("train_learning_rate", "train_tokens_per_s", "train_supervised_tokens_per_s"):
         assert len(client.get_metric_history(run_id, name)) == 4

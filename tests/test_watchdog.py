@@ -13,12 +13,12 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from desctune.watchdog import exit_with_worker, message
+from tasks.watchdog import exit_with_worker, message
 
 CHILD = textwrap.dedent("""
     import logging, os, signal, sys, time
     from pathlib import Path
-    from desctune.watchdog import stop, watch
+    from tasks.watchdog import stop, watch
 
     out, interval, grace, on_term = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     def terminated(signum, frame):

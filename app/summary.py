@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from desctune.tracking import LOCAL_MLFLOW_UI
+
 
 def prefect_ui_hint(flow_run_id: str) -> str:
     """The served UI's link to this flow run, or how to start a UI on the local database that recorded it."""
     from prefect.settings import PREFECT_UI_URL
 
+    from tasks.stage import LOCAL_PREFECT_UI
+
     ui = PREFECT_UI_URL.value()
     if ui:
         return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
-    return f".venv/bin/prefect server start   then http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
+    return f".venv/bin/prefect server start   then {LOCAL_PREFECT_UI}/runs/flow-run/{flow_run_id}"
 
 
 def summary_text(result: dict, flow_run_id: str) -> str:
@@ -19,7 +23,8 @@ def summary_text(result: dict, flow_run_id: str) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(cln.get("by_reason", {}).items())) or "none"
     uri = reg["tracking_uri"]
     mlflow_ui = reg["run_url"] if uri.startswith("http") else (
-        f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   then {reg['run_url']}"
+        f".venv/bin/mlflow ui --backend-store-uri {uri} --port {LOCAL_MLFLOW_UI.rsplit(':', 1)[1]}"
+        f"   then {reg['run_url']}"
     )
     lines = [
         "",

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.deploy import POOL
-from desctune.errors import UserError
+from desctune.errors import ServeError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_MIN_UPTIME = 60  # seconds: a restarted worker that dies sooner would only die again, so serve stops instead
 
 
 @dataclass(frozen=True)
-class Plan:
+class ServePlan:
     """Where everything listens and stores; built from the command line and the environment."""
 
     host: str
@@ -56,9 +56,9 @@ class Plan:
         return f"http://{self.host}:{self.mlflow_port}"
 
 
-def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | Path, env: dict) -> Plan:
+def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | Path, env: dict) -> ServePlan:
     art = Path(artifacts).resolve()
-    return Plan(
+    return ServePlan(
         host=host,
         prefect_port=prefect_port,
         mlflow_port=mlflow_port,
@@ -79,7 +79,7 @@ def hide_password(url: str) -> str:
         return url.split("@")[-1]
 
 
-def commands(plan: Plan, env: dict) -> dict[str, tuple[list[str], dict]]:
+def commands(plan: ServePlan, env: dict) -> dict[str, tuple[list[str], dict]]:
     """The three long-running processes, each with its own environment."""
     py = sys.executable
     client_env = {**env, "PREFECT_API_URL": plan.api_url, "MLFLOW_TRACKING_URI": plan.mlflow_url}
@@ -106,9 +106,6 @@ def port_in_use(host: str, port: int) -> bool:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
 
-
-class ServeError(UserError):
-    """A problem `serve` reports in one line."""
 
 
 class Processes:
@@ -221,7 +218,7 @@ def wait_until(ready, what: str, procs: Processes, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def banner(plan: Plan, deployed: list[str]) -> str:
+def banner(plan: ServePlan, deployed: list[str]) -> str:
     prefect_db = hide_password(plan.prefect_db) if plan.prefect_db else "SQLite under PREFECT_HOME"
     lines = [
         "desctune serve: ready",
@@ -248,7 +245,7 @@ def already_running(state: Path) -> str:
         return f"serve is already running for {state.parent} (lock {state.with_suffix('.lock')} is held)"
 
 
-def serve(plan: Plan, env: dict, timeout: float) -> int:
+def serve(plan: ServePlan, env: dict, timeout: float) -> int:
     """Start everything, deploy, print the URLs, then wait for Ctrl-C or a child's exit."""
     from filelock import FileLock, Timeout
 
@@ -313,7 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(plan, dict(os.environ), args.timeout)
 
 
-def add_serve(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="Prefect server + worker + MLflow server, deployed; Ctrl-C stops them")
     p.add_argument("--host", default="127.0.0.1", help="interface both servers bind (default: 127.0.0.1)")
     p.add_argument("--prefect-port", type=int, default=4200)

@@ -1,5 +1,5 @@
 """The demo's logic without Streamlit: which models there are, their evaluation report and metrics, the adapter
-checks, and one side-by-side generation. `app/demo.py` only lays these out."""
+checks, and one side-by-side generation. `app/demo_page.py` only lays these out."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pandas as pd
 from desctune.config import Config, EvalConfig, load_config
 
 CONFIG_ENV, MODEL_ENV = "DESCTUNE_DEMO_CONFIG", "DESCTUNE_DEMO_MODEL"
-IDENTICAL_LIMIT = 0.9
 GENERATING = threading.Lock()
 
 
@@ -112,22 +111,14 @@ def metrics_frame(tags: dict, run_metrics: dict | None = None) -> pd.DataFrame |
 
 
 def adapter_problems(status: dict, report: pd.DataFrame | None = None) -> list[str]:
-    """Everything that makes the fine-tuned column no different from the base; empty when the adapter works."""
-    problems = []
-    if not status["loaded"]:
-        problems.append("The adapter is NOT loaded: the model has no LoRA layers, so 'fine-tuned' is the base model.")
-    elif not status["nonzero"]:
-        problems.append("The adapter's LoRA weights are all zero: it cannot change a single output.")
-    elif not status["active"]:
-        problems.append("The adapter is loaded but not active: generations use the base weights only.")
+    """Everything that makes the fine-tuned column no different from the base (the evaluation guard's own checks,
+    as sentences); empty when the adapter works."""
+    from desctune.evaluate import adapter_problems as problems_of
+
+    same = None
     if report is not None and len(report) and {"base_output", "finetuned_output"} <= set(report.columns):
         same = float((report["base_output"] == report["finetuned_output"]).mean())
-        if same >= IDENTICAL_LIMIT:
-            problems.append(
-                f"In this model's evaluation the fine-tuned output equals the base output on {same:.0%} of "
-                "test examples: the adapter has no effect."
-            )
-    return problems
+    return [f"{p[0].upper()}{p[1:]}." for p in problems_of(status, same)]
 
 
 def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Settings) -> tuple[str, str]:

@@ -44,10 +44,11 @@ def metrics_json(metrics: dict) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from desctune.files import atomic_path, file_sha256, stage_dir
-    from tasks.evaluate import IDENTICAL_LIMIT, evaluate_file
-    from tasks.ingest import DataError
-    from tasks.register import resolve_model
+    from desctune.errors import DataError
+    from desctune.evaluate import IDENTICAL_LIMIT, evaluate_file
+    from desctune.files import atomic_path, file_sha256
+    from desctune.registry import resolve_model
+    from desctune.stages import stage_folder
 
     cfg = _config(args)
     if not Path(args.data).is_file():
@@ -55,8 +56,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = resolve_model(cfg, args.model)
     data = cfg.data.model_copy(update={"path": str(args.data)})
     eval_cfg = cfg.eval.model_copy(update={"limit": args.limit})
-    out_dir = stage_dir(cfg.artifacts_dir, "evaluate-cli", model["adapter_sha256"], file_sha256(args.data),
-                        data.digest(), eval_cfg.digest())
+    out_dir = stage_folder(cfg.artifacts_dir, "evaluate-cli", model["adapter_sha256"], file_sha256(args.data), data,
+                           eval_cfg)
     result = evaluate_file(model["adapter_path"], data, eval_cfg, cfg.artifacts_dir, out_dir)
     print(comparison_table(model["label"], args.data, result["metrics"]))
     print(f"per-example table {result['eval_path']}, chart {result['plot_path']}")
@@ -71,8 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from desctune.registry import CHAMPION, current_user, get_alias, get_version, set_champion
     from desctune.tracking import client
-    from tasks.register import CHAMPION, current_user, get_alias, get_version, set_champion
 
     cfg = _config(args)
     c = client(cfg)
@@ -89,8 +90,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from desctune.registry import current_user, rollback_champion
     from desctune.tracking import client
-    from tasks.register import current_user, rollback_champion
 
     cfg = _config(args)
     who = current_user()
@@ -104,7 +105,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field")
 
 
-def add_registry(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="score a registered model or adapter against its base on a data file")
     p.add_argument("--model", required=True, metavar="REF", help="models:/NAME@ALIAS, models:/NAME/VERSION or DIR")
     p.add_argument("--data", required=True, metavar="PATH", help="trn.json-style JSON Lines file (.gz ok)")

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from desctune.errors import DataError
+
 
 def _publish(src: str, dest: Path) -> None:
     """Put a stage output at `dest` (hard link when possible, else a copy), replacing it atomically."""
@@ -35,15 +37,13 @@ def summary(raw: dict, cleaned: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from desctune.cli import prefect_env, quiet_user_errors
+    from app.runtime import prefect_env, quiet_user_errors
     from desctune.config import load_config
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     cfg = load_config(args.config, [])
     data = cfg.data.model_copy(update={"path": str(args.data), "filters": cfg.data.filters and not args.no_filters})
-    from tasks.ingest import DataError
-
     if not Path(data.path).is_file():
         raise DataError(f"input file not found: {data.path}")
     out = Path(args.out).resolve()

@@ -1,0 +1,45 @@
+"""`desctune run`: the finetune flow on a profile, then the run summary.
+
+    desctune run [--config FILE] [--set SECTION.KEY=VALUE ...] [--refresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from desctune.errors import DataError
+
+
+def preflight(cfg) -> None:
+    """Catch the commonest mistakes before any server or model starts."""
+    data = Path(cfg.data.path)
+    if not data.is_file():
+        raise DataError(f"data.path {data} does not exist: point it at a trn.json / .jsonl(.gz) file")
+
+
+def main(args: argparse.Namespace) -> int:
+    from app.runtime import prefect_env, quiet_user_errors
+    from app.summary import summary_text
+    from desctune.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    preflight(cfg)
+    prefect_env(cfg.artifacts_dir)
+    if args.refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from flows.finetune import finetune
+
+    quiet_user_errors()
+    state = finetune(config=cfg, return_state=True)
+    print(summary_text(state.result(), str(state.state_details.flow_run_id)))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the finetune flow (ingest -> ... -> register)")
+    p.add_argument("--config", help="YAML profile (default: the built-in CPU defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field")
+    p.add_argument("--refresh", action="store_true", help="recompute every stage instead of reusing cached ones")
+    p.set_defaults(func=main)

@@ -1,0 +1,63 @@
+"""What the commands share: where Prefect keeps its cached results, and keeping user errors to one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from desctune.errors import UserError
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user."""
+    return (UserError, FileNotFoundError)
+
+
+def user_error_names() -> set[str]:
+    """Class names of every user error, as Prefect writes them into its log lines ("DataError: ...")."""
+    names, todo = {"FileNotFoundError"}, [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Prefect re-raises task failures; find the user error inside, if there is one."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, user_errors()):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def prefect_env(artifacts_dir: str) -> None:
+    """Keep Prefect's cached task results next to the artifacts they describe, so deleting one deletes both."""
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(artifacts_dir).resolve() / "prefect-results"))
+
+
+class HideUserErrors(logging.Filter):
+    """Drop Prefect's log records about a user-fixable error (tracebacks included): the CLI prints it as one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = user_error_names()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(unwrap(exc), user_errors()):
+            return False
+        message = record.getMessage()
+        return not any(f"{name}(" in message or f"{name}:" in message for name in self.names)
+
+
+def quiet_user_errors() -> None:
+    """Attach HideUserErrors to every handler Prefect has set up."""
+    hide = HideUserErrors()
+    for name in ["", *logging.Logger.manager.loggerDict]:
+        for handler in getattr(logging.getLogger(name), "handlers", []):
+            if not any(isinstance(f, HideUserErrors) for f in handler.filters):
+                handler.addFilter(hide)

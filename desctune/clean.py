@@ -1,0 +1,272 @@
+"""Clean: normalise titles and contents, drop unusable and duplicate records, quarantine every dropped one.
+
+`clean_text` is the reference cleaner for one string: HTML entities (named, numeric, hex, double-escaped), tags and
+<br>, mojibake (ftfy), NFC, control and zero-width characters, boilerplate stubs, whitespace runs. `clean_column`
+gives the same result for a whole Arrow column: rows that are plain ASCII with no '&', '<' or control character
+(most of trn.json) are cleaned with vectorised RE2 regexes, and only the rest go through `clean_text` in Python.
+`clean_file` streams raw.parquet in batches, so memory stays bounded by a batch plus the sets used to find duplicates.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import unicodedata
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import ftfy
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from desctune.config import DataConfig
+from desctune.files import atomic_path, file_sha256
+from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA
+
+log = logging.getLogger(__name__)
+
+CLEAN_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
+BATCH_ROWS = 131_072
+PARQUET = {"compression": "zstd"}
+
+ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
+TAG = r"</?[A-Za-z][^<>]{0,1000}>"
+# Python's str.split() whitespace, spelled out so Python's re and pyarrow's RE2 agree on it.
+_WS_CODES = [(0x09, 0x0D), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+             (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]
+_WS_RE2 = "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in _WS_CODES) + "]"
+_WS_NOT_SPACE_RE2 = _WS_RE2.replace("\\x{1c}-\\x{20}", "\\x{1c}-\\x{1f}")
+_WS_PY = "[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _WS_CODES) + "]"
+STUB = r"-*{ws}*This text refers to (?:an?|the)[^.]{{0,80}}?edition(?: of this title)?\."
+STUB_MARK = "This text refers"
+_STUB_RE = re.compile(STUB.format(ws=_WS_PY))
+_STUB_RE2 = STUB.format(ws=_WS_RE2)
+_WS_RUN_RE2 = f"{_WS_RE2}{{2,}}|{_WS_NOT_SPACE_RE2}"
+_ENTITY_RE, _TAG_RE = re.compile(ENTITY), re.compile(TAG)
+# Control and invisible format characters, deleted (tab, newline and the like are whitespace, handled later).
+_CONTROL = "[\\x00-\\x08\\x0e-\\x1b\\x7f-\\x84\\x86-\\x9f\\xad\\x{200b}-\\x{200d}\\x{2060}\\x{206a}-\\x{206f}\\x{feff}\\x{fff9}-\\x{fffc}]"
+_CONTROL_RE = re.compile(_CONTROL.replace("\\x{", "\\u").replace("}", "").replace("\\u200b", "\\u200b"))
+_CP1252_HIGH = bytes(range(0x80, 0xA0)).decode("cp1252", "ignore")
+# UTF-8 read as Latin-1/cp1252: a lead byte followed by a continuation byte, plus stray C1 controls.
+_MOJIBAKE = f"[\xc2-\xf4][\x80-\xbf{_CP1252_HIGH}]|[\x80-\x9f]"
+_MOJIBAKE_RE = re.compile(_MOJIBAKE)
+# ASCII rows that clean_text would change: markup, controls, a stub, whitespace other than single inner spaces.
+_SPECIAL_RE2 = f"[&<]|{_CONTROL}|{STUB_MARK}|[\\t\\n\\x0b\\f\\r\\x1c-\\x1f]|  |^ | $"
+_FTFY = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, explain=False)
+
+# The data settings that change what clean writes.
+CLEAN_FIELDS = ("filters", "min_title_chars", "min_content_chars", "strip_stubs")
+
+REASONS = {
+    "empty_title": "the title is empty after cleaning",
+    "empty_content": "the content is empty after cleaning (for example only a boilerplate stub)",
+    "title_too_short": "the title is shorter than data.min_title_chars (length filter)",
+    "content_too_short": "the content is shorter than data.min_content_chars (length filter)",
+    "duplicate_uid": "an earlier record has the same uid",
+    "duplicate_record": "an earlier record has the same title and content",
+}
+
+
+def _markup(s: str) -> str:
+    """Entities (repeatedly, for double-escaped text: '&amp;#8217;' -> '&#8217;' -> '’'), then tags."""
+    for _ in range(3):
+        if "&" not in s:
+            break
+        decoded = html.unescape(s)
+        if decoded == s:
+            break
+        s = decoded
+    return _TAG_RE.sub(" ", s) if "<" in s else s
+
+
+def _mojibake(s: str) -> str:
+    return ftfy.fix_text(s, _FTFY)
+
+
+def clean_text(s: str, strip_stubs: bool = True) -> str:
+    """The cleaned form of one title or content string (the reference for `clean_column`)."""
+    s = _markup(s)
+    if not s.isascii():
+        if _MOJIBAKE_RE.search(s):
+            s = _mojibake(s)
+        s = unicodedata.normalize("NFC", _CONTROL_RE.sub("", s))
+    else:
+        s = _CONTROL_RE.sub("", s)
+    if strip_stubs and STUB_MARK in s:
+        s = _STUB_RE.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _apply(arr: pa.Array, mask: pa.Array, fn) -> pa.Array:
+    """Replace the masked rows of `arr` with fn(those rows); fn takes and returns an Arrow array."""
+    if not pc.any(mask).as_py():
+        return arr
+    return pc.replace_with_mask(arr, mask, fn(pc.filter(arr, mask)))
+
+
+def _strings(a: pa.Array):
+    """Python strings of an Arrow array (to_numpy is several times faster than to_pylist here)."""
+    return a.to_numpy(zero_copy_only=False)
+
+
+def _py(fn):
+    return lambda a: pa.array([fn(s) for s in _strings(a)], pa.string())
+
+
+def _nfc(s: str) -> str:
+    return unicodedata.normalize("NFC", s)
+
+
+def _clean_special(arr: pa.Array, strip_stubs: bool) -> pa.Array:
+    arr = _apply(arr, pc.match_substring_regex(arr, "[&<]"), _py(_markup))
+    non_ascii = pc.invert(pc.string_is_ascii(arr))
+    if pc.any(non_ascii).as_py():
+        arr = _apply(arr, pc.match_substring_regex(arr, _MOJIBAKE), _py(_mojibake))
+    arr = _apply(arr, pc.match_substring_regex(arr, _CONTROL), lambda a: pc.replace_substring_regex(a, _CONTROL, ""))
+    arr = _apply(arr, non_ascii, _py(_nfc))
+    if strip_stubs:
+        arr = _apply(arr, pc.match_substring(arr, STUB_MARK), lambda a: pc.replace_substring_regex(a, _STUB_RE2, " "))
+    arr = pc.replace_substring_regex(arr, _WS_RUN_RE2, " ")
+    return pc.ascii_trim(arr, " ")
+
+
+def clean_column(arr: pa.Array, strip_stubs: bool = True) -> pa.Array:
+    """`clean_text` for every string of an Arrow array: RE2 kernels, with Python only for entities, tags, mojibake.
+
+    One RE2 pass finds the rows `clean_text` would change at all (ASCII rows with no markup, control character,
+    stub, whitespace run or edge whitespace stay as they are); only those go through the cleaning passes.
+    """
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if len(arr) == 0:
+        return arr
+    special = pc.or_(pc.invert(pc.string_is_ascii(arr)), pc.match_substring_regex(arr, _SPECIAL_RE2))
+    return _apply(arr, special, lambda a: _clean_special(a, strip_stubs))
+
+
+def _excerpt(title: pa.Array, content: pa.Array) -> pa.Array:
+    joined = pc.binary_join_element_wise(title, content, " | ")
+    return pc.utf8_slice_codeunits(joined, 0, EXCERPT_CHARS)
+
+
+class _Dedup:
+    """First occurrence wins; later ones are duplicates by uid, else by (title, content)."""
+
+    def __init__(self) -> None:
+        self.uids: set[str] = set()
+        self.pairs: set[int] = set()
+
+    def reasons(self, uid: pa.Array, title: pa.Array, content: pa.Array) -> list[str | None]:
+        out: list[str | None] = []
+        for u, t, c in zip(_strings(uid), _strings(title), _strings(content)):
+            key = (hash(t) & 0xFFFFFFFFFFFFFFFF) << 64 | (hash(c) & 0xFFFFFFFFFFFFFFFF)
+            if u in self.uids:
+                out.append("duplicate_uid")
+            elif key in self.pairs:
+                out.append("duplicate_record")
+            else:
+                out.append(None)
+                self.uids.add(u)
+                self.pairs.add(key)
+        return out
+
+
+def _clean_batch(batch: pa.RecordBatch, data: DataConfig) -> tuple[pa.RecordBatch, pa.Array, pa.Array, pa.Array]:
+    """Clean one raw batch and name the filter each failing row breaks (null: passes). Safe to run in threads."""
+    title = clean_column(batch.column("title"), data.strip_stubs)
+    content = clean_column(batch.column("content"), data.strip_stubs)
+    tlen, clen = pc.utf8_length(title), pc.utf8_length(content)
+    reason = pa.nulls(len(batch), pa.string())
+    checks = [(pc.equal(tlen, 0), "empty_title"), (pc.equal(clen, 0), "empty_content")]
+    if data.filters:
+        checks += [
+            (pc.less(tlen, data.min_title_chars), "title_too_short"),
+            (pc.less(clen, data.min_content_chars), "content_too_short"),
+        ]
+    for mask, name in checks:
+        reason = pc.if_else(pc.and_(pc.is_null(reason), mask), name, reason)
+    return batch, title, content, reason
+
+
+def _split_batch(cleaned, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
+    """Records kept and rejects of one cleaned batch; runs in file order so the first of duplicates is kept."""
+    batch, title, content, reason = cleaned
+    ok = pc.is_null(reason)
+    ok_idx = pc.indices_nonzero(ok)
+    uid = batch.column("uid")
+    dup = dedup.reasons(uid.take(ok_idx), title.take(ok_idx), content.take(ok_idx))
+    if any(dup):
+        reason = pc.replace_with_mask(reason, ok, pa.array(dup, pa.string()))
+        ok = pc.is_null(reason)
+    kept = pa.table({"uid": uid, "title": title, "content": content}).filter(ok)
+    bad = pc.invert(ok)
+    rejects = pa.table(
+        {
+            "line": batch.column("line").filter(bad),
+            "uid": uid.filter(bad),
+            "reason": reason.filter(bad),
+            "excerpt": _excerpt(batch.column("title").filter(bad), batch.column("content").filter(bad)),
+        },
+        schema=REJECT_SCHEMA,
+    )
+    return kept, rejects
+
+
+def _cleaned_batches(path: str, data: DataConfig) -> Iterator:
+    """`_clean_batch` over raw.parquet on two threads (Arrow kernels release the GIL), in order, two in flight."""
+    batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_clean_batch, batch, data))
+            if len(pending) >= 2:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
+    """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in)."""
+    out_dir = Path(out_dir)
+    clean_path, rej_path = out_dir / "clean.parquet", out_dir / "rejects.parquet"
+    reasons: Counter[str] = Counter()
+    kept = 0
+    dedup = _Dedup()
+
+    def write_rejects(table: pa.Table) -> None:
+        rw.write_table(table)
+        for d in pc.value_counts(table.column("reason")).to_pylist():
+            reasons[d["values"]] += d["counts"]
+
+    with atomic_path(clean_path) as clean_tmp, atomic_path(rej_path) as rej_tmp:
+        with pq.ParquetWriter(clean_tmp, CLEAN_SCHEMA, **PARQUET) as cw, pq.ParquetWriter(
+            rej_tmp, REJECT_SCHEMA, **PARQUET
+        ) as rw:
+            for rej in pq.ParquetFile(raw["rejects_path"]).iter_batches(batch_size=BATCH_ROWS):
+                write_rejects(pa.Table.from_batches([rej]).cast(REJECT_SCHEMA))
+            for cleaned in _cleaned_batches(raw["path"], data):
+                good, bad = _split_batch(cleaned, dedup)
+                if good.num_rows:
+                    cw.write_table(good)
+                    kept += good.num_rows
+                if bad.num_rows:
+                    write_rejects(bad)
+    duplicates = reasons["duplicate_uid"] + reasons["duplicate_record"]
+    rejected = sum(reasons.values())
+    log.info("clean: %d kept, %d rejected %s", kept, rejected, dict(reasons))
+    return {
+        "path": str(clean_path),
+        "sha256": file_sha256(clean_path),
+        "rejects_path": str(rej_path),
+        "rejects_sha256": file_sha256(rej_path),
+        "input_sha256": raw["sha256"],
+        "lines_read": raw.get("lines_read"),
+        "kept": kept,
+        "rejected": rejected,
+        "by_reason": dict(sorted(reasons.items())),
+        "duplicates": duplicates,
+    }
+

@@ -1,0 +1,182 @@
+"""Evaluate: base vs fine-tuned generations on the test split, scored with corpus BLEU and ROUGE-L.
+
+Both come from one copy of the weights (adapter disabled, then enabled). A guard stops the run before registering
+when the adapter is empty, not applied, or changes (almost) nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from desctune.config import DataConfig, EvalConfig
+from desctune.errors import AdapterError
+from desctune.files import atomic_path, write_parquet
+from desctune.inference import adapter_status, base_context, generate, load_adapter_model
+
+log = logging.getLogger(__name__)
+
+IDENTICAL_LIMIT = 0.9
+MODELS = ("base", "finetuned")
+
+
+def score(references: list[str], outputs: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
+    """Per-example sentence BLEU and ROUGE-L F for each model, plus corpus BLEU (0-100) and mean ROUGE-L (0-1)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    df = pd.DataFrame({"reference": references})
+    metrics: dict = {"n": len(references)}
+    for name in MODELS:
+        hyps = outputs[name]
+        df[f"{name}_output"] = hyps
+        df[f"{name}_bleu"] = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyps, references)]
+        df[f"{name}_rougeL"] = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, references)]
+        metrics[name] = {
+            "bleu": float(sacrebleu.corpus_bleu(hyps, [references]).score),
+            "rougeL": float(df[f"{name}_rougeL"].mean()),
+        }
+    df["delta_bleu"] = df["finetuned_bleu"] - df["base_bleu"]
+    df["delta_rougeL"] = df["finetuned_rougeL"] - df["base_rougeL"]
+    eps = 1e-9
+    metrics["better"] = int((df["delta_rougeL"] > eps).sum())
+    metrics["worse"] = int((df["delta_rougeL"] < -eps).sum())
+    metrics["same"] = len(df) - metrics["better"] - metrics["worse"]
+    metrics["identical_outputs"] = float((df["base_output"] == df["finetuned_output"]).mean()) if len(df) else 0.0
+    return df, metrics
+
+
+def adapter_problems(status: dict, identical_outputs: float | None = None) -> list[str]:
+    """Every way the fine-tuned model can silently be its base (the guard refuses them, the demo shows them):
+    no LoRA layers, layers disabled, all-zero weights, or outputs that (almost) always equal the base's."""
+    problems = []
+    if not status["loaded"]:
+        problems.append("the adapter was not applied: the model has no LoRA layers, so 'fine-tuned' is the base model")
+    elif not status["active"]:
+        problems.append(
+            "the adapter was not applied: its LoRA layers are disabled, so generations use the base weights"
+        )
+    elif not status["nonzero"]:
+        problems.append("the adapter's LoRA weights are all zero: training changed nothing, so no output can change")
+    if identical_outputs is not None and identical_outputs >= IDENTICAL_LIMIT:
+        problems.append(
+            f"the fine-tuned outputs equal the base outputs on {identical_outputs:.0%} of examples "
+            f"(limit {IDENTICAL_LIMIT:.0%}): the adapter has no effect"
+        )
+    return problems
+
+
+def guard_adapter(status: dict, identical_outputs: float | None = None) -> None:
+    """Refuse a fine-tuned model that cannot differ from its base, or whose outputs (almost) never do."""
+    problems = adapter_problems(status, identical_outputs)
+    if problems:
+        raise AdapterError(problems[0])
+
+
+def plot_metrics(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key, label in ((axes[0], "bleu", "corpus BLEU (0-100)"), (axes[1], "rougeL", "ROUGE-L F (0-1)")):
+        values = [metrics[m][key] for m in MODELS]
+        bars = ax.bar(["base", "fine-tuned"], values, color=["#9aa5b1", "#2b7bb9"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(label)
+        ax.set_ylim(0, max(values) * 1.25 or 1)
+    fig.suptitle(f"base vs fine-tuned on {metrics['n']} test examples")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def decoding(cfg: EvalConfig) -> dict:
+    """The generation settings evaluation uses; the registered model and the demo decode the same way."""
+    return {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+            "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
+
+
+def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
+    """Generate with the adapter off and on, then score both against the references."""
+    titles = test["title"].tolist()
+    with base_context(model):
+        base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
+    tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
+    df, metrics = score(test["content"].tolist(), {"base": base_out, "finetuned": tuned_out})
+    df.insert(0, "title", titles)
+    if "uid" in test:
+        df.insert(0, "uid", test["uid"].tolist())
+    return df, metrics
+
+
+def evaluate_adapter(
+    adapter_dir: str, data_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path, refuse_inert: bool = False
+) -> dict:
+    """Evaluate an adapter on a Parquet of (uid,) title, content: eval.parquet, metrics.png/.json and report.md.
+
+    With refuse_inert, an adapter that cannot change anything fails before generating; the identical-outputs check
+    is the caller's, after publishing the report, so a refused run still shows why.
+    """
+    test = pd.read_parquet(data_path)
+    if cfg.limit is not None:
+        test = test.head(cfg.limit)
+    model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir)
+    status = adapter_status(model)
+    if refuse_inert:
+        guard_adapter(status)
+    df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg)
+    paths = {k: out_dir / f for k, f in (("eval_path", "eval.parquet"), ("plot_path", "metrics.png"),
+                                          ("metrics_path", "metrics.json"), ("report_path", "report.md"))}
+    write_parquet(df, paths["eval_path"])
+    plot_metrics(metrics, paths["plot_path"])
+    with atomic_path(paths["metrics_path"]) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    with atomic_path(paths["report_path"]) as tmp:
+        tmp.write_text(markdown_report(metrics, df))
+    return {"metrics": metrics, "adapter_status": status, **{k: str(v) for k, v in paths.items()}}
+
+
+def evaluate_file(adapter_dir: str, data: DataConfig, cfg: EvalConfig, artifacts_dir: str, out_dir: Path) -> dict:
+    """Evaluate on a raw trn.json-style file, through the flow's own ingest and clean steps."""
+    from desctune.clean import clean_file
+    from desctune.ingest import ingest_file
+
+    cleaned = clean_file(ingest_file(data, out_dir / "data"), data, out_dir / "data")
+    return evaluate_adapter(adapter_dir, cleaned["path"], cfg, artifacts_dir, out_dir) | {"data": cleaned}
+
+
+def _cell(text, n: int) -> str:
+    """Text shortened and made safe for one markdown table cell."""
+    return str(text)[:n].replace("|", "/").replace("\n", " ")
+
+
+def markdown_report(metrics: dict, df: pd.DataFrame, worst: int = 5) -> str:
+    """The report a person reads: both models' scores, the better/worse/same count and the examples that got worst."""
+    lines = [
+        f"## Evaluation on {metrics['n']} examples",
+        "",
+        "| model | corpus BLEU | ROUGE-L F (mean) |",
+        "|---|---|---|",
+        *(f"| {m} | {metrics[m]['bleu']:.2f} | {metrics[m]['rougeL']:.4f} |" for m in MODELS),
+        "",
+        f"Fine-tuned better on {metrics['better']}, worse on {metrics['worse']}, same on {metrics['same']} examples "
+        f"(by ROUGE-L); outputs identical to the base on {metrics['identical_outputs']:.0%}.",
+        "",
+        "### Examples that got worst",
+        "",
+        "| title | base ROUGE-L | fine-tuned ROUGE-L | base output | fine-tuned output |",
+        "|---|---|---|---|---|",
+    ]
+    for _, row in df.nsmallest(worst, "delta_rougeL").iterrows():
+        lines.append(
+            f"| {_cell(row['title'], 60)} | {row['base_rougeL']:.3f} | {row['finetuned_rougeL']:.3f} "
+            f"| {_cell(row['base_output'], 120)} | {_cell(row['finetuned_output'], 120)} |"
+        )
+    return "\n".join(lines)
+

@@ -1,0 +1,410 @@
+"""Ingest: stream a trn.json-style file into raw.parquet (line, uid, title, content) plus ingest_rejects.parquet.
+
+Reads JSON Lines (.json/.jsonl, optionally gzipped; UTF-8 with or without BOM; LF or CRLF) or one top-level JSON
+array, in fixed-size byte chunks so memory stays bounded whatever the file or one line holds. Each chunk goes
+through pyarrow's multithreaded JSON reader; a chunk it cannot take whole (a bad line, invalid UTF-8, a blank line,
+a non-string field) is bisected down to small blocks and only those are parsed line by line, so one bad line costs
+little and every other record in the chunk is kept. Every line that is not a usable record becomes a reject row
+(line number, uid if known, reason, raw excerpt): nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import json
+import logging
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+
+from desctune.config import DataConfig
+from desctune.errors import DataError
+from desctune.files import atomic_path, file_sha256
+
+log = logging.getLogger(__name__)
+
+RAW_SCHEMA = pa.schema([("line", pa.int64()), ("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
+REJECT_SCHEMA = pa.schema(
+    [("line", pa.int64()), ("uid", pa.string()), ("reason", pa.string()), ("excerpt", pa.string())]
+)
+CHUNK_BYTES = 32 << 20
+SMALL_BLOCK_LINES = 64
+EXCERPT_CHARS = 200
+
+REASONS = {
+    "line_too_long": "the line is longer than data.max_line_bytes",
+    "invalid_utf8": "the line is not valid UTF-8",
+    "malformed_json": "the line is not valid JSON",
+    "not_object": "the line is valid JSON but not an object",
+    "missing_title": "no title field, or it is null",
+    "missing_content": "no content field, or it is null",
+    "title_not_string": "the title is a number, list, object or boolean",
+    "content_not_string": "the content is a number, list, object or boolean",
+    "bad_uid": "the uid is a list or an object",
+    "field_too_long": "the title or content is longer than data.max_field_chars",
+}
+# The data settings that change what ingest writes (the file itself is keyed by its content hash).
+INGEST_FIELDS = ("uid_field", "title_field", "content_field", "max_records", "max_field_chars", "max_line_bytes")
+
+
+
+def _excerpt(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return text[:EXCERPT_CHARS]
+
+
+class _Batch:
+    """Columns of records and rejects gathered from one chunk, in line order."""
+
+    def __init__(self) -> None:
+        self.rec: dict[str, list] = {"line": [], "uid": [], "title": [], "content": []}
+        self.rej: dict[str, list] = {"line": [], "uid": [], "reason": [], "excerpt": []}
+
+    def reject(self, line: int, uid: str | None, reason: str, raw: bytes | str) -> None:
+        for k, v in zip(self.rej, (line, uid, reason, _excerpt(raw))):
+            self.rej[k].append(v)
+
+    def record(self, line: int, uid: str, title: str, content: str) -> None:
+        for k, v in zip(self.rec, (line, uid, title, content)):
+            self.rec[k].append(v)
+
+
+def _check_record(obj, lineno: int, raw: bytes | str, data: DataConfig, out: _Batch) -> None:
+    """Validate one decoded JSON value and add it to `out` as a record or a reject."""
+    if not isinstance(obj, dict):
+        return out.reject(lineno, None, "not_object", raw)
+    uid = obj.get(data.uid_field)
+    if isinstance(uid, (dict, list)):
+        return out.reject(lineno, None, "bad_uid", raw)
+    uid = f"line-{lineno}" if uid is None else str(uid)
+    title, content = obj.get(data.title_field), obj.get(data.content_field)
+    if title is None:
+        return out.reject(lineno, uid, "missing_title", raw)
+    if not isinstance(title, str):
+        return out.reject(lineno, uid, "title_not_string", raw)
+    if content is None:
+        return out.reject(lineno, uid, "missing_content", raw)
+    if not isinstance(content, str):
+        return out.reject(lineno, uid, "content_not_string", raw)
+    if len(title) > data.max_field_chars or len(content) > data.max_field_chars:
+        return out.reject(lineno, uid, "field_too_long", raw)
+    out.record(lineno, uid, title, content)
+
+
+def _parse_lines(block: bytes, first_line: int, data: DataConfig, out: _Batch) -> None:
+    """The slow, exact path: one line at a time."""
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for i, raw in enumerate(lines):
+        lineno = first_line + i
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out.reject(lineno, None, "invalid_utf8", raw)
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            out.reject(lineno, None, "malformed_json", raw)
+            continue
+        _check_record(obj, lineno, raw, data, out)
+
+
+def _line_starts(block: bytes, rows: list[int]) -> dict[int, tuple[int, int]]:
+    """Byte spans of the given 0-based line indexes of `block` (only computed for the few rejected rows)."""
+    wanted, spans, start = set(rows), {}, 0
+    for i in range(max(rows) + 1):
+        end = block.find(b"\n", start)
+        end = len(block) if end < 0 else end
+        if i in wanted:
+            spans[i] = (start, end)
+        start = end + 1
+    return spans
+
+
+def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig) -> pa.Table | None:
+    """pyarrow's multithreaded JSON reader; None when the block needs the exact path."""
+    if not block.isascii():
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    for uid_type in (pa.string(), pa.int64()):
+        schema = pa.schema(
+            [(data.uid_field, uid_type), (data.title_field, pa.string()), (data.content_field, pa.string())]
+        )
+        try:
+            table = pj.read_json(
+                io.BytesIO(block),
+                read_options=pj.ReadOptions(block_size=max(1 << 20, len(block) // 8 + 1)),
+                parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            if f"Column(/{data.uid_field})" in str(exc) and uid_type == pa.string():
+                continue
+            return None
+        if table.num_rows != nlines:
+            return None
+        if uid_type != pa.string():
+            i = table.schema.get_field_index(data.uid_field)
+            table = table.set_column(i, data.uid_field, pc.cast(table.column(i), pa.string()))
+        return table
+    return None
+
+
+def _fast_to_batch(table: pa.Table, block: bytes, first_line: int, data: DataConfig) -> tuple[pa.Table, pa.Table]:
+    """Split a parsed block into records and rejects (null fields, over-long fields) without a Python loop."""
+    n = table.num_rows
+    lines = pa.array(range(first_line, first_line + n), pa.int64())
+    uid, title, content = (table.column(c).combine_chunks() for c in (data.uid_field, data.title_field, data.content_field))
+    if uid.null_count:
+        uid = pc.if_else(pc.is_null(uid), pc.binary_join_element_wise("line-", pc.cast(lines, pa.string()), ""), uid)
+    cap = data.max_field_chars
+    too_long = pc.or_(pc.greater(pc.utf8_length(title), cap), pc.greater(pc.utf8_length(content), cap))
+    bad = pc.or_kleene(pc.or_kleene(pc.is_null(title), pc.is_null(content)), pc.fill_null(too_long, False))
+    records = pa.table({"line": lines, "uid": uid, "title": title, "content": content}).filter(pc.invert(bad))
+    if not pc.any(bad).as_py():
+        return records, REJECT_SCHEMA.empty_table()
+    idx = pc.indices_nonzero(bad).to_pylist()
+    spans = _line_starts(block, idx)
+    out = _Batch()
+    titles, contents, uids = title.take(idx).to_pylist(), content.take(idx).to_pylist(), uid.take(idx).to_pylist()
+    for k, i in enumerate(idx):
+        reason = "missing_title" if titles[k] is None else "missing_content" if contents[k] is None else "field_too_long"
+        s, e = spans[i]
+        out.reject(first_line + i, uids[k], reason, block[s : min(e, s + 4 * EXCERPT_CHARS)].rstrip(b"\r"))
+    return records, pa.table(out.rej, schema=REJECT_SCHEMA)
+
+
+def _parse_block(
+    block: bytes, first_line: int, data: DataConfig, nlines: int | None = None
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Parse a block of whole lines (ending in b'\\n'): fast path, else bisect, else line by line."""
+    nlines = block.count(b"\n") if nlines is None else nlines
+    table = _parse_fast(block, first_line, nlines, data)
+    if table is not None:
+        yield _fast_to_batch(table, block, first_line, data)
+        return
+    if nlines <= SMALL_BLOCK_LINES:
+        out = _Batch()
+        _parse_lines(block, first_line, data, out)
+        yield pa.table(out.rec, schema=RAW_SCHEMA), pa.table(out.rej, schema=REJECT_SCHEMA)
+        return
+    mid = block.find(b"\n", len(block) // 2)
+    if mid < 0 or mid == len(block) - 1:
+        mid = block.rfind(b"\n", 0, len(block) - 1)
+    left, right = block[: mid + 1], block[mid + 1 :]
+    yield from _parse_block(left, first_line, data)
+    yield from _parse_block(right, first_line + left.count(b"\n"), data)
+
+
+def _open(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _read(f, n: int, path: Path) -> bytes:
+    try:
+        return f.read(n)
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip file (it ends before the end-of-stream marker)") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+
+
+def _first_bytes(f, path: Path) -> tuple[bytes, str]:
+    """Read past a BOM and leading whitespace; return the buffered start and the shape ('lines' or 'array')."""
+    head = _read(f, 4096, path)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file is UTF-16; save it as UTF-8 JSON Lines")
+    if head.startswith(codecs.BOM_UTF8):
+        head = head[3:]
+    while head.strip() == b"":
+        more = _read(f, 1 << 20, path)
+        if not more:
+            raise DataError(f"{path}: the file is empty")
+        head = more
+    shape = "array" if head.lstrip()[:1] == b"[" else "lines"
+    return head, shape
+
+
+def iter_chunks(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table, int]]:
+    """Yield (records, rejects, lines_read_so_far) per chunk of the file."""
+    limit = data.max_records
+    read_size = min(CHUNK_BYTES, data.max_line_bytes)
+    with _open(path) as f:
+        buf, shape = _first_bytes(f, path)
+        if shape == "array":
+            yield from _iter_array(f, buf, path, data)
+            return
+        line_no, eof = 1, False
+        while not eof:
+            more = _read(f, read_size, path)
+            eof = not more
+            buf += more
+            if eof and buf and not buf.endswith(b"\n"):
+                buf += b"\n"
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:
+                if len(buf) > data.max_line_bytes:
+                    buf = yield from _skip_long_line(f, buf, line_no, path)
+                    line_no += 1
+                continue
+            first_end = buf.find(b"\n")
+            if first_end > data.max_line_bytes:
+                rej = _Batch()
+                rej.reject(line_no, None, "line_too_long", buf[: 4 * EXCERPT_CHARS])
+                yield RAW_SCHEMA.empty_table(), pa.table(rej.rej, schema=REJECT_SCHEMA), line_no
+                line_no += 1
+                buf = buf[first_end + 1 :]
+                continue
+            block, buf = buf[:cut], buf[cut:]
+            if limit is not None and line_no - 1 + block.count(b"\n") > limit:
+                block = _first_lines(block, limit - line_no + 1)
+                eof = True
+            n = block.count(b"\n")
+            for records, rejects in _parse_block(block, line_no, data, n):
+                yield records, rejects, line_no - 1 + n
+            line_no += n
+            if limit is not None and line_no - 1 >= limit:
+                return
+
+
+def _first_lines(block: bytes, n: int) -> bytes:
+    pos = -1
+    for _ in range(n):
+        pos = block.find(b"\n", pos + 1)
+    return block[: pos + 1]
+
+
+def _skip_long_line(f, buf: bytes, line_no: int, path: Path):
+    """Reject the over-long line starting `buf` and discard it without holding it; return what follows it."""
+    rej = _Batch()
+    rej.reject(line_no, None, "line_too_long", buf[: 4 * EXCERPT_CHARS])
+    yield RAW_SCHEMA.empty_table(), pa.table(rej.rej, schema=REJECT_SCHEMA), line_no
+    while True:
+        chunk = _read(f, 1 << 20, path)
+        if not chunk:
+            return b""
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return chunk[nl + 1 :]
+
+
+def _iter_array(f, head: bytes, path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table, int]]:
+    """One top-level JSON array, decoded element by element (the 'line' column is the element's 1-based index)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    json_dec = json.JSONDecoder()
+
+    def decode(b: bytes, final: bool = False) -> str:
+        try:
+            return decoder.decode(b, final)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not valid UTF-8 ({exc.reason} in the JSON array)") from None
+
+    text = decode(head)
+    pos = text.index("[") + 1
+    element, eof, out = 0, False, _Batch()
+    limit = data.max_records
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            break
+        try:
+            obj, end = json_dec.raw_decode(text, pos) if pos < len(text) else (None, -1)
+        except json.JSONDecodeError as exc:
+            obj, end, err = None, -1, exc
+        else:
+            err = None
+        if end < 0 or (end == len(text) and not eof):
+            if eof:
+                where = f": {err.msg}" if err else ""
+                raise DataError(f"{path}: the JSON array is malformed or truncated at element {element + 1}{where}")
+            if len(text) - pos > data.max_line_bytes:
+                raise DataError(f"{path}: JSON array element {element + 1} is longer than data.max_line_bytes")
+            more = _read(f, CHUNK_BYTES, path)
+            eof = not more
+            text = text[pos:] + decode(more, eof)
+            pos = 0
+            continue
+        element += 1
+        _check_record(obj, element, text[pos:end], data, out)
+        pos = end
+        if len(out.rec["line"]) + len(out.rej["line"]) >= 50_000:
+            yield pa.table(out.rec, schema=RAW_SCHEMA), pa.table(out.rej, schema=REJECT_SCHEMA), element
+            out = _Batch()
+        if limit is not None and element >= limit:
+            break
+    yield pa.table(out.rec, schema=RAW_SCHEMA), pa.table(out.rej, schema=REJECT_SCHEMA), element
+
+
+def ingest_file(data: DataConfig, out_dir: Path) -> dict:
+    """Stream `data.path` into out_dir/raw.parquet and out_dir/ingest_rejects.parquet; return counts and hashes."""
+    path = Path(data.path)
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    out_dir = Path(out_dir)
+    raw_path, rej_path = out_dir / "raw.parquet", out_dir / "ingest_rejects.parquet"
+    records = lines_read = 0
+    reasons: Counter[str] = Counter()
+    first_rejects: list[str] = []
+    with atomic_path(raw_path) as raw_tmp, atomic_path(rej_path) as rej_tmp:
+        with pq.ParquetWriter(raw_tmp, RAW_SCHEMA, compression="zstd") as raw_w, pq.ParquetWriter(rej_tmp, REJECT_SCHEMA, compression="zstd") as rej_w:
+            for recs, rejs, lines_read in iter_chunks(path, data):
+                if recs.num_rows:
+                    raw_w.write_table(recs, row_group_size=1 << 20)
+                    records += recs.num_rows
+                if rejs.num_rows:
+                    rej_w.write_table(rejs)
+                    reasons.update(rejs.column("reason").to_pylist())
+                    if len(first_rejects) < 3:
+                        first_rejects.extend(rejs.column("excerpt").to_pylist()[:3])
+        if records == 0:
+            raise DataError(_no_records_message(path, lines_read, reasons, first_rejects))
+    rejected = sum(reasons.values())
+    log.info("ingest %s: %d lines, %d records, %d rejected %s", path, lines_read, records, rejected, dict(reasons))
+    return {
+        "path": str(raw_path),
+        "sha256": file_sha256(raw_path),
+        "rejects_path": str(rej_path),
+        "rejects_sha256": file_sha256(rej_path),
+        "input_path": str(path),
+        "lines_read": lines_read,
+        "records": records,
+        "rejected": rejected,
+        "by_reason": dict(sorted(reasons.items())),
+    }
+
+
+def _no_records_message(path: Path, lines: int, reasons: Counter, excerpts: list[str]) -> str:
+    if not reasons:
+        return f"{path}: no records (only blank lines)"
+    reason, count = reasons.most_common(1)[0]
+    what = {
+        "invalid_utf8": "not decodable as UTF-8",
+        "malformed_json": "not JSON Lines (nor one JSON array)",
+        "not_object": "not JSON Lines of objects",
+    }.get(reason, f"no usable record ({reason}: {count} of {lines} lines)")
+    first = excerpts[0][:60].replace("\n", " ") if excerpts else ""
+    hint = " - check data.uid_field/title_field/content_field" if reason.startswith(("missing_", "bad_uid")) else ""
+    return f"{path}: {what}; first line starts {first!r}{hint}"
+

@@ -1,0 +1,170 @@
+"""MLflow lineage of a flow run: its run (config as params, datasets with digests, metrics, reports), the training
+metrics stream, the run of a standalone evaluation, and marking the run of a dead flow run FAILED.
+
+The orchestrator's own identifiers (Prefect's flow run id, name and URL) come in as `lineage` tags: this module never
+imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import warnings
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.data.meta_dataset import MetaDataset
+
+from desctune.config import Config, config_to_yaml
+from desctune.evaluate import MODELS
+from desctune.tracking import client, experiment_id, run_url
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v if not isinstance(v, list) else ",".join(map(str, v))
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def start_run(cfg: Config, lineage: dict | None = None) -> str:
+    """Create the MLflow run of one flow run: the config as params, `lineage` (the orchestrator's run) as tags."""
+    c = client(cfg)
+    tags = {"desctune.config_hash": cfg.digest(), "desctune.git_commit": git_commit(), **(lineage or {})}
+    run = c.create_run(experiment_id(cfg), tags=tags, run_name=tags.get("prefect.flow_run_name") or None)
+    params = flatten(json.loads(cfg.model_dump_json()))
+    for key, value in params.items():
+        c.log_param(run.info.run_id, key, str(value)[:6000])
+    c.log_text(run.info.run_id, config_to_yaml(cfg), "config.yaml")
+    return run.info.run_id
+
+
+class CountedDataset(MetaDataset):
+    """A dataset known by source, digest and row count only: for files too big to load just to log them."""
+
+    def __init__(self, source, name: str, digest: str, rows: int):
+        self._rows = rows
+        super().__init__(source=source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict:
+        return {"num_rows": self._rows}
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def log_dataset(run_id: str, name: str, path: str, digest: str, context: str, rows: int | None = None,
+                frame: pd.DataFrame | None = None) -> None:
+    """mlflow.log_input with the file as source, its content hash as digest, and its row count."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    if frame is not None:
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:16])
+    else:
+        dataset = CountedDataset(source, name, digest[:16], rows)
+    with mlflow.start_run(run_id=run_id, nested=False):
+        mlflow.log_input(dataset, context=context)
+
+
+def stage_metrics(stages: dict) -> dict:
+    """The numbers every run logs: records per stage, split sizes, training and evaluation results."""
+    ing, cln, spl, tok, trn, ev = (stages[k] for k in ("ingest", "clean", "sample", "tokenize", "train", "evaluate"))
+    m = {
+        "lines_read": ing["lines_read"], "records_ingested": ing["records"], "records_kept": cln["kept"],
+        "records_rejected": cln["rejected"],
+        "duplicates": cln.get("duplicates", 0),
+        **{f"{s}_rows": spl[s]["rows"] for s in ("train", "val", "test")},
+        "train_examples": tok["train"]["rows"], "train_tokens": tok["train"]["tokens"],
+        "train_supervised_tokens": tok["train"]["supervised_tokens"],
+        "val_loss": trn["val_loss"], "train_loss_mean": trn["train_loss_mean"],
+        "train_tokens_per_s": trn["tokens_per_s"], "peak_memory_mb": trn["peak_memory_mb"],
+        "train_seconds": trn["seconds"],
+    }
+    for reason, n in cln.get("by_reason", {}).items():
+        m[f"rejected_{reason}"] = n
+    for model in ("base", "finetuned"):
+        for key in ("bleu", "rougeL"):
+            m[f"{model}_{key}"] = ev["metrics"][model][key]
+    m["eval_better"], m["eval_worse"], m["eval_same"] = (ev["metrics"][k] for k in ("better", "worse", "same"))
+    return {k: float(v) for k, v in m.items() if v is not None}
+
+
+def log_results(cfg: Config, run_id: str, stages: dict) -> None:
+    """Metrics, lineage and report files of one flow run, into its MLflow run."""
+    c = client(cfg)
+    trained, evaluated = stages["train"], stages["evaluate"]
+    for key, value in stage_metrics(stages).items():
+        c.log_metric(run_id, key, value)
+    if trained.get("mlflow_run_id") != run_id:
+        for row in trained["history"]:
+            c.log_metric(run_id, "train_loss", row["loss"], step=row["step"])
+    ing, cln, spl = stages["ingest"], stages["clean"], stages["sample"]
+    log_dataset(run_id, "raw", ing["input_path"], ing["input_sha256"], "raw", rows=ing["records"])
+    log_dataset(run_id, "clean", cln["path"], cln["sha256"], "clean", rows=cln["kept"])
+    for split in ("train", "test"):
+        frame = pd.read_parquet(spl[split]["path"])
+        log_dataset(run_id, split, spl[split]["path"], spl[split]["sha256"], split, frame=frame)
+    reports = ("plot_path", "eval_path", "report_path", "metrics_path")
+    for path in (trained.get("loss_plot"), *(evaluated.get(k) for k in reports), cln.get("rejects_path")):
+        if path and Path(path).is_file():
+            c.log_artifact(run_id, path, artifact_path="report")
+    c.set_tag(run_id, "desctune.base_model", stages["base"]["name"])
+    c.set_tag(run_id, "desctune.base_model_sha256", stages["base"]["sha256"])
+
+
+
+def fail_run(cfg: Config, flow_run_id: str) -> None:
+    """Mark the MLflow run of a failed or crashed flow run as FAILED (the flow's state hooks call it)."""
+    c = client(cfg)
+    runs = c.search_runs([experiment_id(cfg)], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    for run in runs:
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, "FAILED")
+
+
+def log_evaluation(
+    cfg: Config, model: dict, raw: dict, cleaned: dict, result: dict, lineage: dict | None = None
+) -> dict:
+    """An MLflow run of its own for one evaluation of a model version: metrics, datasets, report, version tags."""
+    c = client(cfg)
+    label = model["label"]
+    tags = {"desctune.model_version": label, "desctune.model_ref": model["ref"], "desctune.kind": "evaluation",
+            "desctune.data_path": raw["input_path"], "desctune.data_sha256": raw["input_sha256"], **(lineage or {})}
+    run_id = c.create_run(experiment_id(cfg), tags=tags, run_name=f"evaluate {label}").info.run_id
+    try:
+        metrics = result["metrics"]
+        for m in MODELS:
+            for k in ("bleu", "rougeL"):
+                c.log_metric(run_id, f"{m}_{k}", metrics[m][k])
+        for k in ("n", "better", "worse", "same", "identical_outputs"):
+            c.log_metric(run_id, f"eval_{k}", float(metrics[k]))
+        log_dataset(run_id, "eval-raw", raw["input_path"], raw["input_sha256"], "evaluation-raw", rows=raw["records"])
+        log_dataset(run_id, "eval", cleaned["path"], cleaned["sha256"], "evaluation", rows=cleaned["kept"])
+        for key in ("plot_path", "eval_path", "report_path", "metrics_path"):
+            c.log_artifact(run_id, result[key], artifact_path="report")
+        if model["version"]:
+            c.set_model_version_tag(model["name"], model["version"], "last_evaluation_run", run_id)
+    except Exception:
+        c.set_terminated(run_id, "FAILED")
+        raise
+    c.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, "run_url": run_url(cfg, run_id), "model": label, "metrics": result["metrics"]}

@@ -1,0 +1,397 @@
+"""Train: LoRA (QLoRA on CUDA) on the tokenized Parquet with a plain PyTorch loop you can read top to bottom.
+
+Why not transformers' Trainer: on a 2-core CPU its per-step overhead and full-vocabulary logits cost more than the
+model. This loop trains on the stored input_ids/labels (no re-tokenizing), in length-grouped batches right-padded
+only to their own longest example, and computes the 49k-vocabulary head only on supervised positions (the prompt
+needs no logits). Right padding under a causal mask never lets a real token see a pad, so no attention mask is
+needed and SDPA takes its causal fast path. On CPUs with bf16 the frozen base is held in bf16 (LoRA weights stay
+fp32 under autocast). Every `train.save_steps` steps a checkpoint (adapter, optimizer, scheduler, RNG, history) is
+written to a temporary folder and renamed into place, so a kill at any moment leaves only complete checkpoints; a
+re-run of the same configuration resumes from the newest one and replays the same batch order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from desctune.config import Config, TrainConfig
+from desctune.files import atomic_dir, atomic_path, dir_sha256
+from desctune.tokenize import IGNORE
+from desctune.trainops import head_cross_entropy, speed_up_lora
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2
+# The sections of the configuration that training reads, and that the adapter records as its own.
+TRAIN_SECTIONS = ("model", "lora", "train")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every device-dependent training decision in one place, so it can be tested without the device."""
+
+    device: str
+    dtype: str
+    base_dtype: str
+    autocast: bool
+    load_in_4bit: bool
+    kbit_prepare: bool
+    gradient_checkpointing: bool
+    grad_scaler: bool
+    fused_adamw: bool
+    attn_implementation: str
+    num_workers: int
+    fast_lora: bool
+
+
+def plan(cfg: Config, device: str, dtype: torch.dtype) -> Plan:
+    """CUDA: QLoRA (4-bit NF4 base, k-bit preparation, gradient checkpointing) when asked. CPU: never 4-bit, bf16
+    weights for the frozen base where the CPU has bf16, fp32 otherwise, and LoRA layers whose training forward is one
+    fused autograd function with cheap dropout masks (`desctune.trainops.speed_up_lora`)."""
+    name = str(dtype).removeprefix("torch.")
+    cuda = device == "cuda"
+    four_bit = cfg.model.load_in_4bit and cuda
+    return Plan(
+        device=device,
+        dtype=name,
+        base_dtype="nf4" if four_bit else name,
+        autocast=dtype != torch.float32,
+        load_in_4bit=four_bit,
+        kbit_prepare=four_bit,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        grad_scaler=cuda and dtype == torch.float16,
+        fused_adamw=cuda,
+        attn_implementation=cfg.model.attn_implementation,
+        num_workers=dataloader_workers(cfg.train.num_workers, cuda),
+        fast_lora=not cuda,
+    )
+
+
+def dataloader_workers(requested: int | None, cuda: bool) -> int:
+    """Batches are slices of in-memory lists; a worker only pays off when compute does not need every core."""
+    if requested is not None:
+        return requested
+    return min(4, (os.cpu_count() or 1) // 4) if cuda else 0
+
+
+def load_examples(path: str | Path) -> list[tuple[list[int], list[int]]]:
+    df = pd.read_parquet(path, columns=["input_ids", "labels"])
+    return [(list(a), list(b)) for a, b in zip(df["input_ids"], df["labels"])]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffle, sort by length within windows of 64 batches, then shuffle the batches: little padding, random order.
+
+    Deterministic in `seed`, so a resumed run replays exactly the batches the killed one would have seen."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 64
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Right-pad to the batch's longest example (labels with IGNORE); also the count of real tokens."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+    return ids, labels, sum(len(x) for x, _ in examples)
+
+
+def supervised_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the supervised positions, and their count.
+
+    The language-model head runs only on the hidden states that predict a supervised token, in chunks that never hold
+    the full logits (`desctune.trainops.head_cross_entropy`)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(input_ids=ids, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    loss = head_cross_entropy(hidden[:, :-1][keep], causal_lm.lm_head, targets[keep])
+    return loss, int(keep.sum())
+
+
+def build_peft_model(base_path: str, cfg: Config, p: Plan):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from desctune.models import load_model
+
+    model = load_model(base_path, cfg.model, p.device)
+    if p.kbit_prepare:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
+    else:
+        if p.device == "cpu" and p.base_dtype != "float32":
+            model.to(getattr(torch, p.base_dtype))
+        if p.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    lora = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    if p.fast_lora:
+        speed_up_lora(model)
+    return model
+
+
+def total_steps(n_batches: int, t: TrainConfig) -> int:
+    per_epoch = math.ceil(n_batches / t.grad_accum)
+    return t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+
+
+def micro_batches(lengths: list[int], t: TrainConfig, steps: int) -> list[list[int]]:
+    """The whole run's micro-batches in order: as many length-grouped epochs as `steps` optimizer steps need."""
+    needed, out, epoch = steps * t.grad_accum, [], 0
+    while len(out) < needed:
+        out += length_grouped_batches(lengths, t.batch_size, t.seed + epoch)
+        epoch += 1
+    return out[:needed]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Newest checkpoint folder. They appear only by rename when complete; leftover temporaries are removed."""
+    if not ckpt_dir.is_dir():
+        return None
+    for leftover in ckpt_dir.glob(".checkpoint-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = [(int(d.name.split("-")[-1]), d) for d in ckpt_dir.glob("checkpoint-*") if (d / "state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    from peft import get_peft_model_state_dict
+
+    final = ckpt_dir / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        torch.save(
+            {
+                "adapter": get_peft_model_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            tmp / "training.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps(state))
+    for old in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+
+    saved = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
+    set_peft_model_state_dict(model, saved["adapter"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (response tokens)")
+    ax.set_title("desctune training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def mean_loss(model, examples, batch_size: int, pad_id: int, device: str, p: Plan) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in length_grouped_batches([len(x) for x, _ in examples], batch_size, seed=0):
+        ids, labels, _ = collate([examples[i] for i in batch], pad_id)
+        with torch.autocast(device, dtype=getattr(torch, p.dtype), enabled=p.autocast):
+            loss, n = supervised_loss(model, ids.to(device), labels.to(device))
+        total, count = total + float(loss), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def train_adapter(
+    tokens: dict,
+    base: dict,
+    cfg: Config,
+    out_dir: Path,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+    log_params: Callable[[dict], None] = lambda params: None,
+    log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+) -> dict:
+    """Train (or resume) the LoRA adapter; writes out_dir/adapter (safetensors + tokenizer + desctune.json) and loss.png.
+
+    Reads cfg's model, lora and train sections only. Progress goes to `logger`; the plan to `log_params` once and
+    the loss, learning rate and throughput to `log_metrics(metrics, step)` (an MLflow run, or nothing).
+    `on_checkpoint(step, path)` is called after each checkpoint is in place (tests use it to kill the process there)."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from desctune.models import compute_dtype, load_tokenizer, resolve_device
+
+    t = cfg.train
+    device = resolve_device(cfg.model)
+    dtype = compute_dtype(cfg.model, device)
+    p = plan(cfg, device, dtype)
+    torch.manual_seed(t.seed)
+    tokenizer = load_tokenizer(base["path"])
+    pad_id = tokenizer.pad_token_id
+    model = build_peft_model(base["path"], cfg, p)
+    trainable, total = model.get_nb_trainable_parameters()
+    train_ex, val_ex = load_examples(tokens["train"]["path"]), load_examples(tokens["val"]["path"])
+    lengths = [len(x) for x, _ in train_ex]
+    steps = total_steps(math.ceil(len(train_ex) / t.batch_size), t)
+    schedule = micro_batches(lengths, t, steps)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=p.fused_adamw)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, math.ceil(t.warmup_ratio * steps), steps)
+    scaler = torch.amp.GradScaler(device, enabled=p.grad_scaler)
+    log_params({**asdict(p), "steps": steps, "examples": len(train_ex), "trainable_params": trainable})
+
+    ckpt_dir = out_dir / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir)
+    state = {"step": 0, "history": [], "loss_sum": 0.0, "tokens": 0, "supervised_tokens": 0, "seconds": 0.0}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, scheduler)
+    start_step = state["step"]
+    logger.info(
+        "training %d steps on %s (%s, base %s): %d examples, %d trainable parameters%s", steps, device, p.dtype,
+        p.base_dtype, len(train_ex), trainable,
+        f"; resuming from {resume.name} (step {start_step})" if resume else "",
+    )
+    loader = torch.utils.data.DataLoader(
+        train_ex, batch_sampler=schedule[start_step * t.grad_accum :], num_workers=p.num_workers,
+        collate_fn=lambda ex: collate(ex, pad_id),
+    )
+
+    model.train()
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
+    accum: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    for batch in loader:
+        accum.append(batch)
+        if len(accum) < t.grad_accum:
+            continue
+        t0 = time.perf_counter()
+        n_sup = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in accum)
+        loss_total = 0.0
+        for ids, labels, _ in accum:
+            with torch.autocast(device, dtype=dtype, enabled=p.autocast):
+                loss_sum, _ = supervised_loss(model, ids.to(device), labels.to(device))
+            scaler.scale(loss_sum / n_sup).backward()
+            loss_total += float(loss_sum.detach())
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        loss = loss_total / n_sup
+        n_tokens = sum(n for _, _, n in accum)
+        accum = []
+        state["step"] += 1
+        state["loss_sum"] += loss
+        state["tokens"] += n_tokens
+        state["supervised_tokens"] += n_sup
+        state["seconds"] += time.perf_counter() - t0
+        for key, value in (("loss", loss), ("steps", 1), ("tokens", n_tokens), ("supervised", n_sup)):
+            window[key] += value
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        step = state["step"]
+        if step % t.logging_steps == 0 or step == 1 or step == steps:
+            seconds = max(time.perf_counter() - window["t0"], 1e-9)
+            row = {"step": step, "loss": window["loss"] / window["steps"], "learning_rate": lr,
+                   "tokens_per_s": window["tokens"] / seconds, "supervised_tokens_per_s": window["supervised"] / seconds}
+            state["history"].append(row)
+            log_metrics({f"train_{k}" if k != "loss" else "train_loss": v for k, v in row.items() if k != "step"}, step)
+            window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
+        if step % t.save_steps == 0 and step < steps:
+            path = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state)
+            if on_checkpoint is not None:
+                on_checkpoint(step, path)
+    bar.close()
+
+    val_loss = mean_loss(model, val_ex, t.batch_size, pad_id, device, p)
+    adapter = out_dir / "adapter"
+    with atomic_dir(adapter) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {
+            "base_model": {k: base[k] for k in ("name", "sha256", "source")},
+            "system_prompt": cfg.model.system_prompt,
+            "max_seq_len": cfg.model.max_seq_len,
+            "config": {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k in TRAIN_SECTIONS},
+        }
+        (tmp / "desctune.json").write_text(json.dumps(meta, indent=2))
+    history = state["history"]
+    if history:
+        plot_loss(history, out_dir / "loss.png")
+    seconds = max(state["seconds"], 1e-9)
+    peak = peak_memory_mb(device)
+    log_metrics({"val_loss": val_loss, "train_peak_memory_mb": peak}, state["step"])
+    return {
+        "adapter_path": str(adapter),
+        "adapter_sha256": dir_sha256(adapter),
+        "loss_plot": str(out_dir / "loss.png") if history else None,
+        "history": history,
+        "train_loss_first": history[0]["loss"] if history else None,
+        "train_loss_last": history[-1]["loss"] if history else None,
+        "train_loss_mean": state["loss_sum"] / max(state["step"], 1),
+        "val_loss": val_loss,
+        "steps": state["step"],
+        "resumed_from": str(resume) if resume else None,
+        "seconds": seconds,
+        "tokens_per_s": state["tokens"] / seconds,
+        "supervised_tokens_per_s": state["supervised_tokens"] / seconds,
+        "seconds_per_step": seconds / max(state["step"], 1),
+        "device": device,
+        "dtype": p.dtype,
+        "plan": asdict(p),
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "peak_memory_mb": peak,
+    }
+
