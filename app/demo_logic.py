@@ -97,17 +97,33 @@ def examples(tracking_uri: str, run_id: str | None, artifacts_dir: str | Path) -
 
 
 def metrics_frame(tags: dict, run_metrics: dict | None = None) -> pd.DataFrame | None:
-    """BLEU and ROUGE-L of base and fine-tuned, from the version's `metric.*` tags (else the run's metrics)."""
+    """BLEU, ROUGE-L (and chrF++ where recorded) of base and fine-tuned, from the version's `metric.*` tags (else the
+    run's metrics)."""
     rows = {}
     for model, label in (("base", "base"), ("finetuned", "fine-tuned")):
         row = {}
-        for key, col in (("bleu", "BLEU"), ("rougeL", "ROUGE-L")):
+        for key, col in (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("chrf", "chrF++")):
             value = tags.get(f"metric.{model}_{key}", (run_metrics or {}).get(f"{model}_{key}"))
-            if value is None:
+            if value is None and key != "chrf":
                 return None
-            row[col] = float(value)
+            if value is not None:
+                row[col] = float(value)
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def significance(tags: dict) -> list[str]:
+    """The evaluation's verdicts for people ("fine-tuned better: ROUGE-L +0.0120 [+0.0040, +0.0200], 95% CI"), from
+    the version's `metric.delta_*` tags; empty for versions registered without them."""
+    from desctune.evaluate import METRIC_LABELS
+    from desctune.significance import describe
+
+    lines = []
+    for key, label in METRIC_LABELS.items():
+        raw = tags.get(f"metric.delta_{key}")
+        if raw:
+            lines.append(describe(label, json.loads(raw), 4 if key == "rougeL" else 2))
+    return lines
 
 
 def adapter_problems(status: dict, report: pd.DataFrame | None = None) -> list[str]:

@@ -142,6 +142,8 @@ metrics = logic.metrics_frame(resolved.tags, run_metrics)
 if metrics is None:
     st.info("No evaluation metrics recorded for this model.")
 else:
+    for line in logic.significance(resolved.tags):
+        st.markdown(f"- {line}")
     bleu, rouge = st.columns(2)
     with bleu:
         st.caption("corpus BLEU (0–100)")
@@ -149,7 +151,7 @@ else:
     with rouge:
         st.caption("ROUGE-L F (0–1)")
         st.bar_chart(metrics[["ROUGE-L"]], horizontal=True, height=180)
-    st.dataframe(metrics.style.format({"BLEU": "{:.2f}", "ROUGE-L": "{:.4f}"}))
+    st.dataframe(metrics.style.format({"BLEU": "{:.2f}", "ROUGE-L": "{:.4f}", "chrF++": "{:.2f}"}))
 if len(report):
     with st.expander(f"Test-split examples ({len(report)})"):
         st.dataframe(report[[c for c in ("title", "reference", "base_output", "finetuned_output") if c in report]],

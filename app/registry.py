@@ -25,22 +25,29 @@ def _config(args: argparse.Namespace):
 
 
 def comparison_table(label: str, data_path: str, metrics: dict) -> str:
-    """Base vs fine-tuned scores, their difference, and the better/worse/same count."""
+    """Base vs fine-tuned scores, their difference with its interval, the better/worse/same count and lengths."""
+    from desctune.evaluate import significance_lines
+
     b, f = metrics["base"], metrics["finetuned"]
     return "\n".join([
         f"{label} on {metrics['n']} examples of {data_path}",
-        f"{'':12}{'BLEU':>8}{'ROUGE-L':>10}",
-        f"{'base':12}{b['bleu']:8.2f}{b['rougeL']:10.4f}",
-        f"{'fine-tuned':12}{f['bleu']:8.2f}{f['rougeL']:10.4f}",
-        f"{'difference':12}{f['bleu'] - b['bleu']:+8.2f}{f['rougeL'] - b['rougeL']:+10.4f}",
+        f"{'':12}{'BLEU':>8}{'ROUGE-L':>10}{'chrF++':>8}{'length':>8}",
+        f"{'base':12}{b['bleu']:8.2f}{b['rougeL']:10.4f}{b['chrf']:8.2f}{b['length_ratio']:8.2f}",
+        f"{'fine-tuned':12}{f['bleu']:8.2f}{f['rougeL']:10.4f}{f['chrf']:8.2f}{f['length_ratio']:8.2f}",
+        f"{'difference':12}{f['bleu'] - b['bleu']:+8.2f}{f['rougeL'] - b['rougeL']:+10.4f}"
+        f"{f['chrf'] - b['chrf']:+8.2f}",
+        *significance_lines(metrics),
         f"fine-tuned better on {metrics['better']}, worse on {metrics['worse']}, same on {metrics['same']} "
-        f"(by ROUGE-L)",
+        f"(by ROUGE-L; sign test p = {metrics['sign_test_p']:.3g}); length = median output / reference characters",
     ])
 
 
 def metrics_json(metrics: dict) -> dict:
-    """The documented metrics.json shape, nothing more."""
-    return {"n": metrics["n"], **{m: {k: metrics[m][k] for k in ("bleu", "rougeL")} for m in ("base", "finetuned")}}
+    """The documented metrics.json shape (README, "Evaluating a version on other data"), nothing more."""
+    models = {m: {k: metrics[m][k] for k in ("bleu", "rougeL", "chrf", "length_ratio")} for m in ("base", "finetuned")}
+    comparison = {k: {f: v[f] for f in ("delta", "low", "high", "verdict")} for k, v in metrics["comparison"].items()}
+    return {"n": metrics["n"], **models, "difference": comparison,
+            "wins": {k: metrics[k] for k in ("better", "worse", "same")}, "sign_test_p": metrics["sign_test_p"]}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

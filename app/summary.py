@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from desctune.evaluate import significance_lines
 from desctune.tracking import LOCAL_MLFLOW_UI
 
 
@@ -34,11 +35,15 @@ def summary_text(result: dict, flow_run_id: str) -> str:
         f"splits     train {spl['train']['rows']}, val {spl['val']['rows']}, test {spl['test']['rows']}",
         f"training   loss {trn['train_loss_first']:.3f} -> {trn['train_loss_last']:.3f} over {trn['steps']} steps, "
         f"val loss {trn['val_loss']:.3f}, {trn['tokens_per_s']:.0f} tokens/s on {trn['device']} ({trn['dtype']})",
-        f"evaluation {m['n']} test examples    BLEU      ROUGE-L",
-        f"           base                {m['base']['bleu']:8.2f}  {m['base']['rougeL']:9.4f}",
-        f"           fine-tuned          {m['finetuned']['bleu']:8.2f}  {m['finetuned']['rougeL']:9.4f}",
-        f"           better {m['better']}, worse {m['worse']}, same {m['same']} (by ROUGE-L)",
+        f"evaluation {m['n']} test examples    BLEU      ROUGE-L   chrF++   length",
+        *(f"           {label:20}{m[k]['bleu']:8.2f}  {m[k]['rougeL']:9.4f}  {m[k]['chrf']:7.2f}  "
+          f"{m[k]['length_ratio']:6.2f}"
+          for k, label in (("base", "base"), ("finetuned", "fine-tuned"))),
+        *(f"           {line}" for line in significance_lines(m)),
+        f"           better {m['better']}, worse {m['worse']}, same {m['same']} (by ROUGE-L, sign test p = "
+        f"{m['sign_test_p']:.3g}); length = median output / reference characters",
         f"registry   {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or 'none'}",
+        f"           {reg['decision']}",
         f"adapter    {trn['adapter_path']}",
         f"report     {ev['eval_path']}  {ev['plot_path']}",
         "",

@@ -105,6 +105,10 @@ class RegistryConfig(Section):
     experiment: str = "desctune"
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the SQLite store in artifacts")
     metric: Literal["rougeL", "bleu"] = "rougeL"
+    min_improvement: float = Field(
+        0.0, ge=0, description="a challenger becomes champion only when the lower bound of the paired 95% interval "
+        "of (challenger - champion) on `metric` is above this"
+    )
 
 
 class Config(Section):

@@ -14,6 +14,7 @@ import pandas as pd
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from desctune import significance as sig
 from desctune.config import DataConfig, EvalConfig
 from desctune.errors import AdapterError
 from desctune.files import atomic_path, write_parquet
@@ -46,7 +47,40 @@ def score(references: list[str], outputs: dict[str, list[str]]) -> tuple[pd.Data
     metrics["worse"] = int((df["delta_rougeL"] < -eps).sum())
     metrics["same"] = len(df) - metrics["better"] - metrics["worse"]
     metrics["identical_outputs"] = float((df["base_output"] == df["finetuned_output"]).mean()) if len(df) else 0.0
+    metrics.update(compare(df, metrics))
     return df, metrics
+
+
+def compare(df: pd.DataFrame, metrics: dict) -> dict:
+    """chrF++ and length ratios for both models, and for each metric the paired 95% bootstrap interval of
+    (fine-tuned - base) with its verdict, plus the sign test of the ROUGE-L wins and losses."""
+    refs = df["reference"].tolist()
+    out: dict = {"comparison": {}, "resamples": sig.RESAMPLES}
+    stats = {}
+    for name in MODELS:
+        hyps = df[f"{name}_output"].tolist()
+        stats[name] = {m: sig.corpus_stats(m, hyps, refs) for m in ("bleu", "chrf")}
+        metrics[name]["chrf"] = sig.corpus_score("chrf", stats[name]["chrf"].sum(axis=0)) if len(df) else 0.0
+        lengths = sig.length_ratios(hyps, refs)
+        metrics[name]["length_ratio"] = lengths["median"]
+        metrics[name]["length_ratio_by_reference_chars"] = lengths["buckets"]
+        df[f"{name}_length_ratio"] = [len(h) / max(len(r), 1) for h, r in zip(hyps, refs)]
+    for m in ("bleu", "chrf"):
+        out["comparison"][m] = sig.paired_corpus(m, stats["base"][m], stats["finetuned"][m])
+    out["comparison"]["rougeL"] = sig.paired_mean(df["base_rougeL"].tolist(), df["finetuned_rougeL"].tolist())
+    for interval in out["comparison"].values():
+        interval["verdict"] = sig.verdict(interval)
+    out["sign_test_p"] = sig.sign_test(metrics["better"], metrics["worse"])
+    return out
+
+
+METRIC_LABELS = {"rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF++"}
+
+
+def significance_lines(metrics: dict) -> list[str]:
+    """For people: one line a metric ('fine-tuned better: ROUGE-L +0.0120 [+0.0040, +0.0200], 95% CI')."""
+    return [sig.describe(METRIC_LABELS[m], metrics["comparison"][m], 4 if m == "rougeL" else 2)
+            for m in ("rougeL", "bleu", "chrf")]
 
 
 def adapter_problems(status: dict, identical_outputs: float | None = None) -> list[str]:
@@ -151,6 +185,10 @@ def evaluate_file(adapter_dir: str, data: DataConfig, cfg: EvalConfig, artifacts
     return evaluate_adapter(adapter_dir, cleaned["path"], cfg, artifacts_dir, out_dir) | {"data": cleaned}
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _cell(text, n: int) -> str:
     """Text shortened and made safe for one markdown table cell."""
     return str(text)[:n].replace("|", "/").replace("\n", " ")
@@ -161,12 +199,23 @@ def markdown_report(metrics: dict, df: pd.DataFrame, worst: int = 5) -> str:
     lines = [
         f"## Evaluation on {metrics['n']} examples",
         "",
-        "| model | corpus BLEU | ROUGE-L F (mean) |",
-        "|---|---|---|",
-        *(f"| {m} | {metrics[m]['bleu']:.2f} | {metrics[m]['rougeL']:.4f} |" for m in MODELS),
+        "| model | corpus BLEU (0-100) | ROUGE-L F (mean, 0-1) | chrF++ (0-100) | median length / reference |",
+        "|---|---|---|---|---|",
+        *(f"| {m} | {metrics[m]['bleu']:.2f} | {metrics[m]['rougeL']:.4f} | {metrics[m]['chrf']:.2f} "
+          f"| {metrics[m]['length_ratio']:.2f} |" for m in MODELS),
+        "",
+        *(f"- {line}" for line in significance_lines(metrics)),
         "",
         f"Fine-tuned better on {metrics['better']}, worse on {metrics['worse']}, same on {metrics['same']} examples "
-        f"(by ROUGE-L); outputs identical to the base on {metrics['identical_outputs']:.0%}.",
+        f"(by ROUGE-L; sign test p = {metrics['sign_test_p']:.3g}); outputs identical to the base on "
+        f"{metrics['identical_outputs']:.0%}. Intervals: paired bootstrap over examples, {metrics['resamples']} "
+        "resamples, seeded.",
+        "",
+        "Median output/reference length by reference length (characters): "
+        + "; ".join(f"{bucket} ({metrics['base']['length_ratio_by_reference_chars'][bucket]['n']} examples): "
+                    + ", ".join(f"{m} {_ratio(metrics[m]['length_ratio_by_reference_chars'][bucket]['median'])}"
+                                for m in MODELS)
+                    for bucket in metrics["base"]["length_ratio_by_reference_chars"]) + ".",
         "",
         "### Examples that got worst",
         "",

@@ -101,11 +101,20 @@ def stage_metrics(stages: dict) -> dict:
     }
     for reason, n in cln.get("by_reason", {}).items():
         m[f"rejected_{reason}"] = n
-    for model in ("base", "finetuned"):
-        for key in ("bleu", "rougeL"):
-            m[f"{model}_{key}"] = ev["metrics"][model][key]
-    m["eval_better"], m["eval_worse"], m["eval_same"] = (ev["metrics"][k] for k in ("better", "worse", "same"))
+    m.update(evaluation_metrics(ev["metrics"]))
     return {k: float(v) for k, v in m.items() if v is not None}
+
+
+def evaluation_metrics(metrics: dict) -> dict:
+    """An evaluation as MLflow metrics: each model's scores and length ratio, each difference with its 95% interval
+    (`delta_rougeL`, `delta_rougeL_low`, `delta_rougeL_high`), the win counts and the sign test."""
+    m = {f"{model}_{key}": metrics[model][key] for model in MODELS
+         for key in ("bleu", "rougeL", "chrf", "length_ratio")}
+    for key, interval in metrics["comparison"].items():
+        m.update({f"delta_{key}": interval["delta"], f"delta_{key}_low": interval["low"],
+                  f"delta_{key}_high": interval["high"]})
+    m.update({f"eval_{k}": metrics[k] for k in ("better", "worse", "same")}, eval_sign_test_p=metrics["sign_test_p"])
+    return m
 
 
 def log_results(cfg: Config, run_id: str, stages: dict) -> None:
@@ -152,10 +161,9 @@ def log_evaluation(
     run_id = c.create_run(experiment_id(cfg), tags=tags, run_name=f"evaluate {label}").info.run_id
     try:
         metrics = result["metrics"]
-        for m in MODELS:
-            for k in ("bleu", "rougeL"):
-                c.log_metric(run_id, f"{m}_{k}", metrics[m][k])
-        for k in ("n", "better", "worse", "same", "identical_outputs"):
+        for key, value in evaluation_metrics(metrics).items():
+            c.log_metric(run_id, key, float(value))
+        for k in ("n", "identical_outputs"):
             c.log_metric(run_id, f"eval_{k}", float(metrics[k]))
         log_dataset(run_id, "eval-raw", raw["input_path"], raw["input_sha256"], "evaluation-raw", rows=raw["records"])
         log_dataset(run_id, "eval", cleaned["path"], cleaned["sha256"], "evaluation", rows=cleaned["kept"])

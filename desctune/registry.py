@@ -10,9 +10,13 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from desctune.config import Config
 from desctune.errors import RegistryError
@@ -22,6 +26,7 @@ from desctune.tracking import client, run_url, tracking_uri, ui_base
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
 MAX_HISTORY = 50
+EVAL_ARTIFACT = "evaluation/eval.parquet"  # each version's per-example evaluation, in its run
 
 
 def version_url(cfg: Config, name: str, version: str) -> str:
@@ -29,16 +34,30 @@ def version_url(cfg: Config, name: str, version: str) -> str:
     return f"{ui_base(cfg)}/#/models/{name}/versions/{version}"
 
 
-def metric_of(version, key: str) -> float | None:
-    value = version.tags.get(f"metric.{key}")
-    return float(value) if value is not None else None
+def gate(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
+         min_improvement: float = 0.0, champion_label: str = "the champion") -> tuple[bool, str]:
+    """Whether a challenger becomes champion, and why, in one sentence: strictly better than the base and than the
+    champion on `key` (ties keep the champion), and, given the paired 95% interval of (challenger - champion) on the
+    same test records, its lower bound above `min_improvement`."""
+    value, over_base = challenger[key], f"{key} {challenger[key]:.4g} beats base {base[key]:.4g}"
+    if value <= base[key]:
+        return False, f"stays challenger: {key} {value:.4g} does not beat base {base[key]:.4g}"
+    if champion is None:
+        return True, f"champion: {over_base} and there was no champion"
+    if value <= champion:
+        return False, f"stays challenger: {key} {value:.4g} does not beat {champion_label} ({champion:.4g})"
+    if interval is None:
+        return True, f"champion: {over_base} and {champion_label} ({champion:.4g})"
+    diff = f"by {interval['delta']:+.4g} [{interval['low']:+.4g}, {interval['high']:+.4g}], 95% CI"
+    if interval["low"] <= min_improvement:
+        return False, (f"stays challenger: {over_base} and {champion_label} ({champion:.4g}) {diff}, but not "
+                       f"significantly: the interval does not lie above registry.min_improvement {min_improvement:g}")
+    return True, f"champion: {over_base} and {champion_label} ({champion:.4g}) {diff}"
 
 
-def should_promote(challenger: dict, base: dict, champion: float | None, key: str) -> bool:
-    """Strictly better than the base and than the current champion (ties keep the champion)."""
-    if challenger[key] <= base[key]:
-        return False
-    return champion is None or challenger[key] > champion
+def should_promote(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
+                   min_improvement: float = 0.0) -> bool:
+    return gate(challenger, base, champion, key, interval, min_improvement)[0]
 
 
 def current_user() -> str:
@@ -117,19 +136,52 @@ def resolve_model(cfg: Config, ref: str) -> dict:
             "adapter_path": str(found.adapter_dir), "adapter_sha256": dir_sha256(found.adapter_dir)}
 
 
-def champion_score(cfg: Config, champion, test: dict, eval_cfg) -> float | None:
-    """The champion's metric on this run's test set: from its tags when it was measured there, else re-measured."""
-    if champion is None:
-        return None
-    if champion.tags.get("data.test_sha256") == test["sha256"] and champion.tags.get("eval_config") == eval_cfg.digest():
-        return metric_of(champion, f"finetuned_{cfg.registry.metric}")
+def champion_examples(cfg: Config, champion, test: dict, eval_cfg) -> pd.DataFrame:
+    """The champion's per-example evaluation on this run's test set: the table it was registered with when it was
+    measured there with the same settings, else a fresh evaluation of it."""
+    tags = champion.tags
+    if tags.get("data.test_sha256") == test["sha256"] and tags.get("eval_config") == eval_cfg.digest():
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=EVAL_ARTIFACT,
+                                                       tracking_uri=tracking_uri(cfg))
+            return pd.read_parquet(path)
+        except mlflow.exceptions.MlflowException:
+            pass
     from desctune.evaluate import evaluate_adapter
     from desctune.stages import stage_folder
 
     model = resolve_model(cfg, f"models:/{cfg.registry.model_name}/{champion.version}")
     out = stage_folder(cfg.artifacts_dir, "evaluate-champion", model["adapter_sha256"], test["sha256"], eval_cfg)
     result = evaluate_adapter(model["adapter_path"], test["path"], eval_cfg, cfg.artifacts_dir, out)
-    return result["metrics"]["finetuned"][cfg.registry.metric]
+    return pd.read_parquet(result["eval_path"])
+
+
+def versus_champion(key: str, challenger: pd.DataFrame, champion: pd.DataFrame) -> tuple[float, dict]:
+    """The champion's `key` on the same records and the paired 95% interval of (challenger - champion)."""
+    from desctune import significance as sig
+
+    if challenger["reference"].tolist() != champion["reference"].tolist():
+        raise RegistryError("the champion's evaluation is not on the challenger's test records: cannot compare them")
+    if key == "rougeL":
+        return float(champion["finetuned_rougeL"].mean()), sig.paired_mean(champion["finetuned_rougeL"].tolist(),
+                                                                            challenger["finetuned_rougeL"].tolist())
+    refs = challenger["reference"].tolist()
+    a = sig.corpus_stats(key, champion["finetuned_output"].tolist(), refs)
+    b = sig.corpus_stats(key, challenger["finetuned_output"].tolist(), refs)
+    return sig.corpus_score(key, a.sum(axis=0)), sig.paired_corpus(key, a, b)
+
+
+def description(stages: dict, run_id: str) -> str:
+    """The model version's description, for people: what it is, and whether it beat its base and how surely."""
+    from desctune.evaluate import significance_lines
+
+    m = stages["evaluate"]["metrics"]
+    b, f = m["base"], m["finetuned"]
+    return (f"LoRA adapter on {stages['base']['name']} that writes a product description from a product title, "
+            f"trained by MLflow run {run_id}. Test set ({m['n']} examples), base -> fine-tuned: "
+            f"BLEU {b['bleu']:.2f} -> {f['bleu']:.2f} (0-100), ROUGE-L {b['rougeL']:.4f} -> {f['rougeL']:.4f} (0-1), "
+            f"chrF++ {b['chrf']:.2f} -> {f['chrf']:.2f} (0-100). " + "; ".join(significance_lines(m))
+            + f"; better on {m['better']}, worse on {m['worse']} examples (by ROUGE-L).")
 
 
 def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None = None) -> dict:
@@ -175,31 +227,33 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         "data.train_sha256": stages["sample"]["train"]["sha256"],
         "data.test_sha256": test["sha256"],
         "eval_config": cfg.eval.digest(),
-        **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned") for k in ("bleu", "rougeL")},
+        **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned")
+           for k in ("bleu", "rougeL", "chrf")},
+        **{f"metric.delta_{k}": json.dumps(v) for k, v in metrics["comparison"].items()},
         **(lineage or {}),
     }
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, str(v))
-    c.update_model_version(
-        name, version,
-        description=(
-            f"LoRA adapter on {stages['base']['name']}, trained by MLflow run {run_id}. "
-            f"Test set ({metrics['n']} examples): BLEU {metrics['base']['bleu']:.2f} -> {metrics['finetuned']['bleu']:.2f}, "
-            f"ROUGE-L {metrics['base']['rougeL']:.4f} -> {metrics['finetuned']['rougeL']:.4f} (base -> fine-tuned)."
-        ),
-    )
+    evaluation = pd.read_parquet(stages["evaluate"]["eval_path"])
+    folder, filename = EVAL_ARTIFACT.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(stages["evaluate"]["eval_path"], Path(tmp) / filename)
+        c.log_artifact(run_id, str(Path(tmp) / filename), artifact_path=folder)
+    c.update_model_version(name, version, description=description(stages, run_id))
     champion = get_alias(c, name, CHAMPION)
-    champion_value = champion_score(cfg, champion, test, cfg.eval)
+    champion_value, interval = None, None
+    if champion is not None:
+        champion_value, interval = versus_champion(key, evaluation, champion_examples(cfg, champion, test, cfg.eval))
     c.set_registered_model_alias(name, CHALLENGER, version)
-    promoted = should_promote(metrics["finetuned"], metrics["base"], champion_value, key)
+    promoted, why = gate(metrics["finetuned"], metrics["base"], champion_value, key, interval,
+                         cfg.registry.min_improvement, f"champion version {champion.version}" if champion else "")
+    c.set_model_version_tag(name, version, "champion_gate", why)
     if promoted:
-        against = f"champion version {champion.version} ({champion_value:.4g})" if champion else "no champion"
-        set_champion(c, name, version, "finetune flow",
-                     f"metric gate: {key} {metrics['finetuned'][key]:.4g} beats base {metrics['base'][key]:.4g} and {against}")
+        set_champion(c, name, version, "finetune flow", f"metric gate: {why}")
     aliases = sorted(c.get_model_version(name, version).aliases)
     c.set_tag(run_id, "desctune.model_version", f"{name}/{version}")
     return {
-        "name": name, "version": version, "aliases": aliases, "promoted": promoted,
+        "name": name, "version": version, "aliases": aliases, "promoted": promoted, "decision": why,
         "previous_champion": str(champion.version) if champion else None, "champion_metric": champion_value,
         "model_uri": f"models:/{name}/{version}", "run_id": run_id, "run_url": run_url(cfg, run_id),
         "version_url": version_url(cfg, name, version),

@@ -18,8 +18,8 @@ from desctune.files import stage_dir
 
 # Modules every stage depends on, and each stage's own core modules (with everything they import from desctune).
 COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages")
-_EVALUATE = ("desctune.evaluate", "desctune.inference", "desctune.models", "desctune.tokenize", "desctune.ingest",
-             "desctune.clean")
+_EVALUATE = ("desctune.evaluate", "desctune.significance", "desctune.inference", "desctune.models", "desctune.tokenize",
+             "desctune.ingest", "desctune.clean")
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "ingest": ("desctune.ingest",),
     "clean": ("desctune.clean", "desctune.ingest"),

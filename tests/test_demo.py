@@ -102,6 +102,9 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     shown = at.dataframe[0].value
     assert shown.loc["fine-tuned", "ROUGE-L"] == pytest.approx(float(version.tags["metric.finetuned_rougeL"]))
     assert shown.loc["base", "BLEU"] == pytest.approx(float(version.tags["metric.base_bleu"]))
+    assert shown.loc["fine-tuned", "chrF++"] == pytest.approx(float(version.tags["metric.finetuned_chrf"]))
+    verdicts = [m.value for m in at.markdown if "95% CI" in m.value]
+    assert len(verdicts) == 3 and any("ROUGE-L" in v for v in verdicts)
 
 
 def test_generate_puts_base_and_finetuned_side_by_side_as_evaluated(registered, monkeypatch):

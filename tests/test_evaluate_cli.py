@@ -27,15 +27,24 @@ def test_evaluate_champion_on_the_eval_file_writes_metrics_json(store, tmp_path,
     ref = f"models:/{cfg.registry.model_name}@champion"
     assert main(["evaluate", "--model", ref, "--data", str(EVAL_DATA), "--limit", "3", "--out", str(out), *flags]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"n", "base", "finetuned"} and metrics["n"] == 3
+    assert set(metrics) == {"n", "base", "finetuned", "difference", "wins", "sign_test_p"} and metrics["n"] == 3
     for model in ("base", "finetuned"):
-        assert set(metrics[model]) == {"bleu", "rougeL"}
+        assert set(metrics[model]) == {"bleu", "rougeL", "chrf", "length_ratio"}
         assert 0 <= metrics[model]["bleu"] <= 100 and 0 <= metrics[model]["rougeL"] <= 1
+        assert 0 <= metrics[model]["chrf"] <= 100 and metrics[model]["length_ratio"] >= 0
+    for key in ("bleu", "rougeL", "chrf"):
+        diff = metrics["difference"][key]
+        assert diff["low"] <= diff["delta"] <= diff["high"] and diff["verdict"] in (
+            "better", "worse", "no significant difference")
+    assert sum(metrics["wins"].values()) == 3 and 0 <= metrics["sign_test_p"] <= 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{cfg.registry.model_name} version 1 (@challenger, @champion) on 3 examples of {EVAL_DATA}"
-    assert lines[1].split() == ["BLEU", "ROUGE-L"]
-    assert lines[2].split() == ["base", f"{metrics['base']['bleu']:.2f}", f"{metrics['base']['rougeL']:.4f}"]
-    assert lines[3].split()[1:] == [f"{metrics['finetuned']['bleu']:.2f}", f"{metrics['finetuned']['rougeL']:.4f}"]
+    assert lines[1].split() == ["BLEU", "ROUGE-L", "chrF++", "length"]
+    b, f = metrics["base"], metrics["finetuned"]
+    assert lines[2].split() == ["base", f"{b['bleu']:.2f}", f"{b['rougeL']:.4f}", f"{b['chrf']:.2f}",
+                                f"{b['length_ratio']:.2f}"]
+    assert lines[3].split()[1:3] == [f"{f['bleu']:.2f}", f"{f['rougeL']:.4f}"]
+    assert any(line.endswith("95% CI") and "ROUGE-L" in line for line in lines)
 
 
 def test_evaluate_an_adapter_folder_and_a_version_number_agree(store, tmp_path):

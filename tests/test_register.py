@@ -22,15 +22,28 @@ def test_gate_needs_strictly_better_than_base_and_champion():
     assert not should_promote({"rougeL": 0.2}, {"rougeL": 0.2}, None, "rougeL")
 
 
-def stages_for(adapter, base_dir, rougeL: float, base_rougeL: float = 0.1) -> dict:
-    """What the flow hands to register: a real adapter folder plus the evaluation's scores on one test set."""
-    scores = {"bleu": 10 * rougeL, "rougeL": rougeL}
+def stages_for(adapter, base_dir, rougeL: float, base_rougeL: float = 0.1,
+               per_example: list[float] | None = None) -> dict:
+    """What the flow hands to register: a real adapter folder plus the evaluation's scores on one test set, with a
+    per-example table whose fine-tuned ROUGE-L averages `rougeL` (`per_example` sets the rows; all equal by default)."""
+    rows = per_example or [rougeL] * 6
+    refs = [f"reference description number {i}" for i in range(len(rows))]
+    table = pd.DataFrame({"reference": refs, "base_output": ["base"] * len(rows), "finetuned_output": refs,
+                          "base_rougeL": [base_rougeL] * len(rows), "finetuned_rougeL": rows})
+    eval_path = adapter.parent / f"eval-{rougeL}-{len(rows)}-{sum(rows):.6f}.parquet"
+    table.to_parquet(eval_path)
+    scores = {"bleu": 10 * rougeL, "rougeL": rougeL, "chrf": 20 * rougeL, "length_ratio": 1.0}
+    base = {"bleu": 1.0, "rougeL": base_rougeL, "chrf": 2.0, "length_ratio": 0.5}
+    comparison = {k: {"delta": scores[k] - base[k], "low": 0.0, "high": 2 * (scores[k] - base[k]), "verdict": "better"}
+                  for k in ("bleu", "rougeL", "chrf")}
     return {
         "base": {"name": str(base_dir), "sha256": dir_sha256(base_dir)},
         "ingest": {"input_sha256": "in" * 32}, "clean": {"sha256": "cl" * 32},
         "sample": {"train": {"sha256": "tr" * 32}, "test": {"sha256": "te" * 32, "path": "unused"}},
         "train": {"adapter_path": str(adapter), "adapter_sha256": dir_sha256(adapter)},
-        "evaluate": {"metrics": {"n": 6, "base": {"bleu": 1.0, "rougeL": base_rougeL}, "finetuned": scores}},
+        "evaluate": {"eval_path": str(eval_path),
+                     "metrics": {"n": len(rows), "base": base, "finetuned": scores, "comparison": comparison,
+                                 "better": len(rows), "worse": 0, "same": 0, "sign_test_p": 0.03}},
     }
 
 
@@ -105,6 +118,32 @@ def test_promote_and_rollback_record_who_and_why(registry, monkeypatch, capsys):
     assert err[0] == f"desctune: {name} has no previous champion to roll back to (the champion is version 1)"
     assert err[1] == f"desctune: the registry has no model {name} version 99"
     assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_a_challenger_better_on_average_but_not_significantly_stays_challenger(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, registry={"model_name": "tiny-noisy"})
+    adapters = [save_adapter(tiny_model_dir, tmp_path / f"run{i}" / "adapter", seed=i) for i in range(3)]
+    champion = [0.1, 0.5] * 10
+    noisy = [0.5, 0.1] * 9 + [0.5, 0.14]  # higher mean by 0.002, wins and losses alike
+    steady = [v + 0.05 for v in champion]  # better on every record
+    first = register(cfg, stages_for(adapters[0], tiny_model_dir, sum(champion) / 20, per_example=champion))
+    second = register(cfg, stages_for(adapters[1], tiny_model_dir, sum(noisy) / 20, per_example=noisy))
+    third = register(cfg, stages_for(adapters[2], tiny_model_dir, sum(steady) / 20, per_example=steady))
+    assert [r["promoted"] for r in (first, second, third)] == [True, False, True]
+    assert second["decision"].startswith("stays challenger: rougeL 0.302 beats base 0.1 and champion version 1 (0.3)")
+    assert "but not significantly" in second["decision"] and "95% CI" in second["decision"]
+    c = client(cfg)
+    assert c.get_model_version("tiny-noisy", "2").tags["champion_gate"] == second["decision"]
+    assert third["decision"].startswith("champion: rougeL 0.35 beats base 0.1 and champion version 1 (0.3) by +0.05")
+    assert str(c.get_model_version_by_alias("tiny-noisy", "champion").version) == "3"
+
+
+def test_min_improvement_raises_the_bar(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, registry={"model_name": "tiny-margin", "min_improvement": 0.1})
+    adapters = [save_adapter(tiny_model_dir, tmp_path / f"run{i}" / "adapter", seed=i) for i in range(2)]
+    register(cfg, stages_for(adapters[0], tiny_model_dir, 0.3))
+    result = register(cfg, stages_for(adapters[1], tiny_model_dir, 0.35))
+    assert not result["promoted"] and "registry.min_improvement 0.1" in result["decision"]
 
 
 def test_guarded_flow_run_registers_nothing_and_its_mlflow_run_is_failed(tmp_path, tiny_model_dir):
