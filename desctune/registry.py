@@ -184,6 +184,35 @@ def description(stages: dict, run_id: str) -> str:
             + f"; better on {m['better']}, worse on {m['worse']} examples (by ROUGE-L).")
 
 
+def same_model(c, name: str, adapter_sha256: str, test_sha256: str, eval_config: str):
+    """The version that already holds this adapter, evaluated on the same test records with the same settings."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name = '{name}' and tags.adapter_sha256 = '{adapter_sha256}'")
+    except MlflowException:
+        return None
+    found = [v for v in found if v.tags.get("data.test_sha256") == test_sha256
+             and v.tags.get("eval_config") == eval_config]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def unchanged(cfg: Config, c, version, run_id: str) -> dict:
+    """What register reports when an unchanged run names the version it would have duplicated."""
+    name, number = version.name, str(version.version)
+    c.set_tag(run_id, "desctune.model_version", f"{name}/{number}")
+    champion = get_alias(c, name, CHAMPION)
+    return {
+        "name": name, "version": number, "aliases": sorted(c.get_model_version(name, number).aliases),
+        "promoted": False, "unchanged": True,
+        "decision": f"unchanged: version {number} already holds this adapter, evaluated on the same test records with "
+                    "the same settings; no new version, aliases as they were",
+        "previous_champion": str(champion.version) if champion else None, "champion_metric": None,
+        "model_uri": f"models:/{name}/{number}", "run_id": run_id, "run_url": run_url(cfg, run_id),
+        "version_url": version_url(cfg, name, number), "tracking_uri": tracking_uri(cfg),
+    }
+
+
 def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None = None) -> dict:
     """Log the adapter as an MLflow pyfunc model version, tag its lineage (plus `lineage`, the orchestrator's run),
     set challenger and maybe champion. The run's whole config travels with the model as its model_config, so the
@@ -197,23 +226,30 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
     c = client(cfg)
     name = cfg.registry.model_name
     trained, metrics, test = stages["train"], stages["evaluate"]["metrics"], stages["sample"]["test"]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=DescTuneModel(),
-            artifacts={"adapter": trained["adapter_path"]},
-            signature=SIGNATURE,
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"transformers=={transformers.__version__}",
-                f"peft=={peft.__version__}",
-                f"mlflow=={mlflow.__version__}",
-            ],
-            registered_model_name=name,
-            metadata={"base_model": stages["base"]["name"], "base_model_sha256": stages["base"]["sha256"]},
-            model_config=json.loads(cfg.model_dump_json()),
-        )
-    version = str(info.registered_model_version)
+    same = same_model(c, name, trained["adapter_sha256"], test["sha256"], cfg.eval.digest())
+    if same is not None and same.run_id != run_id:
+        return unchanged(cfg, c, same, run_id)
+    retried = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if retried:
+        version = str(retried[0].version)
+    else:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=DescTuneModel(),
+                artifacts={"adapter": trained["adapter_path"]},
+                signature=SIGNATURE,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"transformers=={transformers.__version__}",
+                    f"peft=={peft.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+                registered_model_name=name,
+                metadata={"base_model": stages["base"]["name"], "base_model_sha256": stages["base"]["sha256"]},
+                model_config=json.loads(cfg.model_dump_json()),
+            )
+        version = str(info.registered_model_version)
     key = cfg.registry.metric
     tags = {
         "desctune.run_id": run_id,
@@ -253,7 +289,8 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
     aliases = sorted(c.get_model_version(name, version).aliases)
     c.set_tag(run_id, "desctune.model_version", f"{name}/{version}")
     return {
-        "name": name, "version": version, "aliases": aliases, "promoted": promoted, "decision": why,
+        "name": name, "version": version, "aliases": aliases, "promoted": promoted, "unchanged": False,
+        "decision": why,
         "previous_champion": str(champion.version) if champion else None, "champion_metric": champion_value,
         "model_uri": f"models:/{name}/{version}", "run_id": run_id, "run_url": run_url(cfg, run_id),
         "version_url": version_url(cfg, name, version),

@@ -9,7 +9,7 @@ from desctune.lineage import fail_run
 from desctune.tracking import tracking_uri
 from tasks.base_model import base_model
 from tasks.clean import clean
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, report
 from tasks.ingest import fingerprint, ingest
 from tasks.register import register, start_tracking
 from tasks.sample import sample
@@ -36,6 +36,7 @@ def finetune(config: Config = Config()) -> dict:
     tokens = tokenize(splits, base, cfg.model, cfg.artifacts_dir)
     trained = train(tokens, base, cfg.model, cfg.lora, cfg.train, cfg.artifacts_dir, run_id, tracking_uri(cfg))
     evaluated = evaluate(trained, splits, cfg.eval, cfg.artifacts_dir)
+    report(evaluated)
     stages = {"ingest": raw, "clean": cleaned, "sample": splits, "base": base, "tokenize": tokens,
               "train": trained, "evaluate": evaluated}
     registered = register(cfg, run_id, stages)

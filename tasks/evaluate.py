@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import task
+from prefect.utilities.hashing import hash_objects
 
 from desctune.config import EvalConfig
+from desctune.errors import AdapterError
 from desctune.evaluate import evaluate_adapter, guard_adapter
 from desctune.stages import stage_folder
 
@@ -24,14 +26,32 @@ def publish(result: dict, key: str = "evaluation") -> None:
                           description="per-example scores (the full table with outputs is eval.parquet)")
 
 
-@task(name="evaluate", retries=0)
+def evaluate_key(context, parameters: dict) -> str:
+    """The evaluation's own inputs: the adapter's and the test split's content, the settings and the code version
+    (not the rest of the train result, which carries the MLflow run that trained it)."""
+    out_dir = stage_folder(parameters["artifacts_dir"], "evaluate", parameters["trained"]["adapter_sha256"],
+                           parameters["splits"]["test"]["sha256"], parameters["cfg"])
+    return f"{out_dir.name}-{hash_objects(str(out_dir.resolve()), context.task.fn.__code__.co_code)}"
+
+
+@task(name="evaluate", cache_key_fn=evaluate_key, persist_result=True, retries=0)
 def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
-    """Evaluate the trained adapter on the test split, publish the report, then refuse an adapter with no effect."""
+    """Evaluate the trained adapter on the test split and refuse one with no effect (publishing the report first, so
+    a refused run shows why). Cached on the adapter's and the test split's content and the evaluation settings."""
     out_dir = stage_folder(artifacts_dir, "evaluate", trained["adapter_sha256"], splits["test"]["sha256"], cfg)
     result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir, True)
-    publish(result)
-    guard_adapter(result["adapter_status"], result["metrics"]["identical_outputs"])
+    try:
+        guard_adapter(result["adapter_status"], result["metrics"]["identical_outputs"])
+    except AdapterError:
+        publish(result)
+        raise
     return result
+
+
+@task(name="report")
+def report(evaluated: dict) -> None:
+    """The evaluation's report in this flow run's artifacts, computed now or taken from the cache."""
+    publish(evaluated)
 
 
 @task(name="evaluate-model", retries=0)

@@ -75,5 +75,20 @@ def test_second_identical_run_takes_ingest_to_train_from_cache(two_runs):
     states_second = asyncio.run(task_states(second.state_details.flow_run_id))
     assert all(states_first[s] == "Completed" for s in CACHED_STAGES)
     assert {s: states_second[s] for s in CACHED_STAGES} == {s: "Cached" for s in CACHED_STAGES}
-    assert states_second["evaluate"] == "Completed" and states_second["register"] == "Completed"
+    assert states_second["evaluate"] == "Cached" and states_second["register"] == "Completed"
     assert first.result()["train"]["adapter_sha256"] == second.result()["train"]["adapter_sha256"]
+    registered = second.result()["register"]
+    assert registered["unchanged"] and registered["version"] == first.result()["register"]["version"]
+
+
+def test_a_changed_setting_reruns_only_the_stages_after_it(two_runs):
+    import asyncio
+
+    cfg, first, _ = two_runs
+    eval_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 5})})
+    lora_only = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 2})})
+    for changed, rerun in ((eval_only, {"evaluate"}), (lora_only, {"train", "evaluate"})):
+        state = finetune(config=changed, return_state=True)
+        states = asyncio.run(task_states(state.state_details.flow_run_id))
+        assert {s for s in (*CACHED_STAGES, "evaluate") if states[s] != "Cached"} == rerun
+        assert states["register"] == "Completed" and not state.result()["register"]["unchanged"]

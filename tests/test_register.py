@@ -57,8 +57,8 @@ def registry(tmp_path_factory, tiny_model_dir):
     """Four versions in a real SQLite registry: beats the base, worse, an exact tie (to 7 digits), better."""
     tmp = tmp_path_factory.mktemp("registry")
     cfg = tiny_config(tmp, tiny_model_dir)
-    adapters = [save_adapter(tiny_model_dir, tmp / f"run{i}" / "adapter", seed=i) for i in range(2)]
-    results = [register(cfg, stages_for(adapters[i % 2], tiny_model_dir, score))
+    adapters = [save_adapter(tiny_model_dir, tmp / f"run{i}" / "adapter", seed=i) for i in range(4)]
+    results = [register(cfg, stages_for(adapters[i], tiny_model_dir, score))
                for i, score in enumerate((0.1234561, 0.11, 0.1234561, 0.40))]
     return cfg, results
 
@@ -136,6 +136,20 @@ def test_a_challenger_better_on_average_but_not_significantly_stays_challenger(t
     assert c.get_model_version("tiny-noisy", "2").tags["champion_gate"] == second["decision"]
     assert third["decision"].startswith("champion: rougeL 0.35 beats base 0.1 and champion version 1 (0.3) by +0.05")
     assert str(c.get_model_version_by_alias("tiny-noisy", "champion").version) == "3"
+
+
+def test_the_same_adapter_and_evaluation_name_the_existing_version(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, registry={"model_name": "tiny-same"})
+    adapter = save_adapter(tiny_model_dir, tmp_path / "run" / "adapter")
+    first = register(cfg, stages_for(adapter, tiny_model_dir, 0.3))
+    again = register(cfg, stages_for(adapter, tiny_model_dir, 0.3))
+    assert again["version"] == first["version"] == "1" and again["unchanged"] and not again["promoted"]
+    assert again["decision"].startswith("unchanged: version 1 already holds this adapter")
+    c = client(cfg)
+    assert len(c.search_model_versions("name = 'tiny-same'")) == 1
+    assert c.get_run(again["run_id"]).data.tags["desctune.model_version"] == "tiny-same/1"
+    retried = register_model(cfg, first["run_id"], stages_for(adapter, tiny_model_dir, 0.3))
+    assert retried["version"] == "1" and len(c.search_model_versions("name = 'tiny-same'")) == 1
 
 
 def test_min_improvement_raises_the_bar(tmp_path, tiny_model_dir):
