@@ -58,11 +58,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from desctune.stages import stage_folder
 
     cfg = _config(args)
+    eval_cfg = cfg.eval.updated(limit=args.limit)
     if not Path(args.data).is_file():
         raise DataError(f"data file not found: {args.data}")
     model = resolve_model(cfg, args.model)
     data = cfg.data.model_copy(update={"path": str(args.data)})
-    eval_cfg = cfg.eval.model_copy(update={"limit": args.limit})
     out_dir = stage_folder(cfg.artifacts_dir, "evaluate-cli", model["adapter_sha256"], file_sha256(args.data), data,
                            eval_cfg)
     result = evaluate_file(model["adapter_path"], data, eval_cfg, cfg.artifacts_dir, out_dir)

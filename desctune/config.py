@@ -21,12 +21,22 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+# Upper bounds for what one generation call may ask for: beyond them a request costs minutes to hours and memory
+# without a use (the registered model's parameters are held to the same).
+MAX_GENERATION_BATCH = 256
+MAX_NEW_TOKENS = 1024
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def digest(self) -> str:
         """A short stable hash of this section, for cache keys and registry tags."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def updated(self, **changes):
+        """A validated copy with `changes` applied (model_copy does not validate); a bad value is a ConfigError."""
+        return _validated(type(self), {**self.model_dump(), **changes})
 
     def subset(self, names: tuple[str, ...]) -> dict:
         """The named fields and their values: the part of a section that one stage's output depends on."""
@@ -92,8 +102,8 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     limit: int | None = Field(50, ge=1, description="test examples to generate for (None: all)")
-    batch_size: int = Field(16, ge=1, description="generation batch, independent of training's")
-    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_GENERATION_BATCH, description="generation batch, independent of training's")
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     repetition_penalty: float = Field(
         1.2, ge=1.0, description="for base and fine-tuned alike: greedy decoding of small models loops without it"
     )
@@ -158,9 +168,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping of sections")
-    data = apply_overrides(data, overrides or [])
+    return _validated(Config, apply_overrides(data, overrides or []))
+
+
+def _validated(model: type[BaseModel], data: dict):
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from desctune.config import ModelConfig
 from desctune.errors import AdapterError
 from desctune.tokenize import prompt_ids
+
+log = logging.getLogger(__name__)
 
 
 def adapter_meta(adapter_dir: str | Path) -> dict:
@@ -66,6 +69,29 @@ def base_context(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
+def context_length(model) -> int:
+    """How many tokens the model attends over (prompt plus generated)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
+def fit_prompts(tokenizer, titles: list[str], system_prompt: str, budget: int) -> list[list[int]]:
+    """Each title's prompt ids, the title cut short where the prompt would leave less than the generation's room in
+    the model's context (one warning says how many)."""
+    prompts, cut = [], 0
+    for title in titles:
+        ids = prompt_ids(tokenizer, title, system_prompt)
+        if len(ids) > budget:
+            words = tokenizer(title, add_special_tokens=False)["input_ids"]
+            keep = max(0, len(words) - (len(ids) - budget))
+            ids = prompt_ids(tokenizer, tokenizer.decode(words[:keep]), system_prompt)[:max(budget, 1)]
+            cut += 1
+        prompts.append(ids)
+    if cut:
+        log.warning("%d title(s) cut short so that prompt and max_new_tokens fit the model's context (prompts of at "
+                    "most %d tokens)", cut, budget)
+    return prompts
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -86,7 +112,7 @@ def generate(
     differed on half of the benchmark's prompts, so a score would depend on the batch size.
     """
     device = next(model.parameters()).device
-    prompts = [prompt_ids(tokenizer, t, system_prompt) for t in titles]
+    prompts = fit_prompts(tokenizer, titles, system_prompt, context_length(model) - max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id

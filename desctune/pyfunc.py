@@ -41,9 +41,12 @@ class DescTuneModel(mlflow.pyfunc.PythonModel):
         self.settings = decoding_settings(context.model_config)
 
     def predict(self, context, model_input, params=None):
+        from desctune.config import EvalConfig
         from desctune.inference import base_context, generate
 
         params = params or {}
+        request = EvalConfig.model_validate(self.settings).updated(
+            batch_size=int(params.get("batch_size", 16)), max_new_tokens=int(params.get("max_new_tokens", 128)))
         titles = model_input["title"].astype(str).tolist()
         settings = self.settings
         with base_context(self.model) if params.get("base", False) else contextlib.nullcontext():
@@ -52,8 +55,8 @@ class DescTuneModel(mlflow.pyfunc.PythonModel):
                 self.tokenizer,
                 titles,
                 self.meta["system_prompt"],
-                batch_size=int(params.get("batch_size", 16)),
-                max_new_tokens=int(params.get("max_new_tokens", 128)),
+                batch_size=request.batch_size,
+                max_new_tokens=request.max_new_tokens,
                 repetition_penalty=float(settings["repetition_penalty"]),
                 no_repeat_ngram_size=int(settings["no_repeat_ngram_size"]),
             )

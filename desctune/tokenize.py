@@ -28,9 +28,21 @@ def chat_messages(title: str, system_prompt: str, description: str | None = None
     return messages
 
 
+def as_text(tokenizer, text: str) -> str:
+    """Data is text: the string of any of the model's special tokens (`<|im_end|>`, `</s>`, ...) inside a title or a
+    description is removed, so the data can never end a turn or open a new one."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(
+        tokenizer.all_special_tokens)
+    for special in specials:
+        if special and special in text:
+            text = text.replace(special, "")
+    return text
+
+
 def prompt_text(tokenizer, title: str, system_prompt: str) -> str:
     """The generation prompt: system and user turns plus the opened assistant turn."""
-    return tokenizer.apply_chat_template(chat_messages(title, system_prompt), add_generation_prompt=True, tokenize=False)
+    messages = chat_messages(as_text(tokenizer, title), system_prompt)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def prompt_ids(tokenizer, title: str, system_prompt: str) -> list[int]:
@@ -39,9 +51,8 @@ def prompt_ids(tokenizer, title: str, system_prompt: str) -> list[int]:
 
 def completion_text(tokenizer, prompt: str, title: str, description: str, system_prompt: str) -> str:
     """The assistant answer as the template renders it after `prompt`, ending with the end-of-turn token."""
-    full = tokenizer.apply_chat_template(
-        chat_messages(title, system_prompt, description), add_generation_prompt=False, tokenize=False
-    )
+    messages = chat_messages(as_text(tokenizer, title), system_prompt, as_text(tokenizer, description))
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with an answer; cannot mask the prompt")
     answer = full[len(prompt):].rstrip()

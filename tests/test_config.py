@@ -39,3 +39,12 @@ def test_missing_profile_and_digest_follow_content(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     assert Config().digest() == Config().digest() != load_config(None, ["train.seed=1"]).digest()
+
+
+def test_generation_requests_are_bounded():
+    from desctune.config import MAX_NEW_TOKENS, EvalConfig
+
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        load_config(None, [f"eval.max_new_tokens={MAX_NEW_TOKENS + 1}"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        EvalConfig().updated(batch_size=100_000)

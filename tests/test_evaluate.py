@@ -116,3 +116,15 @@ def test_guard_rejects_a_disabled_adapter(tiny_model_dir):
     assert status["loaded"] and not status["active"]
     with pytest.raises(AdapterError, match="not applied"):
         guard_adapter(status, 0.0)
+
+
+def test_a_title_longer_than_the_context_is_cut_with_one_warning(tiny_model_dir, caplog):
+    from desctune.models import load_tokenizer
+
+    model, tokenizer = peft_tiny(tiny_model_dir, True), load_tokenizer(tiny_model_dir)
+    titles = ["Blue ceramic mug " * 2000, "Steel kettle"]
+    with caplog.at_level("WARNING", logger="desctune.inference"):
+        out = generate(model, tokenizer, titles, "Describe.", batch_size=2, max_new_tokens=8)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == [
+        "1 title(s) cut short so that prompt and max_new_tokens fit the model's context (prompts of at most 504 tokens)"]

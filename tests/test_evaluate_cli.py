@@ -71,3 +71,12 @@ def test_evaluate_errors_are_one_line_and_exit_2(store, capsys, ref, data, messa
     assert main(["evaluate", "--model", ref, "--data", data or str(EVAL_DATA), "--limit", "1", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("desctune: ") and message in err[0]
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_a_limit_below_one_is_refused_not_a_silent_drop_or_nan(store, capsys, limit):
+    cfg, _, flags = store
+    ref = f"models:/{cfg.registry.model_name}@champion"
+    assert main(["evaluate", "--model", ref, "--data", str(EVAL_DATA), "--limit", limit, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["desctune: invalid config at limit: Input should be greater than or equal to 1 (1 error(s))"]
