@@ -102,7 +102,9 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     limit: int | None = Field(50, ge=1, description="test examples to generate for (None: all)")
-    batch_size: int = Field(16, ge=1, le=MAX_GENERATION_BATCH, description="generation batch, independent of training's")
+    batch_size: int = Field(
+        16, ge=1, le=MAX_GENERATION_BATCH, description="generation batch, independent of training's"
+    )
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     repetition_penalty: float = Field(
         1.2, ge=1.0, description="for base and fine-tuned alike: greedy decoding of small models loops without it"

@@ -127,4 +127,5 @@ def test_a_title_longer_than_the_context_is_cut_with_one_warning(tiny_model_dir,
         out = generate(model, tokenizer, titles, "Describe.", batch_size=2, max_new_tokens=8)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == [
-        "1 title(s) cut short so that prompt and max_new_tokens fit the model's context (prompts of at most 504 tokens)"]
+        "1 title(s) cut short so that prompt and max_new_tokens fit the model's context "
+        "(prompts of at most 504 tokens)"]
