@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from prefect import task
 
 from desctune.config import Config
@@ -10,6 +12,24 @@ from desctune.lineage import log_evaluation, log_results, start_run
 from desctune.registry import register_model, resolve_model
 from desctune.tracking import client
 from tasks.stage import flow_run_tags, retry_unless_user_error
+
+
+def one_registration_at_a_time(model_name: str):
+    """A Prefect global concurrency limit of 1 per registered model (created on first use), held while a run decides
+    and sets its version and aliases: two runs that finish together, on any workers, cannot both see the old champion
+    and overwrite each other's alias, nor both add the same adapter."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = "desctune-register-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return concurrency(name, occupy=1, strict=True)
 
 
 @task(name="start-tracking", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
@@ -24,7 +44,8 @@ def register(cfg: Config, run_id: str, stages: dict) -> dict:
     from prefect.artifacts import create_link_artifact
 
     log_results(cfg, run_id, stages)
-    registered = register_model(cfg, run_id, stages, flow_run_tags())
+    with one_registration_at_a_time(cfg.registry.model_name):
+        registered = register_model(cfg, run_id, stages, flow_run_tags())
     client(cfg).set_terminated(run_id, "FINISHED")
     create_link_artifact(registered["run_url"], link_text=f"MLflow run {run_id}", key="mlflow-run")
     create_link_artifact(registered["version_url"], link_text=f"{registered['name']} version {registered['version']}",

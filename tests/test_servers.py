@@ -238,7 +238,7 @@ def test_a_second_serve_says_it_is_already_running(served):
     assert str(served.proc.pid) in again.stderr
 
 
-def test_two_identical_runs_at_once_complete_share_one_adapter_and_register_two_versions(served, tiny_model_dir, tmp_path):
+def test_two_identical_runs_at_once_complete_share_one_adapter_and_register_one_version(served, tiny_model_dir, tmp_path):
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
     cfg = tiny_config(
         tmp_path, tiny_model_dir, records,
@@ -249,14 +249,13 @@ def test_two_identical_runs_at_once_complete_share_one_adapter_and_register_two_
     assert [r.state.name for r in runs] == ["Completed", "Completed"], served.artifacts / "serve-logs" / "worker.log"
 
     client = MlflowClient(served.mlflow_url, registry_uri=served.mlflow_url)
-    versions = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
-    assert len(versions) == 2
-    assert {v.tags["prefect.flow_run_id"] for v in versions} == {str(r.id) for r in runs}
-    assert len({v.tags["adapter_sha256"] for v in versions}) == 1
-    challenger = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
-    assert challenger.version in {v.version for v in versions}
-    for v in versions:
-        assert client.get_run(v.run_id).info.status == "FINISHED"
+    [version] = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
+    assert version.tags["prefect.flow_run_id"] in {str(r.id) for r in runs}
+    assert client.get_model_version_by_alias(cfg.registry.model_name, "challenger").version == version.version
+    experiment = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
+    mlflow_runs = client.search_runs([experiment], filter_string="tags.`desctune.model_version` != ''")
+    assert len(mlflow_runs) == 2 and all(r.info.status == "FINISHED" for r in mlflow_runs)
+    assert {r.data.tags["desctune.model_version"] for r in mlflow_runs} == {f"{cfg.registry.model_name}/1"}
 
     trains = list((Path(cfg.artifacts_dir) / "stages").glob("train-*/adapter"))
     assert len(trains) == 1 and (trains[0] / "adapter_model.safetensors").is_file()
