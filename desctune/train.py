@@ -485,8 +485,13 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
+def plot_loss(history: list[dict], path: Path, logger=log) -> str | None:
+    """The loss curve as a PNG; skipped (None) where matplotlib is not installed, as on a bare GPU box."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss plot")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -501,6 +506,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+    return str(path)
 
 
 @torch.no_grad()
@@ -651,15 +657,14 @@ def train_adapter(
         }
         (tmp / "desctune.json").write_text(json.dumps(meta, indent=2))
     history = state["history"]
-    if history:
-        plot_loss(history, out_dir / "loss.png")
+    loss_plot = plot_loss(history, out_dir / "loss.png", logger) if history else None
     seconds = max(state["seconds"], 1e-9)
     peak = peak_memory_mb(device)
     log_metrics({"val_loss": val_loss, "train_peak_memory_mb": peak}, state["step"])
     return {
         "adapter_path": str(adapter),
         "adapter_sha256": dir_sha256(adapter),
-        "loss_plot": str(out_dir / "loss.png") if history else None,
+        "loss_plot": loss_plot,
         "history": history,
         "train_loss_first": history[0]["loss"] if history else None,
         "train_loss_last": history[-1]["loss"] if history else None,
