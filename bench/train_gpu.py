@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-train-gpu-") as tmp:
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16).save_pretrained(tmp)
+        with torch.device(args.device):  # a 1.1B random init takes seconds on a card, a while on the CPU
+            LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16).save_pretrained(tmp)
+        release(args.device)
         for arm in ("seed", "auto", "trl"):
             r = (trl_arm if arm == "trl" else lambda *a: run_arm(arm, *a))(Path(tmp), shape, args.device, args)
             if isinstance(r, str):

@@ -2,11 +2,17 @@
 with tiny shapes and compiled layers through the eager backend; the 4-bit base and the TRL arm need CUDA)."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 import desctune.train
 from bench.train_gpu import SHAPES, linear_params, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tinyllama_shapes_give_its_1_1b_parameters_and_the_linear_counts():
@@ -37,3 +43,21 @@ def test_smoke_run_on_cpu_trains_the_seed_and_auto_arms_through_desctunes_plan(c
     assert "trl   skipped: " in out or "trl   2 steps" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("ratio=") and "seed_tokens_per_s=" in last and "auto_warmup_s=" in last
+
+
+def test_gpu_check_script_runs_in_one_go_and_logs_into_out(tmp_path):
+    """The script the GPU machine runs, here without wheels or a card: CUDA tests skip, the benchmark smoke-runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "DESCTUNE_BENCH_ARGS": "--shapes tiny --device cpu --steps 1 --warmup 1 --batch 4 --max-len 64"}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "no-wheels")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = tmp_path / "out"
+    assert "no wheels in" in (logs / "pip.log").read_text()
+    assert "skipped" in (logs / "pytest-cuda.log").read_text()
+    bench = (logs / "bench-train-gpu.log").read_text().splitlines()
+    assert bench[-2].startswith("ratio=") and bench[-1].startswith("benchmark: ")
