@@ -7,10 +7,12 @@ needs no logits). Right padding under a causal mask never lets a real token see 
 needed and SDPA takes its causal fast path. On CPUs with bf16 the frozen base is held in bf16 (LoRA weights stay
 fp32 under autocast). On CUDA `plan` sizes the run to the card: a bf16 base where base, LoRA state and a
 token-budget batch's activations fit the free memory (else 4-bit NF4), gradient checkpointing only when they would
-not fit, and each decoder layer compiled (on an H200: 40.7k tokens/s against 5.8k for NF4 + checkpointing).
+not fit, and each decoder layer compiled (on an H200, TinyLlama shapes: 36.5k tokens/s against 5.8k for NF4 with
+checkpointing).
 Every `train.save_steps` steps a checkpoint (adapter, optimizer, scheduler, RNG, history) is written to a temporary
 folder and renamed into place, so a kill at any moment leaves only complete checkpoints; a re-run of the same
-configuration resumes from the newest one and replays the same batch order."""
+configuration resumes from the newest one and replays the same batch order.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ TRAIN_SECTIONS = ("model", "lora", "train")
 
 # Activation bytes per token and decoder layer, eager bf16 with LoRA on every linear layer and dropout: per hidden
 # unit and per MLP unit, fitted to TinyLlama-1.1B on an H200 (bench/train_gpu.py: 22.6, 45 and 83 GB at 7.9k, 16k
-# and 33k padded tokens per batch; compiled layers need ~20% less, so this is an upper bound for them).
+# and 33k padded tokens per batch; compiled layers needed ~13% less at 33k, so this is an upper bound for them).
 ACT_BYTES_PER_HIDDEN, ACT_BYTES_PER_INTERMEDIATE = 28, 11
 # With gradient checkpointing a layer keeps only its bf16 input (with slack) until it is recomputed.
 CKPT_BYTES_PER_HIDDEN = 4
