@@ -33,11 +33,11 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 status=0
 SECONDS=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$logs/pytest-cuda.log" \
+timeout 270 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$logs/pytest-cuda.log" \
     || status=1
 echo "CUDA tests: ${SECONDS} s" | tee -a "$logs/pytest-cuda.log"
 SECONDS=0
 # DESCTUNE_BENCH_ARGS: extra arguments (the test suite's CPU smoke passes tiny shapes and --device cpu).
-timeout 240 python3 -m bench.train_gpu ${DESCTUNE_BENCH_ARGS:-} 2>&1 | tee "$logs/bench-train-gpu.log" || status=1
+timeout 210 python3 -m bench.train_gpu ${DESCTUNE_BENCH_ARGS:-} 2>&1 | tee "$logs/bench-train-gpu.log" || status=1
 echo "benchmark: ${SECONDS} s" | tee -a "$logs/bench-train-gpu.log"
 exit "$status"
