@@ -8,7 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/cpu.yaml
 STAMP := $(VENV)/.desctune-installed
 
-.PHONY: install run test serve demo bench clean-artifacts
+# What a GPU machine with torch, transformers and peft lacks for `bash bench/gpu_check.sh`: cp312 manylinux wheels.
+WHEELS ?= .whl
+GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 bitsandbytes==0.50.2
+
+.PHONY: install run test serve demo bench clean-artifacts gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +41,13 @@ demo: install
 
 clean-artifacts:
 	rm -rf artifacts/stages artifacts/models artifacts/prefect-results artifacts/mlflow.db artifacts/mlruns
+
+# Downloads GPU_WHEELS into $(WHEELS) (git-ignored); with the working tree they must stay under 64 MiB.
+gpu-wheels:
+	mkdir -p $(WHEELS)
+	for spec in $(GPU_WHEELS); do \
+		$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d $(WHEELS) $$spec || exit 1; \
+	done
+	du -ch $(WHEELS)/*.whl | tail -1

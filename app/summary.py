@@ -35,6 +35,7 @@ def summary_text(result: dict, flow_run_id: str) -> str:
         f"splits     train {spl['train']['rows']}, val {spl['val']['rows']}, test {spl['test']['rows']}",
         f"training   loss {trn['train_loss_first']:.3f} -> {trn['train_loss_last']:.3f} over {trn['steps']} steps, "
         f"val loss {trn['val_loss']:.3f}, {trn['tokens_per_s']:.0f} tokens/s on {trn['device']} ({trn['dtype']})",
+        f"plan       {trn.get('plan', {}).get('reason', 'not recorded (trained before plans were explained)')}",
         f"evaluation {m['n']} test examples    BLEU      ROUGE-L   chrF++   length",
         *(f"           {label:20}{m[k]['bleu']:8.2f}  {m[k]['rougeL']:9.4f}  {m[k]['chrf']:7.2f}  "
           f"{m[k]['length_ratio']:6.2f}"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from desctune.errors import ConfigError
 
@@ -71,8 +71,22 @@ class ModelConfig(Section):
     max_seq_len: int = Field(256, ge=16)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported")
-    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (CUDA only)")
+    quantization: Literal["auto", "none", "nf4"] = Field(
+        "auto",
+        description="base weights on CUDA: nf4 (QLoRA), none (the compute dtype), auto: none when it fits the card's "
+        "free memory, else nf4. The CPU never quantizes",
+    )
     attn_implementation: str = "sdpa"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_in_4bit_alias(cls, data: Any) -> Any:
+        """`load_in_4bit` (deprecated) still loads: true means quantization nf4, false means none."""
+        if isinstance(data, dict) and "load_in_4bit" in data:
+            data = dict(data)
+            four_bit = data.pop("load_in_4bit")
+            data.setdefault("quantization", "nf4" if four_bit else "none")
+        return data
 
 
 class LoraConfig(Section):
@@ -88,12 +102,21 @@ class TrainConfig(Section):
     epochs: float = Field(2, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     learning_rate: float = Field(3e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch where no token budget applies")
+    max_tokens_per_batch: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
+        "auto", description="micro-batches of at most this many padded tokens (length-grouped); auto: sized to the "
+        "card on CUDA, batch_size batches on CPU; None: batch_size batches everywhere",
+    )
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: str = "cosine"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="auto: on CUDA only when the activations would not fit the card, never on CPU"
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer; auto: on CUDA, eager on CPU"
+    )
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     logging_steps: int = Field(5, ge=1)
     num_workers: int | None = Field(None, ge=0, description="dataloader workers (None: sized to the machine)")

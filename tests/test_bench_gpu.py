@@ -1,11 +1,18 @@
 """bench/train_gpu.py: TinyLlama-1.1B's shapes are exact, and the benchmark's code runs end to end (on the CPU here,
-with tiny shapes; the 4-bit arm needs CUDA)."""
+with tiny shapes and compiled layers through the eager backend; the 4-bit base and the TRL arm need CUDA)."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
+import desctune.train
 from bench.train_gpu import SHAPES, linear_params, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tinyllama_shapes_give_its_1_1b_parameters_and_the_linear_counts():
@@ -17,13 +24,40 @@ def test_tinyllama_shapes_give_its_1_1b_parameters_and_the_linear_counts():
     linear = [m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     body, head = linear_params(SHAPES["tinyllama"])
     assert (body + head, head) == (sum(linear), model.lm_head.weight.numel())
+    shape = desctune.train.ModelShape.from_config(LlamaConfig(**SHAPES["tinyllama"]))
+    assert shape.body_linear_params == body and shape.body_linear_params + shape.other_params == 1_100_048_384
 
 
-def test_smoke_run_on_cpu_trains_through_desctunes_plan(capsys):
+def test_smoke_run_on_cpu_trains_the_seed_and_auto_arms_through_desctunes_plan(capsys, monkeypatch):
+    monkeypatch.setattr(desctune.train, "COMPILE_BACKEND", "eager")
     results = main(["--shapes", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "4",
-                    "--max-len", "96"])
-    assert [r["arm"] for r in results] == ["bf16"]
-    r = results[0]
-    assert r["plan"]["base_dtype"] == "bfloat16" and r["real"] > r["supervised"] > 0
-    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and math.isfinite(r["flops"])
-    assert "bf16_tokens_per_s=" in capsys.readouterr().out
+                    "--max-len", "96", "--compile"])
+    assert [r["arm"] for r in results] == ["seed", "auto"]
+    seed, auto = results
+    assert seed["plan"]["base_dtype"] == "bfloat16" and not seed["plan"]["fast_lora"] and not seed["compiled"]
+    assert auto["plan"]["max_tokens_per_batch"] == 4 * 96 and auto["compiled"]
+    for r in results:
+        assert r["real"] > r["supervised"] > 0 and r["warmup_seconds"] > 0
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and math.isfinite(r["flops"])
+    out = capsys.readouterr().out
+    assert "trl   skipped: " in out or "trl   2 steps" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ratio=") and "seed_tokens_per_s=" in last and "auto_warmup_s=" in last
+
+
+def test_gpu_check_script_runs_in_one_go_and_logs_into_out(tmp_path):
+    """The script the GPU machine runs, here without wheels or a card: CUDA tests skip, the benchmark smoke-runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "DESCTUNE_BENCH_ARGS": "--shapes tiny --device cpu --steps 1 --warmup 1 --batch 4 --max-len 64"}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "no-wheels")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = tmp_path / "out"
+    assert "no wheels in" in (logs / "pip.log").read_text()
+    assert "skipped" in (logs / "pytest-cuda.log").read_text()
+    bench = (logs / "bench-train-gpu.log").read_text().splitlines()
+    assert bench[-2].startswith("ratio=") and bench[-1].startswith("benchmark: ")

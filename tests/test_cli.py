@@ -20,8 +20,9 @@ def test_run_prints_the_summary(tmp_path, tiny_model_dir, capsys):
     cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
     assert main(["run", "--config", write_profile(tmp_path, cfg), "--set", "registry.model_name=cli-tiny"]) == 0
     out = capsys.readouterr().out
-    for expected in ("records    read 40, kept", "splits     train", "training   loss", "base", "fine-tuned",
-                     "registry   cli-tiny version 1, aliases:", "challenger", "Prefect UI:", "MLflow UI:"):
+    for expected in ("records    read 40, kept", "splits     train", "training   loss", "plan       cpu: ", "base",
+                     "fine-tuned", "registry   cli-tiny version 1, aliases:", "challenger", "Prefect UI:",
+                     "MLflow UI:"):
         assert expected in out
 
 
@@ -31,7 +32,8 @@ def desctune(*args: str) -> subprocess.CompletedProcess:
 
 def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_model_dir):
     missing = desctune("run", "--config", str(tmp_path / "missing.yaml"))
-    assert (missing.returncode, missing.stderr) == (2, f"desctune: config file not found: {tmp_path / 'missing.yaml'}\n")
+    want = f"desctune: config file not found: {tmp_path / 'missing.yaml'}\n"
+    assert (missing.returncode, missing.stderr) == (2, want)
     cfg = tiny_config(tmp_path, tiny_model_dir, tmp_path / "no-such-data.jsonl")
     no_data = desctune("run", "--config", write_profile(tmp_path, cfg))
     assert no_data.returncode == 2 and len(no_data.stderr.splitlines()) == 1

@@ -10,7 +10,7 @@ def test_profiles_load_into_the_one_model():
     cpu = load_config(ROOT / "configs" / "cpu.yaml")
     gpu = load_config(ROOT / "configs" / "gpu-tinyllama.yaml")
     assert cpu.model.name == "smollm2-135m-instruct" and cpu.data.path == "data/amazon_titles_sample.jsonl"
-    assert gpu.model.name == "TinyLlama/TinyLlama-1.1B-Chat-v1.0" and gpu.model.load_in_4bit
+    assert gpu.model.name == "TinyLlama/TinyLlama-1.1B-Chat-v1.0" and gpu.model.quantization == "auto"
     assert (gpu.lora.r, gpu.lora.alpha, gpu.lora.dropout) == (32, 64, 0.05)
     assert (gpu.train.learning_rate, gpu.train.epochs) == (3e-4, 2)
     assert (gpu.data.max_records, gpu.data.train_size) == (150_000, 15_000)

@@ -1,6 +1,7 @@
 """Train: the loss sees only the answer, batches waste little padding, learning happens end to end, the GPU plan."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -9,18 +10,22 @@ import torch
 from rouge_score import rouge_scorer
 
 from conftest import SAMPLE, tiny_config
-from desctune.config import load_config
+from desctune.config import Config, load_config
 from desctune.files import write_parquet
 from desctune.inference import base_context, generate, load_adapter_model
 from desctune.models import load_tokenizer, provision
 from desctune.tokenize import IGNORE, encode_example, tokenize_frame
 from desctune.tracking import mlflow_sink
 from desctune.train import (
+    ModelShape,
     collate,
+    estimate_memory,
     length_grouped_batches,
+    memory_plan,
     micro_batches,
     plan,
     supervised_loss,
+    token_budget_batches,
     total_steps,
     train_adapter,
 )
@@ -85,16 +90,108 @@ def test_schedule_spans_epochs_and_steps_count_accumulation():
     assert sorted(i for b in schedule[:10] for i in b) == list(range(40))
 
 
-def test_gpu_profile_plans_qlora_and_cpu_never_does():
+TINYLLAMA = ModelShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+LLAMA_7B = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+GB = 10**9
+
+
+def test_model_shapes_count_the_known_parameters():
+    assert TINYLLAMA.body_linear_params + TINYLLAMA.other_params == 1_100_048_384  # TinyLlama-1.1B-Chat-v1.0
+    assert LLAMA_7B.body_linear_params + LLAMA_7B.other_params == 6_738_415_616  # Llama-2-7b
     gpu = load_config(ROOT / "configs" / "gpu-tinyllama.yaml")
-    p = plan(gpu, "cuda", torch.bfloat16)
-    assert (p.load_in_4bit, p.kbit_prepare, p.gradient_checkpointing) == (True, True, True)
-    assert (p.base_dtype, p.dtype, p.autocast, p.attn_implementation) == ("nf4", "bfloat16", True, "sdpa")
-    assert not p.grad_scaler and p.fused_adamw
-    assert plan(gpu, "cuda", torch.float16).grad_scaler
-    cpu = plan(gpu, "cpu", torch.bfloat16)
-    assert (cpu.load_in_4bit, cpu.kbit_prepare, cpu.base_dtype, cpu.num_workers) == (False, False, "bfloat16", 0)
+    per_rank = 2 * (2048 + 2048) + 2 * (2048 + 256) + 3 * (2048 + 5632)  # (in + out): q, o; k, v; the MLP
+    assert TINYLLAMA.lora_params(32, gpu.lora.target_modules) == 22 * 32 * per_rank
+
+
+def test_memory_estimate_orders_the_options_and_scales_with_the_budget():
+    targets = load_config(None).lora.target_modules
+    est = {(base, ckpt): estimate_memory(TINYLLAMA, base, 32, targets, 16384, ckpt, 4096)
+           for base in ("bfloat16", "nf4") for ckpt in (False, True)}
+    assert est["nf4", True] < est["bfloat16", True] < est["nf4", False] < est["bfloat16", False]
+    assert 40 * GB < est["bfloat16", False] < 60 * GB  # measured: 45 GB at 16k padded tokens, eager
+    assert estimate_memory(TINYLLAMA, "bfloat16", 32, targets, 8192, False, 4096) < est["bfloat16", False] * 0.6
+    assert 2.2 * GB < estimate_memory(TINYLLAMA, "bfloat16", 32, targets, 0, False, 0) < 2.7 * GB
+
+
+@pytest.mark.parametrize("shape, free_gb, dtype, want", [
+    (TINYLLAMA, 23, "bfloat16", ("bfloat16", True, 16384)),  # a 24 GB card: bf16 with checkpointing
+    (TINYLLAMA, 79, "bfloat16", ("bfloat16", False, 16384)),  # an 80 GB card: bf16, no checkpointing
+    (TINYLLAMA, 14.7, "float16", ("float16", True, 16384)),  # a T4 still holds the 1.1B in fp16
+    (LLAMA_7B, 14.7, "float16", ("nf4", True, 4096)),  # a 7B on a 16 GB T4: NF4, and a smaller batch
+    (LLAMA_7B, 79, "bfloat16", ("bfloat16", True, 16384)),
+])
+def test_cuda_memory_plan_picks_bf16_when_it_fits_else_nf4(shape, free_gb, dtype, want):
+    m = memory_plan(shape, int(free_gb * GB), dtype, 32, load_config(None).lora.target_modules, min_tokens=512)
+    assert (m.base_dtype, m.gradient_checkpointing, m.max_tokens_per_batch) == want
+    assert m.estimate_bytes <= m.usable_bytes < free_gb * GB
+    assert f"of {free_gb * GB / 2**30:.1f} GiB free" in m.reason and "may not fit" not in m.reason
+
+
+def gpu_plan(free_gb=79, shape=TINYLLAMA, dtype=torch.bfloat16, **sections):
+    cfg = load_config(ROOT / "configs" / "gpu-tinyllama.yaml",
+                      [f"{k}={v}" for k, v in sections.items()])
+    return plan(cfg, "cuda", dtype, shape, int(free_gb * GB))
+
+
+def test_gpu_profile_plans_the_card_and_explicit_settings_win():
+    p = gpu_plan()
+    assert (p.base_dtype, p.load_in_4bit, p.gradient_checkpointing, p.compile, p.fast_lora) == (
+        "bfloat16", False, False, True, False)
+    assert (p.max_tokens_per_batch, p.head_chunk_rows, p.fused_adamw, p.grad_scaler) == (16384, 4096, True, False)
+    assert p.reason.startswith("cuda: bfloat16 base, no gradient checkpointing, 16384-token batches: needs ~")
+    assert p.reason.endswith("compiled decoder layers") and p.free_memory_gib == 73.6
+    assert gpu_plan(23).gradient_checkpointing and "would need" in gpu_plan(23).reason
+    qlora = gpu_plan(**{"model.quantization": "nf4"})
+    assert (qlora.base_dtype, qlora.load_in_4bit, qlora.kbit_prepare, qlora.gradient_checkpointing) == (
+        "nf4", True, True, False)
+    alias = plan(Config.model_validate({"model": {"load_in_4bit": True}}), "cuda", torch.bfloat16, TINYLLAMA, 79 * GB)
+    assert alias.load_in_4bit
+    smaller = gpu_plan(23, **{"train.gradient_checkpointing": "false", "model.quantization": "none"})
+    assert (smaller.base_dtype, smaller.gradient_checkpointing, smaller.max_tokens_per_batch) == (
+        "bfloat16", False, 4096)
+    forced = gpu_plan(23, **{"train.gradient_checkpointing": "false", "train.max_tokens_per_batch": 16384})
+    assert (forced.base_dtype, forced.gradient_checkpointing) == ("nf4", False) and "may not fit" in forced.reason
+    eager = gpu_plan(**{"train.compile": "false", "train.max_tokens_per_batch": 4096})
+    assert (eager.compile, eager.fast_lora, eager.lora_masks, eager.max_tokens_per_batch) == (
+        False, True, "device", 4096)
+    by_count = gpu_plan(**{"train.max_tokens_per_batch": "null"})
+    assert by_count.max_tokens_per_batch is None and "batches of 16:" in by_count.reason
+    assert gpu_plan(dtype=torch.float16).grad_scaler
+    assert gpu_plan(14.7, LLAMA_7B, torch.float16).load_in_4bit
+    with pytest.raises(ValueError, match="shape"):
+        plan(load_config(None), "cuda", torch.bfloat16)
+
+
+def test_cpu_plan_is_what_it_was_and_never_quantizes():
+    before = dict(device="cpu", dtype="bfloat16", base_dtype="bfloat16", autocast=True, load_in_4bit=False,
+                  kbit_prepare=False, gradient_checkpointing=False, grad_scaler=False, fused_adamw=False,
+                  attn_implementation="sdpa", num_workers=0, fast_lora=True)
+    for profile in ("cpu.yaml", "gpu-tinyllama.yaml"):
+        p = asdict(plan(load_config(ROOT / "configs" / profile), "cpu", torch.bfloat16))
+        assert {k: p[k] for k in before} == before
+        assert (p["compile"], p["lora_masks"], p["max_tokens_per_batch"], p["head_chunk_rows"]) == (
+            False, "numpy", None, 128)
     assert plan(load_config(ROOT / "configs" / "cpu.yaml"), "cpu", torch.float32).autocast is False
+    nf4 = load_config(None, ["model.quantization=nf4", "train.max_tokens_per_batch=2048"])
+    assert (plan(nf4, "cpu", torch.float32).load_in_4bit, plan(nf4, "cpu", torch.float32).max_tokens_per_batch) == (
+        False, 2048)
+
+
+def test_token_budget_batches_cover_every_example_once_within_the_budget():
+    torch.manual_seed(0)
+    lengths = [int(x) for x in torch.randint(20, 512, (3000,))] + [5000]
+    batches = token_budget_batches(lengths, 4096, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 4096 or len(b) == 1 for b in batches)
+    assert [5000] in [[lengths[i] for i in b] for b in batches]
+    sizes = sorted(len(b) for b in batches)
+    assert sizes[0] <= 8 and sizes[-1] >= 50  # long examples in short batches, short ones in wide batches
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded / sum(lengths) < 1.05 and sum(lengths) / len(batches) > 3000
+    assert batches == token_budget_batches(lengths, 4096, seed=1) != token_budget_batches(lengths, 4096, seed=2)
+    cfg = tiny_config(Path("/tmp"), Path("/tmp"), train={"grad_accum": 2})
+    schedule = micro_batches(lengths, cfg.train, 30, max_tokens=4096)
+    assert schedule[:60] == token_budget_batches(lengths, 4096, seed=cfg.train.seed)[:60]
 
 
 def overfit(tmp_path, base, artifacts_dir, tokenizer, df, model=(), **train):

@@ -5,7 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from desctune.trainops import HeadCrossEntropy, LoraBranch, head_cross_entropy, keep_mask, speed_up_lora
+from desctune.trainops import (
+    HeadCrossEntropy,
+    LoraBranch,
+    head_chunk_rows,
+    head_cross_entropy,
+    keep_mask,
+    speed_up_lora,
+)
 
 
 def reference(hidden, weight, targets):
@@ -46,16 +53,29 @@ def test_head_loss_uses_the_plain_path_when_the_head_trains_and_needs_no_gradien
     assert torch.allclose(autocast, plain, rtol=1e-3)
 
 
-def test_keep_mask_keeps_1_minus_p_and_replays_under_a_seed():
+def test_head_chunks_are_cache_sized_on_the_cpu_and_memory_sized_on_a_card():
+    assert head_chunk_rows("cpu", 49152) == 128
+    assert head_chunk_rows("cuda", 32000, 80 * 10**9) == 4096  # 2.5 GB of logits: 7.8k rows, a power of two below
+    assert head_chunk_rows("cuda", 32000, 140 * 10**9) == 8192
+    assert head_chunk_rows("cuda", 32000, 10**9) == 256 and head_chunk_rows("cuda", 32000, 10**13) == 16384
+    torch.manual_seed(0)
+    head = nn.Linear(8, 30, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(9, 8), torch.randint(0, 30, (9,))
+    chunked = head_cross_entropy(hidden, head, targets, chunk_rows=2)
+    assert torch.allclose(chunked, head_cross_entropy(hidden, head, targets))
+
+
+@pytest.mark.parametrize("source", ["numpy", "device"])
+def test_keep_mask_keeps_1_minus_p_and_replays_under_a_seed(source):
     torch.manual_seed(3)
-    keep = keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    keep = keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"), source)
     assert keep.dtype == torch.bool and keep.shape == (400, 500)
     assert abs(float(keep.float().mean()) - 0.9) < 0.005
     torch.manual_seed(3)
-    assert torch.equal(keep_mask(keep.shape, 0.1, keep.device), keep)
-    assert not torch.equal(keep_mask(keep.shape, 0.1, keep.device), keep)
+    assert torch.equal(keep_mask(keep.shape, 0.1, keep.device, source), keep)
+    assert not torch.equal(keep_mask(keep.shape, 0.1, keep.device, source), keep)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        keep_mask(keep.shape, 1.0, keep.device)
+        keep_mask(keep.shape, 1.0, keep.device, source)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -94,10 +114,11 @@ def loss_and_grads(model, ids):
     return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
 
 
-def test_fused_lora_layers_train_exactly_like_peft_and_leave_eval_to_it(tiny_model_dir):
+@pytest.mark.parametrize("masks", ["numpy", "device"])
+def test_fused_lora_layers_train_exactly_like_peft_and_leave_eval_to_it(tiny_model_dir, masks):
     ids = torch.randint(0, 100, (2, 12))
     plain, fused = lora_model(tiny_model_dir, 0.0).train(), lora_model(tiny_model_dir, 0.0).train()
-    assert speed_up_lora(fused) == 3 * fused.config.num_hidden_layers
+    assert speed_up_lora(fused, masks) == 3 * fused.config.num_hidden_layers
     seen = []
     fused.base_model.model.model.layers[0].mlp.down_proj.register_forward_hook(
         lambda module, args, out: seen.append(type(out.grad_fn).__name__))
@@ -109,7 +130,7 @@ def test_fused_lora_layers_train_exactly_like_peft_and_leave_eval_to_it(tiny_mod
     for name, grad in want_grads.items():
         assert torch.allclose(got_grads[name], grad, atol=1e-6, rtol=1e-4), name
     dropped = lora_model(tiny_model_dir, 0.3)
-    speed_up_lora(dropped)
+    speed_up_lora(dropped, masks)
     with torch.no_grad():
         evaluated = dropped.eval()(input_ids=ids).logits
         assert torch.equal(evaluated, dropped(input_ids=ids).logits)
@@ -119,3 +140,5 @@ def test_fused_lora_layers_train_exactly_like_peft_and_leave_eval_to_it(tiny_mod
         assert not torch.allclose(first, evaluated)
         torch.manual_seed(5)
         assert torch.equal(dropped(input_ids=ids).logits, first)
+    with pytest.raises(ValueError, match="masks"):
+        speed_up_lora(dropped, "cuda")
