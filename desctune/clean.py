@@ -59,7 +59,7 @@ _SPECIAL_RE2 = f"[&<]|{_CONTROL}|{STUB_MARK}|[\\t\\n\\x0b\\f\\r\\x1c-\\x1f]|  |^
 _FTFY = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, explain=False)
 
 # The data settings that change what clean writes.
-CLEAN_FIELDS = ("filters", "min_title_chars", "min_content_chars", "strip_stubs")
+CLEAN_FIELDS = ("filters", "min_title_chars", "min_content_chars", "strip_stubs", "reject_blurbs")
 
 REASONS = {
     "empty_title": "the title is empty after cleaning",
@@ -68,7 +68,17 @@ REASONS = {
     "content_too_short": "the content is shorter than data.min_content_chars (length filter)",
     "duplicate_uid": "an earlier record has the same uid",
     "duplicate_record": "an earlier record has the same title and content",
+    "review_blurb": "the content is press praise (quotations with their sources), not a description "
+    "(data.reject_blurbs)",
 }
+
+_QUOTES = "'\"‘’“”"
+# A lead-in label: "Praise for X:", "Reviews for 'Damaged':", "Acclaim for Y".
+_BLURB_LABEL = re.compile(
+    r"^\W{0,3}(?:advance praise|praise|(?:critical )?acclaim|reviews?)(?: (?:for|of)\b[^'\"‘“]{0,80})?\W{0,3}", re.I)
+_OPENS_QUOTED = re.compile(rf"^\W{{0,3}}[{_QUOTES}]")
+# The end of a quotation and its source: "...' Daily Mail", '..." --Time', "...’SFX".
+_ATTRIBUTION = re.compile(rf"(?:[.!?…][{_QUOTES}]|[^\s{_QUOTES}][{_QUOTES}])\s*(?:-{{1,2}}|—|–)?\s*[A-Z]")
 
 
 def _markup(s: str) -> str:
@@ -99,6 +109,20 @@ def clean_text(s: str, strip_stubs: bool = True) -> str:
     if strip_stubs and STUB_MARK in s:
         s = _STUB_RE.sub(" ", s)
     return " ".join(s.split())
+
+
+def is_blurb(content: str) -> bool:
+    """True for a cleaned content that is press praise (quotations with their sources: "'Startlingly good' Sunday
+    Express ...") rather than a description: a praise label with an attribution, a content that opens with a quotation
+    that is attributed or closed at the end, or at least three attributions at one per 50 words or denser. It misses
+    praise without quote marks, and leaves alone reviews that only quote the book."""
+    s = content.strip()
+    attributions = len(_ATTRIBUTION.findall(s))
+    if _BLURB_LABEL.match(s) and attributions:
+        return True
+    if _OPENS_QUOTED.match(s) and (attributions >= 1 or s[-1:] in _QUOTES):
+        return True
+    return attributions >= 3 and len(s.split()) <= 50 * attributions
 
 
 def _apply(arr: pa.Array, mask: pa.Array, fn) -> pa.Array:
@@ -186,6 +210,8 @@ def _clean_batch(batch: pa.RecordBatch, data: DataConfig) -> tuple[pa.RecordBatc
             (pc.less(tlen, data.min_title_chars), "title_too_short"),
             (pc.less(clen, data.min_content_chars), "content_too_short"),
         ]
+    if data.reject_blurbs:
+        checks.append((pa.array([is_blurb(c) for c in content.to_pylist()], pa.bool_()), "review_blurb"))
     for mask, name in checks:
         reason = pc.if_else(pc.and_(pc.is_null(reason), mask), name, reason)
     return batch, title, content, reason

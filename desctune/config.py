@@ -56,6 +56,10 @@ class DataConfig(Section):
     filters: bool = Field(True, description="apply the length filters below")
     min_title_chars: int = Field(10, ge=0)
     min_content_chars: int = Field(100, ge=0)
+    reject_blurbs: bool = Field(
+        False, description="quarantine contents that are press praise (quoted reviews with their sources) as "
+        "review_blurb: the model learns to invent such quotes from them"
+    )
     strip_stubs: bool = Field(
         True, description='remove boilerplate such as "--This text refers to the Paperback edition." from contents'
     )

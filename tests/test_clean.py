@@ -122,7 +122,7 @@ def test_filters_duplicates_and_every_reason(tmp_path):
         "g": "missing_content", "b": "empty_title", "c": "empty_content", "d": "title_too_short",
         "e": "content_too_short", "a": "duplicate_uid", "f": "duplicate_record",
     }
-    assert set(clean_mod.REASONS) <= set(out["by_reason"])
+    assert set(clean_mod.REASONS) - {"review_blurb"} <= set(out["by_reason"])  # blurbs: their own test below
     assert rejects["e"]["line"] == 5 and rejects["e"]["excerpt"].startswith("Title for short content | too short")
     assert out["duplicates"] == 2 and out["kept"] + out["rejected"] == len(rows)
 
@@ -138,3 +138,29 @@ def test_batches_and_threads_keep_order_and_first_duplicate(tmp_path, monkeypatc
     kept = pq.read_table(out["path"]).column("uid").to_pylist()
     assert kept == [f"u{i}" for i in range(25)]
     assert out["by_reason"] == {"duplicate_record": 15, "duplicate_uid": 20}
+
+
+@pytest.mark.parametrize("content, blurb", [
+    ("'Startlingly good...tense...ingenious' Sunday Express 'A master of suspense' The Times", True),
+    ("Praise for Bernard Cornwell's Sharpe novels: 'Sharpe is a hero for our time.' Daily Mirror", True),
+    ('"An instant animal classic." --Time "Funny and wise." --People', True),
+    ("Another first rate page-turner with real power' Daily Express 'Open a Cornwell and you are hooked' Mail "
+     "'Superb' Observer", True),
+    ("A sturdy 12 oz ceramic mug with a glazed finish; dishwasher and microwave safe. Holds a full cup of coffee.",
+     False),
+    ("In this essay Wilde writes that 'all art is quite useless', and the book follows that idea through the "
+     "decorative arts of his day, chapter by chapter, with many plates.", False),
+])
+def test_review_blurbs_are_told_from_descriptions(content, blurb):
+    assert clean_mod.is_blurb(content) is blurb
+
+
+def test_reject_blurbs_quarantines_them_with_a_reason_and_counts_them(tmp_path):
+    data = DataConfig(path=str(SAMPLE), reject_blurbs=True)
+    out = clean_file(ingest_file(data, tmp_path), data, tmp_path)
+    assert out["by_reason"]["review_blurb"] == 201 and out["kept"] == 238
+    rejects = pq.read_table(out["rejects_path"]).to_pandas()
+    assert (rejects["reason"] == "review_blurb").sum() == 201
+    off = clean_file(ingest_file(DataConfig(path=str(SAMPLE)), tmp_path / "off"), DataConfig(path=str(SAMPLE)),
+                     tmp_path / "off")
+    assert "review_blurb" not in off["by_reason"] and off["kept"] == 438
