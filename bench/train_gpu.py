@@ -100,8 +100,8 @@ def arm_config(arm: str, model_dir: Path, device: str, args):
 
 
 def run_arm(arm: str, model_dir: Path, shape: dict, device: str, args) -> dict:
+    from desctune.memory import ModelShape
     from desctune.train import (
-        ModelShape,
         build_peft_model,
         collate,
         epoch_batches,

@@ -13,15 +13,13 @@ from conftest import SAMPLE, tiny_config
 from desctune.config import Config, load_config
 from desctune.files import write_parquet
 from desctune.inference import base_context, generate, load_adapter_model
+from desctune.memory import ModelShape, estimate_memory, memory_plan
 from desctune.models import load_tokenizer, provision
 from desctune.tokenize import IGNORE, encode_example, tokenize_frame
 from desctune.tracking import mlflow_sink
 from desctune.train import (
-    ModelShape,
     collate,
-    estimate_memory,
     length_grouped_batches,
-    memory_plan,
     micro_batches,
     plan,
     supervised_loss,
