@@ -57,6 +57,7 @@ def gate(challenger: dict, base: dict, champion: float | None, key: str, interva
 
 def should_promote(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
                    min_improvement: float = 0.0) -> bool:
+    """The gate's decision without its sentence."""
     return gate(challenger, base, champion, key, interval, min_improvement)[0]
 
 

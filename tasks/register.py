@@ -24,9 +24,9 @@ def one_registration_at_a_time(model_name: str):
     from prefect.exceptions import ObjectAlreadyExists
 
     name = "desctune-register-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as prefect:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass
     return concurrency(name, occupy=1, strict=True)
