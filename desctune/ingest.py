@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -56,6 +57,15 @@ REASONS = {
 INGEST_FIELDS = ("uid_field", "title_field", "content_field", "max_records", "max_field_chars", "max_line_bytes")
 
 
+def content_uid(title: str, content: str) -> str:
+    """The uid of a record that has none: a hash of its title and content, so it does not depend on where the record
+    sits in the file (a `line-N` uid moved when records were inserted, and with it the record's split)."""
+    digest = hashlib.blake2b(title.encode("utf-8", "surrogatepass"), digest_size=10)
+    digest.update(b"\x00")
+    digest.update(content.encode("utf-8", "surrogatepass"))
+    return "h-" + digest.hexdigest()
+
+
 
 def _excerpt(raw: bytes | str) -> str:
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
@@ -85,7 +95,7 @@ def _check_record(obj, lineno: int, raw: bytes | str, data: DataConfig, out: _Ba
     uid = obj.get(data.uid_field)
     if isinstance(uid, (dict, list)):
         return out.reject(lineno, None, "bad_uid", raw)
-    uid = f"line-{lineno}" if uid is None else str(uid)
+    uid = None if uid is None else str(uid)
     title, content = obj.get(data.title_field), obj.get(data.content_field)
     if title is None:
         return out.reject(lineno, uid, "missing_title", raw)
@@ -97,7 +107,7 @@ def _check_record(obj, lineno: int, raw: bytes | str, data: DataConfig, out: _Ba
         return out.reject(lineno, uid, "content_not_string", raw)
     if len(title) > data.max_field_chars or len(content) > data.max_field_chars:
         return out.reject(lineno, uid, "field_too_long", raw)
-    out.record(lineno, uid, title, content)
+    out.record(lineno, content_uid(title, content) if uid is None else uid, title, content)
 
 
 def _parse_lines(block: bytes, first_line: int, data: DataConfig, out: _Batch) -> None:
@@ -170,12 +180,11 @@ def _fast_to_batch(table: pa.Table, block: bytes, first_line: int, data: DataCon
     n = table.num_rows
     lines = pa.array(range(first_line, first_line + n), pa.int64())
     uid, title, content = (table.column(c).combine_chunks() for c in (data.uid_field, data.title_field, data.content_field))
-    if uid.null_count:
-        uid = pc.if_else(pc.is_null(uid), pc.binary_join_element_wise("line-", pc.cast(lines, pa.string()), ""), uid)
     cap = data.max_field_chars
     too_long = pc.or_(pc.greater(pc.utf8_length(title), cap), pc.greater(pc.utf8_length(content), cap))
     bad = pc.or_kleene(pc.or_kleene(pc.is_null(title), pc.is_null(content)), pc.fill_null(too_long, False))
     records = pa.table({"line": lines, "uid": uid, "title": title, "content": content}).filter(pc.invert(bad))
+    records = _fill_uids(records)
     if not pc.any(bad).as_py():
         return records, REJECT_SCHEMA.empty_table()
     idx = pc.indices_nonzero(bad).to_pylist()
@@ -187,6 +196,18 @@ def _fast_to_batch(table: pa.Table, block: bytes, first_line: int, data: DataCon
         s, e = spans[i]
         out.reject(first_line + i, uids[k], reason, block[s : min(e, s + 4 * EXCERPT_CHARS)].rstrip(b"\r"))
     return records, pa.table(out.rej, schema=REJECT_SCHEMA)
+
+
+def _fill_uids(records: pa.Table) -> pa.Table:
+    """Give the records without a uid their content-derived one (Python only for those rows)."""
+    uid = records.column("uid").combine_chunks()
+    if not uid.null_count:
+        return records
+    missing = pc.is_null(uid)
+    rows = records.filter(missing)
+    derived = [content_uid(t, c) for t, c in zip(rows.column("title").to_pylist(), rows.column("content").to_pylist())]
+    uid = pc.replace_with_mask(uid, missing, pa.array(derived, pa.string()))
+    return records.set_column(records.schema.get_field_index("uid"), "uid", uid)
 
 
 def _parse_block(

@@ -13,7 +13,7 @@ from conftest import ABT_DATA
 from desctune import ingest as ingest_mod
 from desctune.config import DataConfig
 from desctune.errors import DataError
-from desctune.ingest import ingest_file
+from desctune.ingest import content_uid, ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
@@ -81,7 +81,7 @@ def test_every_reject_reason_with_line_uid_and_excerpt(tmp_path):
         b'{"uid": 7, "title": "numeric uid", "content": "kept"}',
     ]
     result, records, rejects = run(tmp_path, b"\n".join(lines) + b"\n", max_field_chars=50)
-    assert [r["uid"] for r in records] == ["ok1", "ok2", "line-13", "7"]
+    assert [r["uid"] for r in records] == ["ok1", "ok2", content_uid("no uid", "gets a line uid"), "7"]
     got = [(r["line"], r["uid"], r["reason"]) for r in rejects]
     assert got == [
         (2, None, "malformed_json"),
