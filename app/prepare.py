@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import threading
 from pathlib import Path
 
 
@@ -23,6 +24,15 @@ def _publish(src: str, dest: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
+
+
+def _prefetch_fingerprint(path: str) -> None:
+    from desctune.ingest import source_fingerprint
+
+    try:
+        source_fingerprint(path)
+    except Exception:  # the fingerprint task hashes again and reports the error
+        pass
 
 
 def summary(raw: dict, cleaned: dict) -> str:
@@ -44,6 +54,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [])
     data = cfg.data.model_copy(update={"path": str(args.data), "filters": cfg.data.filters and not args.no_filters})
     check_source(data.path)
+    # Hash the input on a thread (hashlib lets go of the GIL) while Prefect imports and starts its server; the
+    # flow's fingerprint task then takes the result instead of reading the file again.
+    threading.Thread(target=_prefetch_fingerprint, args=(data.path,), daemon=True).start()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))

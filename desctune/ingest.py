@@ -22,8 +22,11 @@ import hashlib
 import io
 import json
 import logging
+import os
+import threading
 import zlib
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
 
@@ -66,6 +69,50 @@ HF_PREFIX = "hf://"
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TABLE_BATCH_ROWS = 65_536
+
+
+# raw.parquet is an intermediate that clean reads once, in order: uncompressed, without dictionaries (the texts are
+# nearly all distinct) or statistics it writes and reads several times faster than with zstd (its size is then close
+# to the text's); the outputs users keep (clean.parquet, rejects) stay zstd.
+RAW_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+
+
+class HashingSink:
+    """A file that a ParquetWriter writes to, hashed on the way, so an output is never read back only to hash it."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")
+        self._h = hashlib.sha256()
+        self._pos = 0
+        self.closed = False
+
+    def write(self, b) -> int:
+        self._h.update(b)
+        self._pos += len(b)
+        return self._f.write(b)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            self.closed = True
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    def __enter__(self) -> "HashingSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def content_uid(title: str, content: str) -> str:
@@ -314,8 +361,15 @@ def check_source(path: str | Path) -> None:
         raise DataError(f"{p}: the file is empty")
 
 
+_FINGERPRINTS: dict[tuple, Future] = {}
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
 def source_fingerprint(path: str | Path) -> str:
-    """A hash of the input's content: the file's sha256, a folder's files, or a hub dataset's own fingerprint."""
+    """A hash of the input's content: the file's sha256, a folder's files, or a hub dataset's own fingerprint.
+
+    A file's hash is remembered for this process by (path, size, mtime), and a second caller waits for the first, so
+    `desctune prepare` can start hashing on a thread while Prefect starts and the fingerprint task picks it up."""
     check_source(path)
     kind = source_kind(path)
     if kind == "hf":
@@ -323,7 +377,21 @@ def source_fingerprint(path: str | Path) -> str:
         return hashlib.sha256(f"{path}\x1f{ds._fingerprint}".encode()).hexdigest()
     if kind == "hf-folder":
         return dir_sha256(path)
-    return file_sha256(path)
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    with _FINGERPRINTS_LOCK:
+        future, owner = _FINGERPRINTS.get(key), False
+        if future is None:
+            future = _FINGERPRINTS[key] = Future()
+            owner = True
+    if owner:
+        try:
+            future.set_result(file_sha256(path))
+        except BaseException as exc:
+            with _FINGERPRINTS_LOCK:
+                _FINGERPRINTS.pop(key, None)
+            future.set_exception(exc)
+    return future.result()
 
 
 def _column(table: pa.Table, name: str, n: int) -> pa.Array:
@@ -621,8 +689,9 @@ def ingest_file(data: DataConfig, out_dir: Path) -> dict:
     reasons: Counter[str] = Counter()
     first_rejects: list[str] = []
     with atomic_path(raw_path) as raw_tmp, atomic_path(rej_path) as rej_tmp:
-        with pq.ParquetWriter(raw_tmp, RAW_SCHEMA, compression="zstd") as raw_w, pq.ParquetWriter(
-            rej_tmp, REJECT_SCHEMA, compression="zstd"
+        raw_sink, rej_sink = HashingSink(raw_tmp), HashingSink(rej_tmp)
+        with raw_sink, rej_sink, pq.ParquetWriter(raw_sink, RAW_SCHEMA, **RAW_PARQUET) as raw_w, pq.ParquetWriter(
+            rej_sink, REJECT_SCHEMA, compression="zstd"
         ) as rej_w:
             for recs, rejs, lines_read in iter_chunks(path, data):
                 if recs.num_rows:
@@ -639,9 +708,9 @@ def ingest_file(data: DataConfig, out_dir: Path) -> dict:
     log.info("ingest %s: %d lines, %d records, %d rejected %s", path, lines_read, records, rejected, dict(reasons))
     return {
         "path": str(raw_path),
-        "sha256": file_sha256(raw_path),
+        "sha256": raw_sink.hexdigest(),
         "rejects_path": str(rej_path),
-        "rejects_sha256": file_sha256(rej_path),
+        "rejects_sha256": rej_sink.hexdigest(),
         "input_path": str(path),
         "lines_read": lines_read,
         "records": records,
