@@ -138,3 +138,39 @@ def test_batches_and_threads_keep_order_and_first_duplicate(tmp_path, monkeypatc
     kept = pq.read_table(out["path"]).column("uid").to_pylist()
     assert kept == [f"u{i}" for i in range(25)]
     assert out["by_reason"] == {"duplicate_record": 15, "duplicate_uid": 20}
+
+
+def _reference_dedup(rows: list[tuple[str, str, str]]) -> list[str | None]:
+    """The rule, spelled out with sets of strings: first wins; duplicate uid first, then duplicate (title, content)."""
+    uids, pairs, out = set(), set(), []
+    for uid, title, content in rows:
+        if uid in uids:
+            out.append("duplicate_uid")
+        elif (title, content) in pairs:
+            out.append("duplicate_record")
+        else:
+            out.append(None)
+            uids.add(uid)
+            pairs.add((title, content))
+    return out
+
+
+def test_hashed_dedup_equals_the_rule_with_sets_of_strings():
+    rng = random.Random(5)
+    rows = [(f"u{rng.randrange(300)}", f"t{rng.randrange(40)}", f"c{rng.randrange(40)}") for _ in range(3000)]
+    dedup, got = clean_mod._Dedup(), []
+    for start in range(0, len(rows), 257):  # batches, so repeats fall both within one batch and across batches
+        chunk = rows[start:start + 257]
+        got += dedup.reasons(*(pa.array([r[k] for r in chunk]) for k in range(3)))
+    assert got == _reference_dedup(rows)
+    assert {"duplicate_uid", "duplicate_record", None} == set(got)
+
+
+def test_output_hashes_are_those_of_the_files_written(tmp_path):
+    from desctune.files import file_sha256
+
+    raw = ingest_file(DataConfig(path=str(SAMPLE)), tmp_path / "ingest")
+    out = clean_file(raw, DataConfig(), tmp_path / "clean")
+    for result in (raw, out):
+        assert result["sha256"] == file_sha256(result["path"])
+        assert result["rejects_sha256"] == file_sha256(result["rejects_path"])
