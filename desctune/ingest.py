@@ -203,13 +203,21 @@ def _line_starts(block: bytes, rows: list[int]) -> dict[int, tuple[int, int]]:
     return spans
 
 
+def _valid_utf8(block: bytes) -> bool:
+    """Whether `block` is valid UTF-8, checked by Arrow in place: `bytes.decode` made a str of up to 4x the block
+    only to throw it away, and that str was the largest allocation of ingest."""
+    offsets = pa.array([0, len(block)], pa.int64()).buffers()[1]
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(block)]).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig) -> pa.Table | None:
     """pyarrow's multithreaded JSON reader; None when the block needs the exact path."""
-    if not block.isascii():
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+    if not block.isascii() and not _valid_utf8(block):
+        return None
     for uid_type in (pa.string(), pa.int64()):
         schema = pa.schema(
             [(data.uid_field, uid_type), (data.title_field, pa.string()), (data.content_field, pa.string())]
@@ -472,7 +480,7 @@ def _limited(batches, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table, in
 
 def _iter_parquet(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table, int]]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     wanted = [f for f in (data.uid_field, data.title_field, data.content_field) if f in pf.schema_arrow.names]
@@ -704,6 +712,7 @@ def ingest_file(data: DataConfig, out_dir: Path) -> dict:
                         first_rejects.extend(rejs.column("excerpt").to_pylist()[:3])
         if records == 0:
             raise DataError(_no_records_message(path, lines_read, reasons, first_rejects))
+    pa.default_memory_pool().release_unused()  # clean runs next, often in this process
     rejected = sum(reasons.values())
     log.info("ingest %s: %d lines, %d records, %d rejected %s", path, lines_read, records, rejected, dict(reasons))
     return {
