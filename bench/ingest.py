@@ -109,12 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = data.stat().st_size / 1e6
         load = os.getloadavg()[0]
         duck = None
-        if not args.skip_duckdb:  # first, right before desctune, so both meet the same load and a warm page cache
+        if not args.skip_duckdb:  # right before desctune, so both meet the same load and a warm page cache
             duck, _, _ = _run([sys.executable, "-c", DUCKDB, str(data), str(tmp)], env)
         prepare, prepare_wall, _ = _run([sys.executable, "-c", PEAK, sys.executable, "-m", "app.cli", "prepare",
                                          "--data", str(data), "--out", str(tmp / "prepare")], env)
         prepare_rss = prepare["rss_mb"]
         stages, _, _ = _run([sys.executable, "-c", STAGES, str(data), str(tmp / "stages")], env)
+        if duck:  # again after desctune: on a shared machine the load drifts, so the floor is the mean of both runs
+            again, _, _ = _run([sys.executable, "-c", DUCKDB, str(data), str(tmp)], env)
+            duck["runs"] = [duck["seconds"], again["seconds"]]
+            duck["seconds"] = sum(duck["runs"]) / 2
+            duck["rss_mb"] = max(duck["rss_mb"], again["rss_mb"])
         base = None
         if not args.skip_pandas:
             base, _, _ = _run([sys.executable, "-c", BASELINE, str(data), str(tmp)], env)
@@ -129,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         fields = {}
         if duck:
             floor = duck["seconds"]
-            print(f"DuckDB floor (read_json + length filters + DISTINCT, 2 threads): {duck['seconds']:.1f} s, "
+            runs = " and ".join(f"{x:.1f}" for x in duck["runs"])
+            print(f"DuckDB floor (read_json + length filters + DISTINCT, 2 threads): {duck['seconds']:.1f} s "
+                  f"(mean of {runs} s, before and after desctune), "
                   f"kept {duck['kept']}, peak RSS {duck['rss_mb']:.0f} MB; desctune prepare is "
                   f"{prepare_wall / floor:.2f}x it, the stages alone {stages['seconds'] / floor:.2f}x")
         if base:
