@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import threading
 from pathlib import Path
-
-from desctune.errors import DataError
 
 
 def _publish(src: str, dest: Path) -> None:
@@ -25,6 +24,15 @@ def _publish(src: str, dest: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
+
+
+def _prefetch_fingerprint(path: str) -> None:
+    from desctune.ingest import source_fingerprint
+
+    try:
+        source_fingerprint(path)
+    except Exception:  # the fingerprint task hashes again and reports the error
+        pass
 
 
 def summary(raw: dict, cleaned: dict) -> str:
@@ -39,13 +47,16 @@ def summary(raw: dict, cleaned: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     from app.runtime import prefect_env, quiet_user_errors
     from desctune.config import load_config
+    from desctune.ingest import check_source
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     cfg = load_config(args.config, [])
     data = cfg.data.model_copy(update={"path": str(args.data), "filters": cfg.data.filters and not args.no_filters})
-    if not Path(data.path).is_file():
-        raise DataError(f"input file not found: {data.path}")
+    check_source(data.path)
+    # Hash the input on a thread (hashlib lets go of the GIL) while Prefect imports and starts its server; the
+    # flow's fingerprint task then takes the result instead of reading the file again.
+    threading.Thread(target=_prefetch_fingerprint, args=(data.path,), daemon=True).start()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))
@@ -62,7 +73,9 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="ingest and clean a data file into DIR/clean.parquet + rejects.parquet")
-    p.add_argument("--data", required=True, help="trn.json / .jsonl / .gz (JSON Lines or one JSON array)")
+    p.add_argument("--data", required=True,
+                   help="JSON Lines or a JSON array (.json/.jsonl, .gz), CSV (.csv/.tsv), Parquet, "
+                   "a Hugging Face save_to_disk folder, or hf://owner/name[:split]")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="YAML profile whose data section applies (field names, caps, filters)")
     p.add_argument("--no-filters", action="store_true", help="turn off the length filters, nothing else")

@@ -14,9 +14,12 @@ from desctune.errors import DataError
 
 def preflight(cfg) -> None:
     """Catch the commonest mistakes before any server or model starts."""
+    from desctune.ingest import HF_PREFIX
+
     data = Path(cfg.data.path)
-    if not data.is_file():
-        raise DataError(f"data.path {data} does not exist: point it at a trn.json / .jsonl(.gz) file")
+    if not cfg.data.path.startswith(HF_PREFIX) and not data.exists():
+        raise DataError(f"data.path {data} does not exist: point it at a JSON Lines, CSV or Parquet file, a Hugging "
+                        "Face save_to_disk folder, or hf://owner/name")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,11 +1,16 @@
-"""Data-stage benchmark: `desctune prepare` against a straightforward pandas baseline on the same trn.json.
+"""Data-stage benchmark: `desctune prepare` against DuckDB's floor and a pandas baseline on the same trn.json.
 
 Each side runs in its own process so peak RSS is its own. desctune is timed twice: the whole `desctune prepare`
 command (Prefect's temporary server start included) and its ingest + clean stages alone (the pure functions the
-tasks run). The baseline is what notebooks do: `pd.read_json(lines=True)`, `html.unescape` per row, the same filters
-and duplicate rule. Ends with one key=value line, the ratio (stage time vs baseline) first.
+tasks run). Two baselines, in the same run:
+- DuckDB (`pip install -e .[bench]`): `read_json` of the three fields as VARCHAR, the length filters and DISTINCT, on
+  2 threads, written to Parquet. It decodes no entity, strips no tag, repairs no mojibake and gives no reason for a
+  reject, so it is a floor, not a peer: the target is `desctune prepare` within 3x of it.
+- pandas, what notebooks do: `pd.read_json(lines=True)`, `html.unescape` per row, the same filters and duplicate rule.
+Ends with one key=value line, the ratio (pandas' time over desctune's stage time) first, then
+`duckdb_ratio` (desctune prepare's time over DuckDB's) and `stages_duckdb_ratio`.
 
-    python -m bench.ingest [--records N] [--data trn.json]
+    python -m bench.ingest [--records N] [--data trn.json] [--skip-pandas] [--skip-duckdb]
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,6 +57,29 @@ print(json.dumps({"seconds": time.perf_counter() - t, "kept": len(df), "lines": 
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+# A command's own peak RSS (its process tree's largest), whatever ran in this benchmark before it.
+PEAK = """
+import json, resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True)
+print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+DUCKDB = """
+import json, resource, sys, time
+import duckdb
+t = time.perf_counter()
+con = duckdb.connect()
+con.execute("SET threads = 2")
+cols = "{'uid': 'VARCHAR', 'title': 'VARCHAR', 'content': 'VARCHAR'}"
+src = sys.argv[1].replace("'", "''")
+query = (f"SELECT DISTINCT uid, title, content FROM read_json('{src}', format='newline_delimited', columns={cols}) "
+         "WHERE length(title) >= 10 AND length(content) >= 100")
+con.execute(f"COPY ({query}) TO '{sys.argv[2]}/duckdb.parquet' (FORMAT parquet)")
+kept = con.execute(f"SELECT count(*) FROM '{sys.argv[2]}/duckdb.parquet'").fetchone()[0]
+print(json.dumps({"seconds": time.perf_counter() - t, "kept": kept,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
 
 def _run(code_or_cmd: list[str], env: dict) -> tuple[dict | None, float, str]:
     t = time.perf_counter()
@@ -64,15 +91,12 @@ def _run(code_or_cmd: list[str], env: dict) -> tuple[dict | None, float, str]:
     return (json.loads(last) if last.startswith("{") else None), wall, proc.stdout
 
 
-def _child_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=2_248_619, help="synthetic trn.json size (ignored with --data)")
     p.add_argument("--data", type=Path, help="an existing trn.json to use instead of a synthetic one")
-    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--skip-pandas", "--skip-baseline", action="store_true", help="no pandas baseline (15 GB RSS)")
+    p.add_argument("--skip-duckdb", action="store_true", help="no DuckDB floor")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="desctune-bench-") as tmp:
@@ -83,27 +107,47 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "bench.make_trn", "--records", str(args.records), "--out", str(data)],
                            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         size_mb = data.stat().st_size / 1e6
-        _, prepare_wall, _ = _run([sys.executable, "-m", "desctune.cli", "prepare", "--data", str(data), "--out",
-                                   str(tmp / "prepare")], env)
-        prepare_rss = _child_rss_mb()
+        load = os.getloadavg()[0]
+        duck = None
+        if not args.skip_duckdb:  # right before desctune, so both meet the same load and a warm page cache
+            duck, _, _ = _run([sys.executable, "-c", DUCKDB, str(data), str(tmp)], env)
+        prepare, prepare_wall, _ = _run([sys.executable, "-c", PEAK, sys.executable, "-m", "app.cli", "prepare",
+                                         "--data", str(data), "--out", str(tmp / "prepare")], env)
+        prepare_rss = prepare["rss_mb"]
         stages, _, _ = _run([sys.executable, "-c", STAGES, str(data), str(tmp / "stages")], env)
+        if duck:  # again after desctune: on a shared machine the load drifts, so the floor is the mean of both runs
+            again, _, _ = _run([sys.executable, "-c", DUCKDB, str(data), str(tmp)], env)
+            duck["runs"] = [duck["seconds"], again["seconds"]]
+            duck["seconds"] = sum(duck["runs"]) / 2
+            duck["rss_mb"] = max(duck["rss_mb"], again["rss_mb"])
         base = None
-        if not args.skip_baseline:
+        if not args.skip_pandas:
             base, _, _ = _run([sys.executable, "-c", BASELINE, str(data), str(tmp)], env)
         lines = stages["lines"]
         ours = lines / stages["seconds"]
         print(f"input: {data} ({size_mb:.0f} MB, {lines} lines); cores: {os.cpu_count()}; "
-              f"load average before: {os.getloadavg()[0]:.2f}")
+              f"load average before: {load:.2f}")
         print(f"desctune stages: {stages['seconds']:.1f} s (ingest {stages['ingest_s']:.1f} s), "
               f"{ours:,.0f} records/s, kept {stages['kept']}, peak RSS {stages['rss_mb']:.0f} MB")
         print(f"desctune prepare (whole command, Prefect server start included): {prepare_wall:.1f} s, "
               f"peak RSS {prepare_rss:.0f} MB")
         fields = {}
+        if duck:
+            floor = duck["seconds"]
+            runs = " and ".join(f"{x:.1f}" for x in duck["runs"])
+            print(f"DuckDB floor (read_json + length filters + DISTINCT, 2 threads): {duck['seconds']:.1f} s "
+                  f"(mean of {runs} s, before and after desctune), "
+                  f"kept {duck['kept']}, peak RSS {duck['rss_mb']:.0f} MB; desctune prepare is "
+                  f"{prepare_wall / floor:.2f}x it, the stages alone {stages['seconds'] / floor:.2f}x")
         if base:
             theirs = base["lines"] / base["seconds"]
             print(f"pandas baseline: {base['seconds']:.1f} s, {theirs:,.0f} records/s, kept {base['kept']}, "
                   f"peak RSS {base['rss_mb']:.0f} MB")
             fields["ratio"] = f"{ours / theirs:.2f}"
+        if duck:
+            fields |= {"duckdb_ratio": f"{prepare_wall / duck['seconds']:.2f}",
+                       "stages_duckdb_ratio": f"{stages['seconds'] / duck['seconds']:.2f}",
+                       "duckdb_seconds": f"{duck['seconds']:.1f}", "duckdb_peak_rss_mb": f"{duck['rss_mb']:.0f}"}
         fields |= {
             "desctune_records_per_s": f"{ours:.0f}",
             "desctune_seconds": f"{stages['seconds']:.1f}",

@@ -3,14 +3,10 @@ file's content hash and the data settings that change the output."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
 from desctune.config import DataConfig
-from desctune.errors import DataError
-from desctune.files import file_sha256
-from desctune.ingest import INGEST_FIELDS, ingest_file
+from desctune.ingest import INGEST_FIELDS, ingest_file, source_fingerprint
 from desctune.stages import code_version, stage_folder
 from tasks.stage import STAGE_CACHE, report_counts, run_logger
 
@@ -19,11 +15,8 @@ CODE = code_version("ingest")
 
 @task(name="fingerprint")
 def fingerprint(path: str) -> str:
-    """sha256 of the input file, so ingest's cache follows the file's content, not its name."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"input file not found: {p}")
-    return file_sha256(p)
+    """sha256 of the input (file, dataset folder or hub dataset), so ingest's cache follows content, not name."""
+    return source_fingerprint(path)
 
 
 @task(name="ingest", cache_policy=STAGE_CACHE, persist_result=True)

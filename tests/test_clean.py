@@ -164,3 +164,39 @@ def test_reject_blurbs_quarantines_them_with_a_reason_and_counts_them(tmp_path):
     off = clean_file(ingest_file(DataConfig(path=str(SAMPLE)), tmp_path / "off"), DataConfig(path=str(SAMPLE)),
                      tmp_path / "off")
     assert "review_blurb" not in off["by_reason"] and off["kept"] == 438
+
+
+def _reference_dedup(rows: list[tuple[str, str, str]]) -> list[str | None]:
+    """The rule, spelled out with sets of strings: first wins; duplicate uid first, then duplicate (title, content)."""
+    uids, pairs, out = set(), set(), []
+    for uid, title, content in rows:
+        if uid in uids:
+            out.append("duplicate_uid")
+        elif (title, content) in pairs:
+            out.append("duplicate_record")
+        else:
+            out.append(None)
+            uids.add(uid)
+            pairs.add((title, content))
+    return out
+
+
+def test_hashed_dedup_equals_the_rule_with_sets_of_strings():
+    rng = random.Random(5)
+    rows = [(f"u{rng.randrange(300)}", f"t{rng.randrange(40)}", f"c{rng.randrange(40)}") for _ in range(3000)]
+    dedup, got = clean_mod._Dedup(), []
+    for start in range(0, len(rows), 257):  # batches, so repeats fall both within one batch and across batches
+        chunk = rows[start:start + 257]
+        got += dedup.reasons(*(pa.array([r[k] for r in chunk]) for k in range(3)))
+    assert got == _reference_dedup(rows)
+    assert {"duplicate_uid", "duplicate_record", None} == set(got)
+
+
+def test_output_hashes_are_those_of_the_files_written(tmp_path):
+    from desctune.files import file_sha256
+
+    raw = ingest_file(DataConfig(path=str(SAMPLE)), tmp_path / "ingest")
+    out = clean_file(raw, DataConfig(), tmp_path / "clean")
+    for result in (raw, out):
+        assert result["sha256"] == file_sha256(result["path"])
+        assert result["rejects_sha256"] == file_sha256(result["rejects_path"])

@@ -13,7 +13,7 @@ from conftest import ABT_DATA
 from desctune import ingest as ingest_mod
 from desctune.config import DataConfig
 from desctune.errors import DataError
-from desctune.ingest import ingest_file
+from desctune.ingest import content_uid, ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
@@ -81,7 +81,7 @@ def test_every_reject_reason_with_line_uid_and_excerpt(tmp_path):
         b'{"uid": 7, "title": "numeric uid", "content": "kept"}',
     ]
     result, records, rejects = run(tmp_path, b"\n".join(lines) + b"\n", max_field_chars=50)
-    assert [r["uid"] for r in records] == ["ok1", "ok2", "line-13", "7"]
+    assert [r["uid"] for r in records] == ["ok1", "ok2", content_uid("no uid", "gets a line uid"), "7"]
     got = [(r["line"], r["uid"], r["reason"]) for r in rejects]
     assert got == [
         (2, None, "malformed_json"),
@@ -94,7 +94,7 @@ def test_every_reject_reason_with_line_uid_and_excerpt(tmp_path):
         (9, None, "bad_uid"),
         (10, "long", "field_too_long"),
     ]
-    assert set(got_reason for *_, got_reason in got) == set(ingest_mod.REASONS) - {"line_too_long"}
+    assert set(got_reason for *_, got_reason in got) == set(ingest_mod.REASONS) - {"line_too_long", "malformed_csv"}
     assert rejects[0]["excerpt"] == '{"uid": "m1", "title": "broken"'
     assert "\ufffd" in rejects[1]["excerpt"]
     assert result["lines_read"] == 14 and result["records"] + result["rejected"] == 13  # one blank line
