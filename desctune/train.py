@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -308,14 +309,34 @@ def micro_batches(lengths: list[int], t: TrainConfig, steps: int, max_tokens: in
     return out[:needed]
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest checkpoint folder. They appear only by rename when complete; leftover temporaries are removed."""
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest first. They appear only by rename when complete; leftover temporaries are removed."""
     if not ckpt_dir.is_dir():
-        return None
+        return []
     for leftover in ckpt_dir.glob(".checkpoint-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     found = [(int(d.name.split("-")[-1]), d) for d in ckpt_dir.glob("checkpoint-*") if (d / "state.json").is_file()]
-    return max(found)[1] if found else None
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = checkpoints(ckpt_dir)
+    return found[0] if found else None
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint that is damaged, or holds more than tensors and plain values."""
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(tensors and states, progress) of a checkpoint. Only tensors and plain values load (`weights_only`), so a
+    tampered file that would run code when unpickled is refused, not executed."""
+    try:
+        saved = torch.load(path / "training.pt", map_location="cpu", weights_only=True)
+        return saved, json.loads((path / "state.json").read_text())
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise UnreadableCheckpoint(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else
+                                   type(exc).__name__) from None
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict, scaler=None,
@@ -341,17 +362,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dict:
+def load_checkpoint(saved: dict, model, optimizer, scheduler, scaler=None) -> None:
+    """Put a read checkpoint's adapter, optimizer, scheduler, RNG and scaler states in place."""
     from peft import set_peft_model_state_dict
 
-    saved = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
     set_peft_model_state_dict(model, saved["adapter"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved)
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
-    return json.loads((path / "state.json").read_text())
 
 
 def peak_memory_mb(device: str) -> float:
@@ -446,10 +466,18 @@ def train_adapter(
     log_params({**asdict(p), "steps": steps, "examples": len(train_ex), "trainable_params": trainable})
 
     ckpt_dir = out_dir / "checkpoints"
-    resume = latest_checkpoint(ckpt_dir)
-    state = {"step": 0, "history": [], "loss_sum": 0.0, "tokens": 0, "supervised_tokens": 0, "seconds": 0.0}
-    if resume:
-        state = load_checkpoint(resume, model, optimizer, scheduler, scaler)
+    resume, state = None, {"step": 0, "history": [], "loss_sum": 0.0, "tokens": 0, "supervised_tokens": 0,
+                           "seconds": 0.0}
+    for path in checkpoints(ckpt_dir):
+        try:
+            saved, progress = read_checkpoint(path)
+        except UnreadableCheckpoint as exc:
+            logger.warning("skipping %s, which cannot be read safely (%s): trying the checkpoint before it",
+                           path.name, exc)
+            continue
+        load_checkpoint(saved, model, optimizer, scheduler, scaler)
+        resume, state = path, progress
+        break
     start_step = state["step"]
     logger.info(
         "training %d steps on %s (%s, base %s): %d examples, %d trainable parameters%s", steps, device, p.dtype,

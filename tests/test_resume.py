@@ -72,3 +72,45 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes(tmp_path, tiny_model_dir, 
     assert result["history"][-1]["step"] == 12
     assert (Path(result["adapter_path"]) / "adapter_model.safetensors").is_file()
     assert not list((out / "checkpoints").glob(".checkpoint-*"))
+
+
+class RunsCode:
+    """What a tampered checkpoint could hold: unpickling it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_tampered_checkpoint_is_refused_not_run_and_training_resumes_from_the_one_before(tmp_path, tiny_model_dir,
+                                                                                           tiny_tokenizer, caplog):
+    import torch
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 8, "save_steps": 3, "batch_size": 4})
+    df = pd.DataFrame([json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:30]])
+    tokens = {}
+    for name, part in (("train", df.iloc[:24]), ("val", df.iloc[24:])):
+        table, _ = tokenize_frame(part, tiny_tokenizer, cfg.model)
+        path = tmp_path / f"tokens_{name}.parquet"
+        tokens[name] = {"path": str(path), "sha256": write_parquet(table, path)}
+    base = provision(str(tiny_model_dir), tmp_path)
+    out, marker = tmp_path / "train", tmp_path / "code-ran"
+    stop = RuntimeError("stop after the second checkpoint")
+
+    def stop_at_6(step, path):
+        if step == 6:
+            raise stop
+
+    try:
+        train_adapter(tokens, base, cfg, out, on_checkpoint=stop_at_6)
+    except RuntimeError as exc:
+        assert exc is stop
+    newest = out / "checkpoints" / "checkpoint-6" / "training.pt"
+    torch.save({"adapter": RunsCode(marker)}, newest)
+    with caplog.at_level("WARNING"):
+        result = train_adapter(tokens, base, cfg, out)
+    assert not marker.exists()
+    assert result["resumed_from"] == str(out / "checkpoints" / "checkpoint-3") and result["steps"] == 8
+    assert any("skipping checkpoint-6, which cannot be read safely" in r.getMessage() for r in caplog.records)
