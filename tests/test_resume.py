@@ -1,4 +1,5 @@
-"""Resume: a training process killed with SIGKILL right after a checkpoint resumes from it and finishes the run."""
+"""Resume: a training process killed with SIGKILL right after a checkpoint resumes from it and finishes the run; a
+tampered checkpoint is refused and training resumes from the one before."""
 
 import json
 import os
@@ -8,13 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from conftest import SAMPLE, tiny_config
-from desctune.files import write_parquet
+from conftest import tiny_config
 from desctune.models import provision
-from desctune.tokenize import tokenize_frame
 from desctune.train import latest_checkpoint, train_adapter
+from test_train import records, token_files
 
 CHILD = """
 import json, sys, time
@@ -34,12 +32,8 @@ train_adapter(args["tokens"], args["base"], Config.model_validate(args["cfg"]), 
 
 def test_kill_9_after_a_checkpoint_then_rerun_resumes(tmp_path, tiny_model_dir, tiny_tokenizer):
     cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 12, "save_steps": 4, "batch_size": 4})
-    df = pd.DataFrame([json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:40]])
-    tokens = {}
-    for name, part in (("train", df.iloc[:32]), ("val", df.iloc[32:])):
-        table, _ = tokenize_frame(part, tiny_tokenizer, cfg.model)
-        path = tmp_path / f"tokens_{name}.parquet"
-        tokens[name] = {"path": str(path), "sha256": write_parquet(table, path)}
+    df = records(40)
+    tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:32], df.iloc[32:])
     base = provision(str(tiny_model_dir), tmp_path)
     out, marker = tmp_path / "train", tmp_path / "checkpointed"
     args = {"tokens": tokens, "base": base, "cfg": json.loads(cfg.model_dump_json()), "out": str(out),
@@ -89,12 +83,8 @@ def test_a_tampered_checkpoint_is_refused_not_run_and_training_resumes_from_the_
     import torch
 
     cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 8, "save_steps": 3, "batch_size": 4})
-    df = pd.DataFrame([json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:30]])
-    tokens = {}
-    for name, part in (("train", df.iloc[:24]), ("val", df.iloc[24:])):
-        table, _ = tokenize_frame(part, tiny_tokenizer, cfg.model)
-        path = tmp_path / f"tokens_{name}.parquet"
-        tokens[name] = {"path": str(path), "sha256": write_parquet(table, path)}
+    df = records(30)
+    tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:24], df.iloc[24:])
     base = provision(str(tiny_model_dir), tmp_path)
     out, marker = tmp_path / "train", tmp_path / "code-ran"
     stop = RuntimeError("stop after the second checkpoint")
