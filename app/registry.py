@@ -53,7 +53,8 @@ def metrics_json(metrics: dict) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from desctune.errors import DataError
     from desctune.evaluate import IDENTICAL_LIMIT, evaluate_file
-    from desctune.files import atomic_path, file_sha256
+    from desctune.files import atomic_path
+    from desctune.ingest import source_fingerprint
     from desctune.registry import resolve_model
     from desctune.stages import stage_folder
 
@@ -63,8 +64,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"data file not found: {args.data}")
     model = resolve_model(cfg, args.model)
     data = cfg.data.model_copy(update={"path": str(args.data)})
-    out_dir = stage_folder(cfg.artifacts_dir, "evaluate-cli", model["adapter_sha256"], file_sha256(args.data), data,
-                           eval_cfg)
+    out_dir = stage_folder(cfg.artifacts_dir, "evaluate-cli", model["adapter_sha256"], source_fingerprint(args.data),
+                           data, eval_cfg)
     result = evaluate_file(model["adapter_path"], data, eval_cfg, cfg.artifacts_dir, out_dir)
     print(comparison_table(model["label"], args.data, result["metrics"]))
     print(f"per-example table {result['eval_path']}, chart {result['plot_path']}")

@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from desctune.config import DataConfig
-from desctune.files import atomic_path
-from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA, HashingSink
+from desctune.files import HashingSink, atomic_path
+from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -75,12 +75,50 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class HashingSink:
+    """A file that a ParquetWriter writes to, hashed on the way, so an output is never read back only to hash it."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")
+        self._h = hashlib.sha256()
+        self._pos = 0
+        self.closed = False
+
+    def write(self, b) -> int:
+        self._h.update(b)
+        self._pos += len(b)
+        return self._f.write(b)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            self.closed = True
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    def __enter__(self) -> "HashingSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_parquet(df: pd.DataFrame | pa.Table, path: str | Path) -> str:
-    """Write a Parquet file atomically and return its content hash."""
+    """Write a Parquet file atomically and return its content hash (taken as it is written, not read back)."""
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return file_sha256(path)
+    with atomic_path(path) as tmp, HashingSink(tmp) as sink:
+        pq.write_table(table, sink)
+    return sink.hexdigest()
 
 
 def stage_dir(artifacts_dir: str | Path, stage: str, *keys: str) -> Path:

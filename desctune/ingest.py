@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from desctune.config import DataConfig
 from desctune.errors import DataError
-from desctune.files import atomic_path, dir_sha256, file_sha256
+from desctune.files import HashingSink, atomic_path, dir_sha256, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +77,6 @@ TABLE_BATCH_ROWS = 65_536
 RAW_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
-class HashingSink:
-    """A file that a ParquetWriter writes to, hashed on the way, so an output is never read back only to hash it."""
-
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "wb")
-        self._h = hashlib.sha256()
-        self._pos = 0
-        self.closed = False
-
-    def write(self, b) -> int:
-        self._h.update(b)
-        self._pos += len(b)
-        return self._f.write(b)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._f.close()
-            self.closed = True
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-    def __enter__(self) -> "HashingSink":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def content_uid(title: str, content: str) -> str:
