@@ -35,3 +35,7 @@ class RegistryError(UserError):
 
 class ServeError(UserError):
     """The servers cannot start: a port is taken, another serve runs, a server did not come up."""
+
+
+class ExportError(UserError):
+    """An export cannot be written: unknown format or type, an output folder in use, an architecture not supported."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import mlflow.pyfunc
 from mlflow.models import ModelSignature
@@ -20,6 +21,34 @@ SIGNATURE = ModelSignature(
         ]
     ),
 )
+
+
+# MLflow logs the model from this file and carries the whole desctune package beside it (models-from-code).
+MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
+# What loading and generating import besides desctune itself.
+RUNTIME = ("torch", "transformers", "peft", "mlflow", "pydantic", "pyyaml", "filelock", "gguf", "safetensors",
+           "pandas", "accelerate")
+
+
+def requirements(base_name: str) -> list[str]:
+    """The model's pip requirements, pinned to what registered it, plus the wheel of an embedded base."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from desctune.models import EMBEDDED
+
+    pins = []
+    for package in RUNTIME:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    if base_name in EMBEDDED:
+        wheel = EMBEDDED[base_name][0].replace("_", "-")
+        try:
+            pins.append(f"{wheel}=={version(wheel)}")
+        except PackageNotFoundError:
+            pins.append(wheel)
+    return pins
 
 
 def decoding_settings(model_config: dict | None) -> dict:

@@ -218,11 +218,7 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
     """Log the adapter as an MLflow pyfunc model version, tag its lineage (plus `lineage`, the orchestrator's run),
     set challenger and maybe champion. The run's whole config travels with the model as its model_config, so the
     registered model decodes with the run's evaluation settings."""
-    import peft
-    import torch
-    import transformers
-
-    from desctune.pyfunc import SIGNATURE, DescTuneModel
+    from desctune.pyfunc import MODEL_CODE, SIGNATURE, requirements
 
     c = client(cfg)
     name = cfg.registry.model_name
@@ -237,15 +233,11 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=DescTuneModel(),
+                python_model=str(MODEL_CODE),
+                code_paths=[str(MODEL_CODE.parent)],
                 artifacts={"adapter": trained["adapter_path"]},
                 signature=SIGNATURE,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"transformers=={transformers.__version__}",
-                    f"peft=={peft.__version__}",
-                    f"mlflow=={mlflow.__version__}",
-                ],
+                pip_requirements=requirements(stages["base"]["name"]),
                 registered_model_name=name,
                 metadata={"base_model": stages["base"]["name"], "base_model_sha256": stages["base"]["sha256"]},
                 model_config=json.loads(cfg.model_dump_json()),
