@@ -108,7 +108,7 @@ def deploy(env: dict, root: Path = ROOT) -> list[str]:
     if names:
         _prefect(["deploy", *(a for n in names for a in ("--name", n))], env, root)
     try:
-        crashed_runs.upsert(env["PREFECT_API_URL"], crashed_runs.automation(window))
+        crashed_runs.upsert(env["PREFECT_API_URL"], crashed_runs.automation(window), env.get("PREFECT_API_AUTH_STRING"))
     except Exception as exc:
         raise DeployError(f"creating the automation {crashed_runs.NAME!r} failed: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
