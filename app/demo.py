@@ -3,6 +3,7 @@
     desctune demo [--host 127.0.0.1] [--port 8501] [--model REF] [--config FILE]
 
 REF is `models:/NAME@ALIAS`, `models:/NAME/VERSION` or an adapter folder (default: the configured model @champion).
+Served on a non-loopback --host, the page's sidebar takes registry references only, never a folder on the server.
 The process becomes the Streamlit server (headless, no usage statistics, no browser opened), so stopping it stops
 the app.
 """
@@ -49,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("streamlit") is None:
         raise UserError("the demo needs Streamlit: pip install -e '.[demo]'")
     env = dict(os.environ)
+    env["DESCTUNE_DEMO_HOST"] = args.host  # a page served beyond loopback loads registry references only
     if args.config:
         env["DESCTUNE_DEMO_CONFIG"] = str(Path(args.config).resolve())
     if args.model:

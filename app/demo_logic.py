@@ -13,7 +13,7 @@ import pandas as pd
 
 from desctune.config import Config, EvalConfig, load_config
 
-CONFIG_ENV, MODEL_ENV = "DESCTUNE_DEMO_CONFIG", "DESCTUNE_DEMO_MODEL"
+CONFIG_ENV, MODEL_ENV, HOST_ENV = "DESCTUNE_DEMO_CONFIG", "DESCTUNE_DEMO_MODEL", "DESCTUNE_DEMO_HOST"
 GENERATING = threading.Lock()
 
 
@@ -35,6 +35,24 @@ def demo_config() -> tuple[Config, str]:
     cfg = load_config(os.environ.get(CONFIG_ENV) or None)
     ref = os.environ.get(MODEL_ENV) or f"models:/{cfg.registry.model_name}@champion"
     return cfg, ref
+
+
+def shared() -> bool:
+    """Whether the page is served beyond this machine (`desctune demo --host` not loopback)."""
+    from app.serve_auth import is_loopback
+
+    return not is_loopback(os.environ.get(HOST_ENV) or "127.0.0.1")
+
+
+def refused_ref(ref: str, shared: bool) -> str | None:
+    """Why the sidebar may not load `ref`, None when it may: a shared page loads registry references only, never a
+    folder on the server."""
+    from desctune.modelref import REF
+
+    if not shared or not ref or REF.match(ref.strip()):
+        return None
+    return ("This demo is served beyond its machine, so it loads registry references only "
+            "(models:/NAME@ALIAS or models:/NAME/VERSION), not folders on the server.")
 
 
 def model_choices(tracking_uri: str, name: str) -> list[str]:

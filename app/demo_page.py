@@ -61,9 +61,15 @@ with st.sidebar:
     choices = logic.model_choices(tracking_uri, cfg.registry.model_name)
     options = [start_ref] + [c for c in choices if c != start_ref]
     chosen = st.selectbox("Registered model", options, key="ref")
-    other = st.text_input("…or another reference or an adapter folder", key="other_ref",
-                          placeholder="models:/NAME/VERSION or path/to/adapter")
+    shared = logic.shared()
+    other = st.text_input("…or another registry reference" if shared else "…or another reference or an adapter folder",
+                          key="other_ref", placeholder="models:/NAME/VERSION" + ("" if shared else " or path/to/adapter"))
     ref = other.strip() or chosen
+
+refused = logic.refused_ref(other, shared)
+if refused:
+    st.error(refused)
+    st.stop()
 
 try:
     resolved = resolve(ref, tracking_uri, cfg.artifacts_dir)

@@ -7,7 +7,8 @@ heartbeats stop); any other child's exit stops `serve`. A lock file in the artif
 the same folder say so in one line; a port check does the same for a port another program holds.
 Backends: Prefect uses PREFECT_API_DATABASE_CONNECTION_URL when set (else its SQLite default under PREFECT_HOME);
 MLflow uses MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION when set (else sqlite:///<artifacts>/mlflow.db
-and <artifacts>/mlruns).
+and <artifacts>/mlruns). Both reach the servers through their environment, never their command lines.
+Credentials (app/serve_auth.py): a non-loopback --host needs DESCTUNE_SERVE_PASSWORD (or _FILE); loopback may use it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.serve_auth import Credentials, check_exposure, client_env, credentials, mlflow_server_env, prefect_server_env
 from deployments.deploy import POOL
 from desctune.errors import ServeError
 
@@ -42,6 +44,7 @@ class ServePlan:
     prefect_db: str | None
     mlflow_backend: str
     mlflow_artifacts: str
+    creds: Credentials | None = None
 
     @property
     def prefect_url(self) -> str:
@@ -57,6 +60,9 @@ class ServePlan:
 
 
 def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | Path, env: dict) -> ServePlan:
+    """Where everything goes; a ServeError when `host` is not loopback and no credentials are configured."""
+    creds = credentials(env)
+    check_exposure(host, creds)
     art = Path(artifacts).resolve()
     return ServePlan(
         host=host,
@@ -66,6 +72,7 @@ def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | P
         prefect_db=env.get("PREFECT_API_DATABASE_CONNECTION_URL") or None,
         mlflow_backend=env.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{art / 'mlflow.db'}",
         mlflow_artifacts=env.get("MLFLOW_ARTIFACTS_DESTINATION") or str(art / "mlruns"),
+        creds=creds,
     )
 
 
@@ -80,22 +87,22 @@ def hide_password(url: str) -> str:
 
 
 def commands(plan: ServePlan, env: dict) -> dict[str, tuple[list[str], dict]]:
-    """The three long-running processes, each with its own environment."""
+    """The three long-running processes, each with its own environment: the servers get their stores and secrets
+    there (not on their command lines), the worker only the servers' URLs and the clients' credentials."""
     py = sys.executable
-    client_env = {**env, "PREFECT_API_URL": plan.api_url, "MLFLOW_TRACKING_URI": plan.mlflow_url}
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    mlflow_env = {**server_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     worker_env = {
-        **client_env,
+        **client_env(env, plan.creds, plan.api_url, plan.mlflow_url),
         "PREFECT_WORKER_QUERY_SECONDS": env.get("PREFECT_WORKER_QUERY_SECONDS", "5"),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(plan.artifacts / "prefect-results"),
     }
+    mlflow_env = mlflow_server_env(env, plan.creds, plan.host, plan.mlflow_port, plan.mlflow_backend,
+                                   plan.mlflow_artifacts, plan.artifacts)
+    auth_app = ["--app-name", "basic-auth"] if plan.creds else []
     return {
         "prefect-server": ([py, "-m", "prefect", "server", "start", "--host", plan.host, "--port",
-                            str(plan.prefect_port)], server_env),
+                            str(plan.prefect_port)], prefect_server_env(env, plan.creds, plan.host, plan.prefect_port)),
         "mlflow-server": ([py, "-m", "mlflow", "server", "--host", plan.host, "--port", str(plan.mlflow_port),
-                           "--workers", "1", "--backend-store-uri", plan.mlflow_backend,
-                           "--artifacts-destination", plan.mlflow_artifacts], mlflow_env),
+                           "--workers", "1", *auth_app], mlflow_env),
         "worker": ([py, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
                     "--name", f"{POOL}-{socket.gethostname()}-{os.getpid()}"], worker_env),
     }
@@ -192,21 +199,43 @@ def _existing(pids: list[int]) -> list:
     return out
 
 
-def http_ok(url: str) -> bool:
+def _get(url: str, creds: Credentials | None):
+    request = urllib.request.Request(url, headers={"Authorization": creds.header} if creds else {})
+    return urllib.request.urlopen(request, timeout=2)
+
+
+def http_ok(url: str, creds: Credentials | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with _get(url, creds) as r:
             return r.status == 200
     except Exception:
         return False
 
 
-def pool_ready(api_url: str) -> bool:
+def pool_ready(api_url: str, creds: Credentials | None = None) -> bool:
     """True once a worker has polled the pool (Prefect then marks it READY)."""
     try:
-        with urllib.request.urlopen(f"{api_url}/work_pools/{POOL}", timeout=2) as r:
+        with _get(f"{api_url}/work_pools/{POOL}", creds) as r:
             return json.load(r).get("status") == "READY"
     except Exception:
         return False
+
+
+def check_mlflow_login(plan: ServePlan) -> None:
+    """MLflow creates its admin user once, with the password of that first start: say so when it has another one."""
+    import urllib.error
+
+    if plan.creds is None:
+        return
+    try:
+        _get(f"{plan.mlflow_url}/api/2.0/mlflow/users/get?username={plan.creds.user}", plan.creds).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ServeError(
+                f"MLflow refuses {plan.creds.user!r} with this password: its user store "
+                f"({plan.artifacts / 'mlflow-auth.db'}) was created with another password or user; serve with "
+                "those, or delete that file to start it again") from None
+        raise ServeError(f"MLflow at {plan.mlflow_url} answered {exc.code} to its admin user's login") from None
 
 
 def wait_until(ready, what: str, procs: Processes, timeout: float) -> None:
@@ -220,16 +249,27 @@ def wait_until(ready, what: str, procs: Processes, timeout: float) -> None:
 
 def banner(plan: ServePlan, deployed: list[str]) -> str:
     prefect_db = hide_password(plan.prefect_db) if plan.prefect_db else "SQLite under PREFECT_HOME"
+    if plan.creds:
+        login = (f"  login         user {plan.creds.user!r} with the serve password, on both UIs and APIs; "
+                 "CSRF protection on")
+        export_auth = [(f"  export PREFECT_API_AUTH_STRING=\"{plan.creds.user}:$DESCTUNE_SERVE_PASSWORD\" "
+                        f"MLFLOW_TRACKING_USERNAME={plan.creds.user} "
+                        "MLFLOW_TRACKING_PASSWORD=\"$DESCTUNE_SERVE_PASSWORD\"")]
+    else:
+        login = "  login         none (this machine only); CSRF protection on"
+        export_auth = []
     lines = [
         "desctune serve: ready",
         f"  Prefect UI    {plan.prefect_url}   (database: {prefect_db})",
         f"  MLflow UI     {plan.mlflow_url}   (backend: {hide_password(plan.mlflow_backend)}, "
         f"artifacts: {plan.mlflow_artifacts})",
+        login,
         f"  worker        on work pool {POOL}",
         f"  deployments   {', '.join(deployed) or 'none'}",
         f"  logs          {plan.artifacts / 'serve-logs'}",
         "From another shell:",
         f"  export PREFECT_API_URL={plan.api_url} MLFLOW_TRACKING_URI={plan.mlflow_url}",
+        *export_auth,
         "  .venv/bin/prefect deployment run finetune/finetune --param config='{\"train\": {\"epochs\": 1}}'",
         "Ctrl-C stops all of them.",
     ]
@@ -277,12 +317,13 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
             procs.start(name, *cmds[name])
         wait_until(lambda: http_ok(f"{plan.api_url}/health"), f"Prefect server at {plan.prefect_url}", procs, timeout)
         wait_until(lambda: http_ok(f"{plan.mlflow_url}/health"), f"MLflow server at {plan.mlflow_url}", procs, timeout)
+        check_mlflow_login(plan)
         try:
             deployed = deploy(deploy_env(cmds["worker"][1], ROOT, plan.artifacts, plan.mlflow_url))
         except DeployError as exc:
             raise ServeError(str(exc)) from None
         procs.start("worker", *cmds["worker"])
-        wait_until(lambda: pool_ready(plan.api_url), f"worker on pool {POOL}", procs, timeout)
+        wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {POOL}", procs, timeout)
         print(banner(plan, deployed), flush=True)
         while True:
             procs.revive("worker", *cmds["worker"], min_uptime=WORKER_MIN_UPTIME)

@@ -78,11 +78,12 @@ def automation(window: int):
     )
 
 
-def upsert(api_url: str, spec) -> UUID:
-    """Create the automation, or rewrite the one of the same name (and drop duplicates); returns its id."""
+def upsert(api_url: str, spec, auth_string: str | None = None) -> UUID:
+    """Create the automation, or rewrite the one of the same name (and drop duplicates); returns its id.
+    `auth_string` is the API's `user:password` when it has one."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    with SyncPrefectClient(api_url) as client:
+    with SyncPrefectClient(api_url, auth_string=auth_string) as client:
         existing = sorted(client.read_automations_by_name(spec.name), key=lambda a: str(a.id))
         if not existing:
             return client.create_automation(spec)

@@ -8,9 +8,12 @@ so one flow still in the making never blocks the others.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -49,6 +52,29 @@ def deploy_env(base: dict, project: Path, artifacts: Path, mlflow_uri: str) -> d
     }
 
 
+def job_template(env: dict) -> dict:
+    """The pool's base job template with this machine's values filled into its `{{ $VAR }}` placeholders.
+
+    The template pins the flow-run command (the worker's own), the environment and the working directory: a
+    deployment or a flow run can set only `name`, `labels` and `stream_output`, and Prefect refuses any other job
+    variable (`additionalProperties: false`), so nobody who can trigger a run can choose what the worker executes."""
+    template = json.loads(TEMPLATE.read_text())
+
+    def fill(value):
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, str):
+            def var(m: re.Match) -> str:
+                if not env.get(m[1]):
+                    raise DeployError(f"the job template needs {m[1]} set")
+                return env[m[1]]
+            return re.sub(r"\{\{\s*\$(\w+)\s*\}\}", var, value)
+        return value
+
+    template["job_configuration"] = fill(template["job_configuration"])
+    return template
+
+
 def _prefect(args: list[str], env: dict, cwd: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", *args], env=env, cwd=cwd, capture_output=True, text=True
@@ -74,12 +100,15 @@ def deploy(env: dict, root: Path = ROOT) -> list[str]:
     names, skipped = deployable(load_spec(root), root)
     for name in skipped:
         print(f"deploy: skipping {name!r}: its entrypoint file is not there yet", file=sys.stderr)
-    _prefect(["work-pool", "create", POOL, "--type", "process", "--base-job-template", str(TEMPLATE), "--overwrite"],
-             env, root)
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / TEMPLATE.name
+        template.write_text(json.dumps(job_template(env), indent=2))
+        _prefect(["work-pool", "create", POOL, "--type", "process", "--base-job-template", str(template),
+                  "--overwrite"], env, root)
     if names:
         _prefect(["deploy", *(a for n in names for a in ("--name", n))], env, root)
     try:
-        crashed_runs.upsert(env["PREFECT_API_URL"], crashed_runs.automation(window))
+        crashed_runs.upsert(env["PREFECT_API_URL"], crashed_runs.automation(window), env.get("PREFECT_API_AUTH_STRING"))
     except Exception as exc:
         raise DeployError(f"creating the automation {crashed_runs.NAME!r} failed: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

@@ -1,5 +1,6 @@
 """The crashed-runs automation spec and its heartbeat settings, without a server (tests/test_servers.py runs it)."""
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -45,8 +46,12 @@ def test_heartbeat_defaults_overrides_and_bad_values_in_one_line():
 
 
 def test_every_deployment_sends_heartbeats_and_carries_the_watched_tag():
+    """The heartbeat is in the pool's job template (which a deployment cannot override), every deployment on it."""
+    from deployments.deploy import POOL, TEMPLATE
+
+    env = json.loads(TEMPLATE.read_text())["job_configuration"]["env"]
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "{{ $DESCTUNE_HEARTBEAT_SECONDS }}"
     spec = load_spec()
     for d in spec["deployments"]:
         assert crashed_runs.TAG in d["tags"], d["name"]
-        env = d["work_pool"]["job_variables"]["env"]
-        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "{{ $DESCTUNE_HEARTBEAT_SECONDS }}", d["name"]
+        assert d["work_pool"]["name"] == POOL and "job_variables" not in d["work_pool"], d["name"]

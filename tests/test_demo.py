@@ -80,6 +80,35 @@ def test_no_registered_model_says_what_to_run_first(tmp_path, tiny_model_dir, mo
     assert not at.button and not at.text
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7"])
+def test_a_shared_demo_loads_registry_references_only(tmp_path, tiny_model_dir, monkeypatch, host):
+    """Served beyond loopback, the sidebar refuses a server path before touching it; a models:/ reference goes on
+    to the registry (empty here, so the page says what to run first). On loopback the same path is tried."""
+    from desctune.config import config_to_yaml
+
+    cfg_path = tmp_path / "empty.yaml"
+    cfg_path.write_text(config_to_yaml(tiny_config(tmp_path, tiny_model_dir)))
+    monkeypatch.setenv("DESCTUNE_DEMO_HOST", host)
+    at = app(monkeypatch, cfg_path)
+    assert at.text_input(key="other_ref").label == "…or another registry reference"
+    at.text_input(key="other_ref").input(str(tiny_model_dir)).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [("This demo is served beyond its machine, so it loads registry references "
+                                            "only (models:/NAME@ALIAS or models:/NAME/VERSION), not folders on the "
+                                            "server.")]
+    at.text_input(key="other_ref").input("models:/tiny-desctune/1").run()
+    assert [e.value for e in at.error] == [
+        "No model is registered yet (models:/tiny-desctune/1). Run `make run` first, then reload this page."
+    ]
+
+    monkeypatch.setenv("DESCTUNE_DEMO_HOST", "127.0.0.1")
+    at = app(monkeypatch, cfg_path)
+    at.text_input(key="other_ref").input(str(tiny_model_dir)).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        f"Cannot load {tiny_model_dir}: {tiny_model_dir} is not a desctune adapter folder (no desctune.json)"]
+
+
 def test_page_shows_champion_adapter_status_examples_and_metrics(registered, monkeypatch):
     cfg_path, cfg, version = registered
     at = app(monkeypatch, cfg_path)

@@ -62,14 +62,14 @@ def postgres_databases(n: int):
 class Served:
     """A running `desctune serve` subprocess and where it listens."""
 
-    def __init__(self, tmp: Path, env: dict):
+    def __init__(self, tmp: Path, env: dict, args: tuple[str, ...] = ()):
         self.artifacts = tmp / "artifacts"
         self.prefect_port, self.mlflow_port = free_port(), free_port()
         self.api_url = f"http://127.0.0.1:{self.prefect_port}/api"
         self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
         self.env = env
         self.argv = [sys.executable, "-m", "app.cli", "serve", "--prefect-port", str(self.prefect_port),
-                     "--mlflow-port", str(self.mlflow_port), "--artifacts-dir", str(self.artifacts)]
+                     "--mlflow-port", str(self.mlflow_port), "--artifacts-dir", str(self.artifacts), *args]
         self.proc = subprocess.Popen(self.argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -192,6 +192,13 @@ async def read_run(api_url: str, flow_run_id):
         return await client.read_flow_run(flow_run_id)
 
 
+async def read_pool_template(api_url: str) -> dict:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
+        return (await client.read_work_pool("desctune-local")).base_job_template
+
+
 async def read_automations(api_url: str, name: str) -> list:
     from prefect.client.orchestration import PrefectClient
 
@@ -216,10 +223,12 @@ def test_deployments_carry_the_profiles_the_schedules_and_the_servers(served):
     assert finetune.parameters["config"] == json.loads(load_config(ROOT / "configs/cpu.yaml").model_dump_json())
     assert "config" in finetune.parameter_openapi_schema["properties"]
     assert finetune.work_pool_name == "desctune-local" and not finetune.schedules
-    env = finetune.job_variables["env"]
+    assert not finetune.job_variables  # the pool's template pins them (deployments/process-job-template.json)
+    job = asyncio.run(read_pool_template(served.api_url))["job_configuration"]
+    env = job["env"]
     assert env["MLFLOW_TRACKING_URI"] == served.mlflow_url
     assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(served.artifacts / "prefect-results")
-    assert finetune.job_variables["working_dir"] == str(ROOT)
+    assert job["working_dir"] == str(ROOT)
     assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30" and "desctune" in finetune.tags
     [automation] = asyncio.run(read_automations(served.api_url, "desctune-crashed-runs"))
     window = CRASH_WINDOW if served.backend == "sqlite" else 90
