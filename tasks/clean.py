@@ -12,7 +12,7 @@ from tasks.stage import STAGE_CACHE, report_counts, run_logger
 CODE = code_version("clean")
 
 
-@task(name="clean", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="clean", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def clean(raw: dict, data: DataConfig, artifacts_dir: str, code: str = CODE) -> dict:
     out_dir = stage_folder(artifacts_dir, "clean", raw["sha256"], raw["rejects_sha256"], data.subset(CLEAN_FIELDS))
     result = clean_file(raw, data, out_dir)

@@ -19,7 +19,7 @@ def fingerprint(path: str) -> str:
     return source_fingerprint(path)
 
 
-@task(name="ingest", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="ingest", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def ingest(data: DataConfig, artifacts_dir: str, input_sha256: str, code: str = CODE) -> dict:
     out_dir = stage_folder(artifacts_dir, "ingest", input_sha256, data.subset(INGEST_FIELDS))
     result = ingest_file(data, out_dir) | {"input_sha256": input_sha256}

@@ -12,7 +12,7 @@ from tasks.stage import STAGE_CACHE
 CODE = code_version("sample")
 
 
-@task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="sample", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def sample(clean: dict, data: DataConfig, artifacts_dir: str, code: str = CODE) -> dict:
     """Split and sample; returns per split {path, sha256, rows}."""
     return sample_file(clean, data, stage_folder(artifacts_dir, "sample", clean["sha256"], data.subset(SAMPLE_FIELDS)))

@@ -12,7 +12,7 @@ from tasks.stage import STAGE_CACHE
 CODE = code_version("tokenize")
 
 
-@task(name="tokenize", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="tokenize", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def tokenize(splits: dict, base: dict, model: ModelConfig, artifacts_dir: str, code: str = CODE) -> dict:
     """Tokenize train and val with the base model's chat template; writes tokens_{train,val}.parquet."""
     out_dir = stage_folder(artifacts_dir, "tokenize", splits["train"]["sha256"], splits["val"]["sha256"],

@@ -20,6 +20,7 @@ CODE = code_version("train")
     name="train",
     cache_policy=(INPUTS - "run_id" - "tracking_uri") + TASK_SOURCE,
     persist_result=True,
+    result_serializer="json",
     retries=1,
     retry_condition_fn=retry_unless_user_error,
 )

@@ -25,6 +25,8 @@ os.environ.update(
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_HOME / "storage"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        # The ephemeral API server gets 20 s to start by default: not always enough on 2 busy cores.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

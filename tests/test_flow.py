@@ -92,3 +92,17 @@ def test_a_changed_setting_reruns_only_the_stages_after_it(two_runs):
         states = asyncio.run(task_states(state.state_details.flow_run_id))
         assert {s for s in (*CACHED_STAGES, "evaluate") if states[s] != "Cached"} == rerun
         assert states["register"] == "Completed" and not state.result()["register"]["unchanged"]
+
+
+def test_cached_stage_results_are_stored_as_json_not_pickle(two_runs):
+    """A stage's cached result is read back on the next run: stored as JSON, reading it runs no code."""
+    import json
+    import os
+    from pathlib import Path
+
+    records = [json.loads(p.read_bytes()) for p in Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]).iterdir()
+               if p.is_file()]
+    assert len(records) >= len(CACHED_STAGES) + 1
+    assert {r["metadata"]["serializer"]["type"] for r in records} == {"json"}
+    paths = [json.loads(r["result"]) for r in records]
+    assert any(isinstance(p, dict) and "adapter_sha256" in p for p in paths)
