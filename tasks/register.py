@@ -38,14 +38,19 @@ def start_tracking(cfg: Config) -> str:
     return start_run(cfg, flow_run_tags())
 
 
+def register_serialized(cfg: Config, run_id: str, stages: dict, lineage: dict) -> dict:
+    """Register under the model's lock: the champion is read, compared and replaced by one run at a time."""
+    with one_registration_at_a_time(cfg.registry.model_name):
+        return register_model(cfg, run_id, stages, lineage)
+
+
 @task(name="register", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=10)
 def register(cfg: Config, run_id: str, stages: dict) -> dict:
     """Log results and lineage, register the adapter, move aliases, close the MLflow run."""
     from prefect.artifacts import create_link_artifact
 
     log_results(cfg, run_id, stages)
-    with one_registration_at_a_time(cfg.registry.model_name):
-        registered = register_model(cfg, run_id, stages, flow_run_tags())
+    registered = register_serialized(cfg, run_id, stages, flow_run_tags())
     client(cfg).set_terminated(run_id, "FINISHED")
     create_link_artifact(registered["run_url"], link_text=f"MLflow run {run_id}", key="mlflow-run")
     create_link_artifact(registered["version_url"], link_text=f"{registered['name']} version {registered['version']}",

@@ -196,3 +196,37 @@ def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registr
     assert set(inputs) == {"eval-raw", "eval"} and '"num_rows": 10' in inputs["eval-raw"].profile
     assert c.get_model_version(name, champion).tags["last_evaluation_run"] == run.info.run_id
     assert {a.path for a in c.list_artifacts(run.info.run_id, "report")} >= {"report/eval.parquet", "report/report.md"}
+
+
+def test_two_different_runs_racing_to_register_leave_the_better_one_champion(tmp_path, tiny_model_dir):
+    """Two runs of different configurations finish together, both better than the base: under the model's lock the
+    second reads the first as champion and is compared with it, so the better one ends up champion whatever the
+    order, and exactly one of them saw no champion."""
+    import threading
+
+    from tasks.register import register_serialized
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, registry={"model_name": "racing"})
+    scores = (0.2, 0.6)
+    stages = [stages_for(save_adapter(tiny_model_dir, tmp_path / f"run{i}" / "adapter", seed=10 + i), tiny_model_dir,
+                         score, per_example=[score + 0.01 * (j % 3) for j in range(12)])
+              for i, score in enumerate(scores)]
+    run_ids = [start_run(cfg) for _ in scores]
+    start, results, errors = threading.Barrier(2), {}, []
+
+    def race(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = register_serialized(cfg, run_ids[i], stages[i], {})
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(str(r["previous_champion"]) for r in results.values()).count("None") == 1
+    champion = client(cfg).get_model_version_by_alias("racing", "champion")
+    assert str(champion.version) == results[1]["version"]
