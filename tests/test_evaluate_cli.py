@@ -5,20 +5,13 @@ import json
 import pytest
 
 from app.cli import main
-from conftest import EVAL_DATA, tiny_config
-from test_evaluate import save_adapter
-from test_register import register, stages_for
+from conftest import EVAL_DATA
+from test_register import champion_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    """A registry holding one champion version, and the --set flags that point the CLI at it."""
-    tmp = tmp_path_factory.mktemp("evaluate-cli")
-    cfg = tiny_config(tmp, tiny_model_dir)
-    adapter = save_adapter(tiny_model_dir, tmp / "adapter")
-    register(cfg, stages_for(adapter, tiny_model_dir, 0.3))
-    flags = ["--set", f"artifacts_dir={cfg.artifacts_dir}", "--set", "eval.max_new_tokens=6", "--set", "eval.batch_size=4"]
-    return cfg, adapter, flags
+    return champion_store(tmp_path_factory.mktemp("evaluate-cli"), tiny_model_dir, max_new_tokens=6)
 
 
 def test_evaluate_champion_on_the_eval_file_writes_metrics_json(store, tmp_path, capsys):

@@ -16,23 +16,16 @@ import torch
 import yaml
 
 from app.cli import main
-from conftest import EVAL_DATA, ROOT, free_port, tiny_config
+from conftest import EVAL_DATA, ROOT, free_port
 from test_evaluate import save_adapter
-from test_register import register, stages_for
+from test_register import champion_store
 
 TITLES = [json.loads(line)["title"] for line in EVAL_DATA.read_text(encoding="utf-8").splitlines()[:10]]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    """A registry holding one champion version of a tiny adapter, and the --set flags that point the CLI at it."""
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(tmp, tiny_model_dir)
-    adapter = save_adapter(tiny_model_dir, tmp / "adapter")
-    register(cfg, stages_for(adapter, tiny_model_dir, 0.3))
-    flags = ["--set", f"artifacts_dir={cfg.artifacts_dir}", "--set", "eval.max_new_tokens=8", "--set",
-             "eval.batch_size=4"]
-    return cfg, adapter, flags
+    return champion_store(tmp_path_factory.mktemp("export"), tiny_model_dir, max_new_tokens=8)
 
 
 def adapter_model(adapter, artifacts_dir):

@@ -52,6 +52,16 @@ def register(cfg, stages) -> dict:
     return register_model(cfg, run_id, stages)
 
 
+def champion_store(tmp, tiny_model_dir, max_new_tokens: int):
+    """A registry holding one champion version of a tiny adapter, and the --set flags that point the CLI at it."""
+    cfg = tiny_config(tmp, tiny_model_dir)
+    adapter = save_adapter(tiny_model_dir, tmp / "adapter")
+    register(cfg, stages_for(adapter, tiny_model_dir, 0.3))
+    flags = ["--set", f"artifacts_dir={cfg.artifacts_dir}", "--set", f"eval.max_new_tokens={max_new_tokens}",
+             "--set", "eval.batch_size=4"]
+    return cfg, adapter, flags
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_model_dir):
     """Four versions in a real SQLite registry: beats the base, worse, an exact tie (to 7 digits), better."""
