@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from desctune.config import DataConfig
-from desctune.files import HashingSink, atomic_path
+from desctune.files import HashingSink, atomic_path, start_stage
 from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def _cleaned_batches(path: str, data: DataConfig) -> Iterator:
 
 def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
     """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in)."""
-    out_dir = Path(out_dir)
+    out_dir = start_stage(out_dir, log)
     clean_path, rej_path = out_dir / "clean.parquet", out_dir / "rejects.parquet"
     reasons: Counter[str] = Counter()
     kept = 0
