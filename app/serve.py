@@ -3,7 +3,8 @@
 Each server runs in its own process group with its log under <artifacts>/serve-logs/, so Ctrl-C (or SIGTERM) stops
 every process they started, in order, and nothing is left behind. A worker that dies is started again, unless the
 restarted one dies within a minute (the automation `deploy` creates marks the dead worker's runs Crashed once their
-heartbeats stop); any other child's exit stops `serve`. A lock file in the artifacts folder makes a second `serve` on
+heartbeats stop); any other child's exit stops `serve`. Before the worker starts, the MLflow runs that crashed flow
+runs left RUNNING are marked FAILED (`tasks.crashed`). A lock file in the artifacts folder makes a second `serve` on
 the same folder say so in one line; a port check does the same for a port another program holds.
 Backends: Prefect uses PREFECT_API_DATABASE_CONNECTION_URL when set (else its SQLite default under PREFECT_HOME);
 MLflow uses MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION when set (else sqlite:///<artifacts>/mlflow.db
@@ -290,6 +291,7 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
     from filelock import FileLock, Timeout
 
     from deployments.deploy import DeployError, deploy, deploy_env, heartbeat_timing
+    from tasks.crashed import fail_crashed_runs
 
     try:
         heartbeat_timing(env)
@@ -322,6 +324,8 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
             deployed = deploy(deploy_env(cmds["worker"][1], ROOT, plan.artifacts, plan.mlflow_url))
         except DeployError as exc:
             raise ServeError(str(exc)) from None
+        for run_id, why in fail_crashed_runs(plan.mlflow_url, plan.api_url):
+            print(f"desctune serve: marked MLflow run {run_id} FAILED: {why}", file=sys.stderr, flush=True)
         procs.start("worker", *cmds["worker"])
         wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {POOL}", procs, timeout)
         print(banner(plan, deployed), flush=True)

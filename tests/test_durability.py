@@ -125,7 +125,7 @@ def test_a_cached_stage_whose_folder_was_deleted_runs_again(tmp_path):
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
     data, artifacts = DataConfig(path=str(records)), str(tmp_path / "artifacts")
     first = prepare(data, artifacts, return_state=True)
-    raw, cleaned = first.result()
+    _, cleaned = first.result()
     shutil.rmtree(Path(cleaned["path"]).parent)
 
     again = prepare(data, artifacts, return_state=True)
