@@ -3,7 +3,8 @@
 Each server runs in its own process group with its log under <artifacts>/serve-logs/, so Ctrl-C (or SIGTERM) stops
 every process they started, in order, and nothing is left behind. A worker that dies is started again, unless the
 restarted one dies within a minute (the automation `deploy` creates marks the dead worker's runs Crashed once their
-heartbeats stop); any other child's exit stops `serve`. A lock file in the artifacts folder makes a second `serve` on
+heartbeats stop); any other child's exit stops `serve`. Before the worker starts, the MLflow runs that crashed flow
+runs left RUNNING are marked FAILED (`tasks.crashed`). A lock file in the artifacts folder makes a second `serve` on
 the same folder say so in one line; a port check does the same for a port another program holds.
 Backends: Prefect uses PREFECT_API_DATABASE_CONNECTION_URL when set (else its SQLite default under PREFECT_HOME);
 MLflow uses MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION when set (else sqlite:///<artifacts>/mlflow.db
@@ -322,6 +323,7 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
             deployed = deploy(deploy_env(cmds["worker"][1], ROOT, plan.artifacts, plan.mlflow_url))
         except DeployError as exc:
             raise ServeError(str(exc)) from None
+        mark_crashed_runs(plan, cmds["worker"][1])
         procs.start("worker", *cmds["worker"])
         wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {POOL}", procs, timeout)
         print(banner(plan, deployed), flush=True)
@@ -340,6 +342,32 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
             signal.signal(sig, handler)
         state.unlink(missing_ok=True)
         lock.release()
+
+
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def mark_crashed_runs(plan: ServePlan, client: dict) -> None:
+    """Mark FAILED the MLflow runs that crashed flow runs left RUNNING (`tasks.crashed`), logged in as the worker is
+    (`client`: its environment); a failure here is one warning line, never a reason not to serve."""
+    from tasks.crashed import fail_crashed_runs
+
+    saved = {k: os.environ.get(k) for k in MLFLOW_LOGIN}
+    os.environ.update({k: client[k] for k in MLFLOW_LOGIN if client.get(k)})
+    try:
+        failed = fail_crashed_runs(plan.mlflow_url, plan.api_url, auth_string=client.get("PREFECT_API_AUTH_STRING"))
+    except Exception as exc:  # noqa: BLE001 - the servers work without it
+        failed = []
+        print(f"desctune serve: could not check for crashed MLflow runs ({str(exc).splitlines()[0][:200]})",
+              file=sys.stderr, flush=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for run_id, why in failed:
+        print(f"desctune serve: marked MLflow run {run_id} FAILED: {why}", file=sys.stderr, flush=True)
 
 
 def _interrupt(signum, frame):

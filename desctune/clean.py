@@ -1,8 +1,8 @@
 """Clean: normalise titles and contents, drop unusable and duplicate records, quarantine every dropped one.
 
 `clean_text` is the reference cleaner for one string: HTML entities (named, numeric, hex, double-escaped), tags and
-<br>, mojibake (ftfy), NFC, control and zero-width characters, boilerplate stubs, whitespace runs. `clean_column`
-gives the same result for a whole Arrow column: rows that are plain ASCII with no '&', '<' or control character
+<br>, mojibake (ftfy, then the remnants it leaves where a text shows mis-decoding), NFC, control and zero-width
+characters, boilerplate stubs, whitespace runs. `clean_column` gives the same result for a whole Arrow column: rows that are plain ASCII with no '&', '<' or control character
 (most of trn.json) are cleaned with vectorised RE2 regexes, and only the rest go through `clean_text` in Python.
 `clean_file` streams raw.parquet in batches, so memory stays bounded by a batch plus the sets used to find duplicates.
 """
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from desctune.config import DataConfig
-from desctune.files import HashingSink, atomic_path
+from desctune.files import HashingSink, atomic_path, start_stage
 from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,16 @@ _CP1252_HIGH = bytes(range(0x80, 0xA0)).decode("cp1252", "ignore")
 # UTF-8 read as Latin-1/cp1252: a lead byte followed by a continuation byte, plus stray C1 controls.
 _MOJIBAKE = f"[\xc2-\xf4][\x80-\xbf{_CP1252_HIGH}]|[\x80-\x9f]"
 _MOJIBAKE_RE = re.compile(_MOJIBAKE)
+# Signs that a text was mis-decoded, strong enough that the remnants below are repaired in it: a UTF-8 punctuation
+# mark read as cp1252 (â€™, â€œ, â€“ …), an accented letter or Latin-1 sign read the same way (Ã©, Ã¨, Â°, Â©, Â +
+# no-break space).
+_SIGNS_RE = re.compile(f"\u00e2\u20ac[\x80-\xbf{_CP1252_HIGH}]|[\u00c2\u00c3][\xa0-\xbf]")
+# What ftfy leaves, as it fixes each line on its own and only where the line looks mis-decoded: a lone Â before
+# whitespace or at the end (a no-break space whose second byte had already become a plain space), Ã + whitespace
+# after a lowercase letter (à the same way: "voilÃ  " is "voilà "), and two-character UTF-8 sequences of Â or Ã.
+_LONE_A_CIRC_RE = re.compile("\u00c2(?=\\s|$)")
+_A_GRAVE_RE = re.compile("(?<=[a-z\u00df-\u00ff])\u00c3(?=\\s)")
+_PAIR_RE = re.compile(f"[\u00c2\u00c3][\x80-\xbf{_CP1252_HIGH}]")
 # ASCII rows that clean_text would change: markup, controls, a stub, whitespace other than single inner spaces.
 _SPECIAL_RE2 = f"[&<]|{_CONTROL}|{STUB_MARK}|[\\t\\n\\x0b\\f\\r\\x1c-\\x1f]|  |^ | $"
 _FTFY = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, explain=False)
@@ -95,8 +105,33 @@ def _markup(s: str) -> str:
     return _TAG_RE.sub(" ", s) if "<" in s else s
 
 
+def _undo_pair(m: re.Match) -> str:
+    pair = m.group()
+    try:
+        return pair.encode("cp1252").decode("utf-8")
+    except UnicodeError:
+        try:
+            return pair.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return pair
+
+
+def repair_remnants(s: str) -> str:
+    """Repair what ftfy left of mis-decoded UTF-8 in a text known to be mis-decoded: a lone Â before whitespace or at
+    the end is dropped, Ã + whitespace after a lowercase letter becomes à, and Ã©-style pairs are decoded. Â or Ã
+    inside a word (CHÂTEAU, SÃO) is left as it is."""
+    s = _LONE_A_CIRC_RE.sub("", s)
+    s = _A_GRAVE_RE.sub("\u00e0", s)
+    return _PAIR_RE.sub(_undo_pair, s)
+
+
 def _mojibake(s: str) -> str:
-    return ftfy.fix_text(s, _FTFY)
+    """ftfy, then the remnants it leaves, repaired only where the text shows mis-decoding (ftfy changed it, or it
+    holds a sign such as â€™ or Ã©): a text whose only oddity is an Â before a space is left alone."""
+    fixed = ftfy.fix_text(s, _FTFY)
+    if ("\u00c2" in fixed or "\u00c3" in fixed) and (fixed != s or _SIGNS_RE.search(s)):
+        fixed = repair_remnants(fixed)
+    return fixed
 
 
 def clean_text(s: str, strip_stubs: bool = True) -> str:
@@ -318,7 +353,7 @@ def _cleaned_batches(path: str, data: DataConfig) -> Iterator:
 
 def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
     """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in)."""
-    out_dir = Path(out_dir)
+    out_dir = start_stage(out_dir, log)
     clean_path, rej_path = out_dir / "clean.parquet", out_dir / "rejects.parquet"
     reasons: Counter[str] = Counter()
     kept = 0

@@ -17,7 +17,7 @@ from rouge_score import rouge_scorer
 from desctune import significance as sig
 from desctune.config import DataConfig, EvalConfig
 from desctune.errors import AdapterError
-from desctune.files import atomic_path, write_parquet
+from desctune.files import atomic_path, start_stage, write_parquet
 from desctune.inference import adapter_status, base_context, generate, load_adapter_model
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def evaluate_adapter(
     With refuse_inert, an adapter that cannot change anything fails before generating; the identical-outputs check
     is the caller's, after publishing the report, so a refused run still shows why.
     """
+    out_dir = start_stage(out_dir, log)
     test = pd.read_parquet(data_path)
     if cfg.limit is not None:
         test = test.head(cfg.limit)

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from desctune.config import DataConfig
 from desctune.errors import DataError
-from desctune.files import HashingSink, atomic_path, dir_sha256, file_sha256
+from desctune.files import HashingSink, atomic_path, dir_sha256, file_sha256, start_stage
 
 log = logging.getLogger(__name__)
 
@@ -655,7 +655,7 @@ def ingest_file(data: DataConfig, out_dir: Path) -> dict:
     """Stream `data.path` into out_dir/raw.parquet and out_dir/ingest_rejects.parquet; return counts and hashes."""
     check_source(data.path)
     path = data.path if source_kind(data.path) == "hf" else Path(data.path)
-    out_dir = Path(out_dir)
+    out_dir = start_stage(out_dir, log)
     raw_path, rej_path = out_dir / "raw.parquet", out_dir / "ingest_rejects.parquet"
     records = lines_read = 0
     reasons: Counter[str] = Counter()

@@ -1,6 +1,11 @@
 """MLflow lineage of a flow run: its run (config as params, datasets with digests, metrics, reports), the training
 metrics stream, the run of a standalone evaluation, and marking the run of a dead flow run FAILED.
 
+Each run records the process that writes it (`desctune.host`, `desctune.pid`, `desctune.process_start`), so a run
+left RUNNING by a process killed with SIGKILL, or by a machine that died, can be told from one still being written:
+`fail_orphaned_runs` marks it FAILED when that process is gone from this machine or, for a run from another machine,
+when its orchestrator says the flow run ended.
+
 The orchestrator's own identifiers (Prefect's flow run id, name and URL) come in as `lineage` tags: this module never
 imports Prefect.
 """
@@ -8,8 +13,11 @@ imports Prefect.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -42,10 +50,90 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Orchestrator states after which a flow run writes nothing more (Prefect's final state types).
+FINAL_FLOW_RUN_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None where there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """When a process started, in clock ticks since boot (Linux /proc), to tell it from a later one with its pid."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None
+
+
+def process_tags() -> dict:
+    """The tags that name the process writing a run."""
+    pid = os.getpid()
+    return {"desctune.host": socket.gethostname(), "desctune.pid": str(pid),
+            "desctune.process_start": process_start(pid) or ""}
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    """Whether process `pid` of this machine still runs, and is the one that started at `start` (when known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    return stat[0] != "Z" and (not start or stat[19] == start)  # a zombie has ended; another start is another process
+
+
+def orphan_reason(tags: dict, flow_run_state: str | None, host: str,
+                  alive: Callable[[int, str | None], bool] = process_alive) -> str | None:
+    """Why a RUNNING run can never finish, or None when it may still be running. A run written on this machine is
+    judged by its process alone (gone: orphaned; alive: running, whatever the orchestrator says); a run from another
+    machine, or without process tags, by its flow run's state (`flow_run_state`, None when unknown)."""
+    pid = tags.get("desctune.pid", "")
+    if tags.get("desctune.host") == host and pid.isdigit():
+        if alive(int(pid), tags.get("desctune.process_start") or None):
+            return None
+        return f"its process (pid {pid} on {host}) is gone"
+    if flow_run_state in FINAL_FLOW_RUN_STATES:
+        return f"its flow run {tags.get(FLOW_RUN_TAG)} ended {flow_run_state}"
+    return None
+
+
+def fail_orphaned_runs(tracking_uri: str, flow_run_states: Callable[[list[str]], dict[str, str]]
+                       ) -> list[tuple[str, str]]:
+    """Mark FAILED every RUNNING desctune run of the store (any experiment) that can never finish (`orphan_reason`),
+    with the reason in its `desctune.failed_because` tag. `flow_run_states(ids)` maps flow run ids to their state
+    types (ids it cannot find left out). Returns (run id, reason) of each run marked."""
+    c = client(tracking_uri)
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    if not experiments:
+        return []
+    runs = [r for r in c.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=50000)
+            if FLOW_RUN_TAG in r.data.tags or "desctune.pid" in r.data.tags]
+    ids = sorted({r.data.tags[FLOW_RUN_TAG] for r in runs if r.data.tags.get(FLOW_RUN_TAG)})
+    states = flow_run_states(ids) if ids else {}
+    host, failed = socket.gethostname(), []
+    for run in runs:
+        why = orphan_reason(run.data.tags, states.get(run.data.tags.get(FLOW_RUN_TAG, "")), host)
+        if why is not None:
+            c.set_tag(run.info.run_id, "desctune.failed_because", why)
+            c.set_terminated(run.info.run_id, "FAILED")
+            failed.append((run.info.run_id, why))
+    return failed
+
+
 def start_run(cfg: Config, lineage: dict | None = None) -> str:
-    """Create the MLflow run of one flow run: the config as params, `lineage` (the orchestrator's run) as tags."""
+    """Create the MLflow run of one flow run: the config as params, `lineage` (the orchestrator's run) and the
+    process writing it as tags."""
     c = client(cfg)
-    tags = {"desctune.config_hash": cfg.digest(), "desctune.git_commit": git_commit(), **(lineage or {})}
+    tags = {"desctune.config_hash": cfg.digest(), "desctune.git_commit": git_commit(), **process_tags(),
+            **(lineage or {})}
     run = c.create_run(experiment_id(cfg), tags=tags, run_name=tags.get("prefect.flow_run_name") or None)
     params = flatten(json.loads(cfg.model_dump_json()))
     for key, value in params.items():
@@ -157,7 +245,8 @@ def log_evaluation(
     c = client(cfg)
     label = model["label"]
     tags = {"desctune.model_version": label, "desctune.model_ref": model["ref"], "desctune.kind": "evaluation",
-            "desctune.data_path": raw["input_path"], "desctune.data_sha256": raw["input_sha256"], **(lineage or {})}
+            "desctune.data_path": raw["input_path"], "desctune.data_sha256": raw["input_sha256"], **process_tags(),
+            **(lineage or {})}
     run_id = c.create_run(experiment_id(cfg), tags=tags, run_name=f"evaluate {label}").info.run_id
     try:
         metrics = result["metrics"]

@@ -1,12 +1,17 @@
 """Resolve a model reference to a local adapter folder: `models:/NAME@alias`, `models:/NAME/VERSION` or a folder.
 
-Registered versions are downloaded once per version under `<artifacts>/registry/NAME/VERSION/`, so aliases can move
-while a loaded version stays where it is. An adapter folder is looked up in the registry by its content hash, so the
+Registered versions are downloaded once per store and version under `<artifacts>/registry/STORE/NAME/VERSION/`
+(STORE: a short hash of the tracking URI, so two stores that both have a version 1 never share a folder), so aliases
+can move while a loaded version stays where it is. A cached copy is used only while its content hash equals the
+version's `adapter_sha256` tag: a folder left from an earlier store at the same URI (the database deleted and started
+again) is downloaded afresh, with a warning. An adapter folder is looked up in the registry by its content hash, so the
 demo and the evaluate/promote commands can still show the version and run it came from.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +20,7 @@ from desctune.errors import ModelRefError, NoRegisteredModel
 
 REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?$")
 
-
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,20 +85,48 @@ def registry_version(client, name: str, alias: str | None, version: str | None):
         raise ModelRefError(f"{name} has no version {version}") from None
 
 
-def download_version(name: str, version: str, tracking_uri: str, artifacts_dir: str | Path) -> Path:
-    """The version's adapter folder from this store (not mlflow's current one), downloaded once."""
+def store_key(tracking_uri: str) -> str:
+    """A short, stable name for a tracking store: the first 12 hex digits of its URI's sha256."""
+    return hashlib.sha256(tracking_uri.strip().rstrip("/").encode()).hexdigest()[:12]
+
+
+def cache_dir(artifacts_dir: str | Path, tracking_uri: str, name: str, version: str) -> Path:
+    """Where a registered version of this store is downloaded: <artifacts>/registry/STORE/NAME/VERSION."""
+    return Path(artifacts_dir) / "registry" / store_key(tracking_uri) / name / str(version)
+
+
+def _hash_of(folder: Path | None) -> str | None:
+    from desctune.files import dir_sha256
+
+    return None if folder is None else dir_sha256(folder)
+
+
+def download_version(name: str, version: str, tracking_uri: str, artifacts_dir: str | Path,
+                     adapter_sha256: str | None = None) -> Path:
+    """The version's adapter folder from this store (not mlflow's current one), downloaded once per store and
+    version and checked against `adapter_sha256` (the version's tag; None: nothing to check) before every use."""
     import mlflow
 
     from desctune.files import atomic_dir
+    from desctune.tracking import client
 
-    dest = Path(artifacts_dir) / "registry" / name / str(version)
-    if find_adapter(dest) is None:
+    dest = cache_dir(artifacts_dir, tracking_uri, name, version)
+    adapter = find_adapter(dest)
+    if adapter is not None and adapter_sha256 and _hash_of(adapter) != adapter_sha256:
+        log.warning("the cached copy of models:/%s/%s in %s is not the adapter the registry names (adapter_sha256 "
+                    "%s…): downloading it again", name, version, dest, adapter_sha256[:12])
+        adapter = None
+    if adapter is None:
+        client(tracking_uri)  # models:/ URIs resolve in mlflow's current registry, whatever registry_uri says
         with atomic_dir(dest) as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
                                                 tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    adapter = find_adapter(dest)
-    if adapter is None:
-        raise ModelRefError(f"models:/{name}/{version} holds no desctune adapter")
+        adapter = find_adapter(dest)
+        if adapter is None:
+            raise ModelRefError(f"models:/{name}/{version} holds no desctune adapter")
+        if adapter_sha256 and (got := _hash_of(adapter)) != adapter_sha256:
+            raise ModelRefError(f"models:/{name}/{version} holds an adapter with content hash {got[:12]}…, not the "
+                                f"{adapter_sha256[:12]}… its adapter_sha256 tag names: its artifacts were changed")
     return adapter
 
 
@@ -126,7 +159,7 @@ def resolve(ref: str, tracking_uri: str, artifacts_dir: str | Path = "artifacts"
         name, alias, version = parsed
         mv = registry_version(client, name, alias, version)
         version = str(mv.version)
-        adapter = download_version(name, version, tracking_uri, artifacts_dir)
+        adapter = download_version(name, version, tracking_uri, artifacts_dir, mv.tags.get("adapter_sha256"))
     mv = client.get_model_version(name, version)
     return ResolvedModel(
         ref=ref, adapter_dir=adapter.resolve(), name=name, version=version, aliases=sorted(mv.aliases),

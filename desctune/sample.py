@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from desctune.config import DataConfig
-from desctune.files import write_parquet
+from desctune.files import start_stage, write_parquet
 
 SPLITS = ("train", "val", "test")
 # The data settings that change the splits.
@@ -42,6 +42,7 @@ def split_frame(df: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
 
 
 def sample_file(clean: dict, data: DataConfig, out_dir: Path) -> dict:
+    out_dir = start_stage(out_dir)
     df = pd.read_parquet(clean["path"], columns=["uid", "title", "content"])
     parts = split_frame(df, data)
     result: dict = {"input_sha256": clean["sha256"]}

@@ -14,7 +14,7 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from desctune.files import atomic_path
+from desctune.files import atomic_path, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ RESULT = "result.json"
 def exclusive(out_dir: str | Path, compute: Callable[[], dict]) -> dict:
     """Run `compute` for `out_dir` while holding its lock; a run that had to wait returns the holder's result."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     lock = FileLock(str(out) + ".lock")
     try:
         lock.acquire(timeout=0)

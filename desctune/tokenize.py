@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from desctune.config import ModelConfig
-from desctune.files import write_parquet
+from desctune.files import start_stage, write_parquet
 
 IGNORE = -100  # the label of a position with no loss (PyTorch's cross-entropy ignore_index)
 # The model settings that change the tokenized examples.
@@ -106,6 +106,7 @@ def tokenize_frame(df: pd.DataFrame, tokenizer, cfg: ModelConfig) -> tuple[pd.Da
 def tokenize_splits(splits: dict, base: dict, cfg: ModelConfig, out_dir: Path) -> dict:
     from desctune.models import load_tokenizer
 
+    out_dir = start_stage(out_dir)
     tokenizer = load_tokenizer(base["path"])
     result: dict = {"tokenizer_path": base["path"]}
     for name in ("train", "val"):

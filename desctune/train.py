@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from desctune.config import Config, TrainConfig
-from desctune.files import atomic_dir, atomic_path, dir_sha256
+from desctune.files import atomic_dir, atomic_path, dir_sha256, start_stage
 from desctune.memory import GIB, ModelShape, memory_plan
 from desctune.tokenize import IGNORE
 from desctune.trainops import head_chunk_rows, head_cross_entropy, speed_up_lora
@@ -440,6 +440,7 @@ def train_adapter(
 
     from desctune.models import compute_dtype, load_tokenizer, resolve_device
 
+    out_dir = start_stage(out_dir, logger)
     t = cfg.train
     device = resolve_device(cfg.model)
     dtype = compute_dtype(cfg.model, device)

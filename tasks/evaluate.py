@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 from desctune.config import EvalConfig
 from desctune.errors import AdapterError
 from desctune.evaluate import evaluate_adapter, guard_adapter
 from desctune.stages import stage_folder
+from tasks.stage import stage_cache
 
 
 def publish(result: dict, key: str = "evaluation") -> None:
@@ -34,7 +36,8 @@ def evaluate_key(context, parameters: dict) -> str:
     return f"{out_dir.name}-{hash_objects(str(out_dir.resolve()), context.task.fn.__code__.co_code)}"
 
 
-@task(name="evaluate", cache_key_fn=evaluate_key, persist_result=True, result_serializer="json", retries=0)
+@task(name="evaluate", cache_policy=stage_cache(CachePolicy.from_cache_key_fn(evaluate_key)), persist_result=True,
+      result_serializer="json", retries=0)
 def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
     """Evaluate the trained adapter on the test split and refuse one with no effect (publishing the report first, so
     a refused run shows why). Cached on the adapter's and the test split's content and the evaluation settings."""

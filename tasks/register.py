@@ -10,8 +10,9 @@ from prefect import task
 from desctune.config import Config
 from desctune.lineage import log_evaluation, log_results, start_run
 from desctune.registry import register_model, resolve_model
-from desctune.tracking import client
-from tasks.stage import flow_run_tags, retry_unless_user_error
+from desctune.tracking import client, tracking_uri
+from tasks.crashed import fail_crashed_runs
+from tasks.stage import flow_run_tags, retry_unless_user_error, run_logger
 
 
 def one_registration_at_a_time(model_name: str):
@@ -34,7 +35,9 @@ def one_registration_at_a_time(model_name: str):
 
 @task(name="start-tracking", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
 def start_tracking(cfg: Config) -> str:
-    """Open the MLflow run for this flow run; returns its id."""
+    """Open the MLflow run for this flow run; returns its id. First marks FAILED the runs of earlier flow runs that
+    crashed (killed with SIGKILL, or their machine died), which nothing else would end."""
+    fail_crashed_runs(tracking_uri(cfg), logger=run_logger())
     return start_run(cfg, flow_run_tags())
 
 

@@ -3,18 +3,82 @@ log lines and counts go.
 
 Prefect's default policy includes the flow run id, so nothing would be reused between runs. Stages use
 INPUTS + TASK_SOURCE with persisted results; TASK_SOURCE hashes only the task function's own text, so each stage
-also takes `code=code_version(stage)` as a default argument.
+also takes `code=code_version(stage)` as a default argument. Every stage's policy is wrapped in `OutputsPresent`: a
+cached result whose files in the stage folder are gone (deleted by hand, or never reached the disk) is forgotten, so
+the stage runs again instead of handing the next stage paths that do not exist.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from desctune.errors import UserError
 
-STAGE_CACHE = INPUTS + TASK_SOURCE
+
+def output_paths(result: Any, artifacts_dir: str) -> list[Path]:
+    """The files a stage's result names (values of `path` and `*_path` keys, at any depth) in the stage folders."""
+    stages = Path(artifacts_dir).resolve() / "stages"
+    found: list[Path] = []
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str) and (key == "path" or key.endswith("_path")):
+            path = Path(value).resolve()
+            if stages in path.parents:
+                found.append(path)
+
+    walk(result)
+    return found
+
+
+def forget_if_outputs_missing(store, key: str, artifacts_dir: str) -> list[Path]:
+    """Drop the cached result under `key` when a file it names is gone; returns the missing files."""
+    try:
+        if not store.exists(key):
+            return []
+        result = store.read(key).result
+    except Exception:  # noqa: BLE001 - Prefect treats an unreadable record as no record, and runs the task
+        return []
+    missing = [p for p in output_paths(result, artifacts_dir) if not p.exists()]
+    if missing:
+        for storage in {id(s): s for s in (store.metadata_storage, store.result_storage) if s is not None}.values():
+            resolve = getattr(storage, "_resolve_path", None)  # local storage only: Prefect has no delete
+            if resolve is not None:
+                Path(resolve(key)).unlink(missing_ok=True)
+        run_logger().warning("the cached result names %s, which no longer exists: running the stage again",
+                             missing[0])
+    return missing
+
+
+@dataclass
+class OutputsPresent(CachePolicy):
+    """`policy`'s key, after forgetting a cached result whose stage files are gone (then the task runs again and
+    its new result is cached under the same key)."""
+
+    policy: CachePolicy | None = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any):
+        key = self.policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
+        if key is not None and inputs.get("artifacts_dir") and getattr(task_ctx, "result_store", None) is not None:
+            forget_if_outputs_missing(task_ctx.result_store, key, str(inputs["artifacts_dir"]))
+        return key
+
+
+def stage_cache(policy: CachePolicy) -> OutputsPresent:
+    return OutputsPresent(policy=policy)
+
+
+STAGE_CACHE = stage_cache(INPUTS + TASK_SOURCE)
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:

@@ -11,14 +11,14 @@ from desctune.stagelock import exclusive
 from desctune.stages import code_version, stage_folder
 from desctune.tracking import mlflow_sink
 from desctune.train import train_adapter
-from tasks.stage import retry_unless_user_error, run_logger
+from tasks.stage import retry_unless_user_error, run_logger, stage_cache
 
 CODE = code_version("train")
 
 
 @task(
     name="train",
-    cache_policy=(INPUTS - "run_id" - "tracking_uri") + TASK_SOURCE,
+    cache_policy=stage_cache((INPUTS - "run_id" - "tracking_uri") + TASK_SOURCE),
     persist_result=True,
     result_serializer="json",
     retries=1,

@@ -200,3 +200,23 @@ def test_output_hashes_are_those_of_the_files_written(tmp_path):
     for result in (raw, out):
         assert result["sha256"] == file_sha256(result["path"])
         assert result["rejects_sha256"] == file_sha256(result["rejects_path"])
+
+
+@pytest.mark.parametrize(
+    "raw, cleaned",
+    [
+        # ftfy fixes each line on its own: a line whose only sign is the lone Â kept it
+        ("It\u00e2\u20ac\u2122s great.\n10\u00c2 cm wide", "It\u2019s great. 10 cm wide"),
+        ("It\u00e2\u20ac\u2122s great.\nSizes 10\u00c2 cm, 12\u00c2", "It\u2019s great. Sizes 10 cm, 12"),
+        ("It\u00e2\u20ac\u2122s great.\nIt is voil\u00c3  the end", "It\u2019s great. It is voil\u00e0 the end"),
+        ("Caf\u00c3\u00a9 corner.\nNa\u00c3\u00afve 5\u00c2 kg", "Caf\u00e9 corner. Na\u00efve 5 kg"),
+        # no other sign of mis-decoding, or Â/Ã inside a word: left as it is
+        ("Size 10\u00c2 cm", "Size 10\u00c2 cm"),
+        ("S\u00e3o Paulo \u00c2 coisa", "S\u00e3o Paulo \u00c2 coisa"),
+        ("IRM\u00c3\u2026 e CH\u00c2TEAU \u00c2", "IRM\u00c3\u2026 e CH\u00c2TEAU \u00c2"),
+        ("It\u00e2\u20ac\u2122s the CH\u00c2TEAU.\nS\u00c3O PAULO", "It\u2019s the CH\u00c2TEAU. S\u00c3O PAULO"),
+    ],
+)
+def test_mojibake_remnants_that_ftfy_leaves_are_repaired_only_in_mis_decoded_text(raw, cleaned):
+    assert clean_text(raw) == cleaned
+    assert clean_column(pa.array([raw])).to_pylist() == [cleaned]

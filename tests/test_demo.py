@@ -57,6 +57,14 @@ def app(monkeypatch, config: Path, model: str | None = None) -> AppTest:
     return AppTest.from_file(APP, default_timeout=60).run()
 
 
+def cached(cfg, version) -> Path:
+    """Where the demo downloaded the version: the registry cache of this store."""
+    from desctune.modelref import cache_dir
+    from desctune.tracking import tracking_uri
+
+    return cache_dir(cfg.artifacts_dir, tracking_uri(cfg), cfg.registry.model_name, str(version.version))
+
+
 def run_report(cfg, version) -> pd.DataFrame:
     import mlflow
 
@@ -117,8 +125,7 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     assert f"{cfg.registry.model_name} version {version.version}" in loaded and "@champion" in loaded
     assert version.run_id in loaded
     metrics = {m.label: m.value for m in at.metric}
-    adapter = load_file(Path(cfg.artifacts_dir) / "registry" / cfg.registry.model_name / str(version.version)
-                        / "artifacts" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(cached(cfg, version) / "artifacts" / "adapter" / "adapter_model.safetensors")
     assert metrics == {
         "Adapter loaded": "yes", "Adapter active": "yes",
         "LoRA parameters": f"{sum(t.numel() for t in adapter.values()):,}",
@@ -160,7 +167,7 @@ def test_generate_puts_base_and_finetuned_side_by_side_as_evaluated(registered, 
 def test_all_zero_adapter_is_a_red_error_and_identical_outputs_too(registered, tmp_path, monkeypatch):
     """The original project's bug: an adapter that changes nothing. Here its LoRA B matrices are zeroed."""
     cfg_path, cfg, version = registered
-    src = Path(cfg.artifacts_dir) / "registry" / cfg.registry.model_name / str(version.version) / "artifacts" / "adapter"
+    src = cached(cfg, version) / "artifacts" / "adapter"
     zero = shutil.copytree(src, tmp_path / "zero-adapter")
     weights = load_file(zero / "adapter_model.safetensors")
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, zero / "adapter_model.safetensors")

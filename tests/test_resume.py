@@ -1,9 +1,11 @@
-"""Resume: a training process killed with SIGKILL right after a checkpoint resumes from it and finishes the run; a
-tampered checkpoint is refused and training resumes from the one before."""
+"""Resume: a training process killed with SIGKILL right after a checkpoint resumes from it and finishes the run, and
+the MLflow run it left RUNNING is marked FAILED when the next run starts; a tampered checkpoint is refused and training
+resumes from the one before."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,23 +13,46 @@ from pathlib import Path
 
 from conftest import tiny_config
 from desctune.models import provision
+from desctune.tracking import client
 from desctune.train import latest_checkpoint, train_adapter
+from tasks.register import start_tracking
 from test_train import records, token_files
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
 from desctune.config import Config
+from desctune.lineage import start_run
+from desctune.tracking import mlflow_sink, tracking_uri
 from desctune.train import train_adapter
 
 args = json.loads(sys.argv[1])
+cfg = Config.model_validate(args["cfg"])
+run_id = start_run(cfg, {"prefect.flow_run_id": args["flow_run_id"]})
+Path(args["run_id"]).write_text(run_id)
 
 def stall(step, path):
     Path(args["marker"]).write_text(str(step))
     time.sleep(600)
 
-train_adapter(args["tokens"], args["base"], Config.model_validate(args["cfg"]), Path(args["out"]), on_checkpoint=stall)
+log_params, log_metrics = mlflow_sink(run_id, tracking_uri(cfg))
+train_adapter(args["tokens"], args["base"], cfg, Path(args["out"]), log_params=log_params, log_metrics=log_metrics,
+              on_checkpoint=stall)
 """
+
+
+def running_flow_run() -> str:
+    """A real Prefect flow run in state Running: what a `desctune run` killed with SIGKILL leaves in Prefect."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="killed-run")
+    def killed_run():
+        pass
+
+    with get_client(sync_client=True) as prefect:
+        return str(prefect.create_flow_run(killed_run, state=Running()).id)
 
 
 def test_kill_9_after_a_checkpoint_then_rerun_resumes(tmp_path, tiny_model_dir, tiny_tokenizer):
@@ -35,9 +60,10 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes(tmp_path, tiny_model_dir, 
     df = records(40)
     tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:32], df.iloc[32:])
     base = provision(str(tiny_model_dir), tmp_path)
-    out, marker = tmp_path / "train", tmp_path / "checkpointed"
+    out, marker, run_file = tmp_path / "train", tmp_path / "checkpointed", tmp_path / "run_id"
+    flow_run_id = running_flow_run()
     args = {"tokens": tokens, "base": base, "cfg": json.loads(cfg.model_dump_json()), "out": str(out),
-            "marker": str(marker)}
+            "marker": str(marker), "run_id": str(run_file), "flow_run_id": flow_run_id}
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=root, env=env,
@@ -58,6 +84,14 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes(tmp_path, tiny_model_dir, 
     (out / "checkpoints" / ".checkpoint-8.tmp-half-written").mkdir()
     (out / "checkpoints" / "checkpoint-9").mkdir()
     assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "checkpoint-4"
+    mlflow, killed_run = client(cfg), run_file.read_text()
+    assert mlflow.get_run(killed_run).info.status == "RUNNING"  # nothing was left to end it
+
+    next_run = start_tracking.fn(cfg)  # the next run starts: Prefect still says Running, but the process is gone
+    killed = mlflow.get_run(killed_run)
+    assert killed.info.status == "FAILED"
+    assert killed.data.tags["desctune.failed_because"] == f"its process (pid {child.pid} on {socket.gethostname()}) is gone"
+    assert mlflow.get_run(next_run).info.status == "RUNNING"
 
     result = train_adapter(tokens, base, cfg, out)
     assert result["resumed_from"] == str(out / "checkpoints" / "checkpoint-4")

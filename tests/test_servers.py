@@ -412,7 +412,15 @@ def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_sam
     assert crashed.state.name == "Crashed", (crashed.state.name, crashed.state.message)
     assert crashed.state.message.startswith(f"No heartbeat for {CRASH_WINDOW} s: the process running this flow run")
     assert_serve_started_a_new_worker(served, worker, mid.said_before)
+    mlflow = MlflowClient(served.mlflow_url)
+    experiment = mlflow.get_experiment_by_name(parameters["config"]["registry"]["experiment"])
+    [tracked] = mlflow.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert tracked.info.status == "RUNNING"  # no hook ran: the process was killed
     resumed = assert_the_same_run_again_resumes(served, parameters, first)
+    tracked = mlflow.get_run(tracked.info.run_id)
+    assert tracked.info.status == "FAILED"  # the next run's start marked it
+    assert tracked.data.tags["desctune.failed_because"] in {
+        f"its process (pid {p.pid} on {socket.gethostname()}) is gone" for p in tree}
     print(f"crashed {crashed_after:.0f} s after the kill; resumed from {resumed.name}")
 
 
