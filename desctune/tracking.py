@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 from desctune.config import Config
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+# MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it is classic model development.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -44,12 +46,15 @@ def experiment_id(cfg: Config) -> str:
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.registry.experiment)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if tracking_uri(cfg).startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
         location = (Path(cfg.artifacts_dir).resolve() / "mlruns").as_uri()
     try:
-        return c.create_experiment(cfg.registry.experiment, artifact_location=location)
+        return c.create_experiment(cfg.registry.experiment, artifact_location=location,
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         return c.get_experiment_by_name(cfg.registry.experiment).experiment_id
 
