@@ -29,19 +29,20 @@ def cuda_available() -> bool:
         import torch
 
         return torch.cuda.is_available()
-    except Exception:
+    except (ImportError, RuntimeError):
         return False
 
 
 def model_missing(name: str, root: Path) -> str | None:
     """Why the base model `name` cannot be loaded here without a download, or None."""
+    from desctune.errors import UserError
     from desctune.models import EMBEDDED, embedded_gguf
 
     if name in EMBEDDED:
         try:
             embedded_gguf(name)
             return None
-        except Exception as exc:
+        except UserError as exc:
             return str(exc)
     local = Path(name).expanduser()
     if not local.is_absolute():
@@ -66,6 +67,7 @@ def data_missing(path: str, root: Path) -> str | None:
 
 def alias_missing(cfg: Config, alias: str, env: dict) -> str | None:
     """Why models:/NAME@alias cannot be resolved in the registry the runs report to, or None."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = cfg.registry.tracking_uri or env.get("MLFLOW_TRACKING_URI")
@@ -74,7 +76,7 @@ def alias_missing(cfg: Config, alias: str, env: dict) -> str | None:
     try:
         MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(cfg.registry.model_name, alias)
         return None
-    except Exception:
+    except MlflowException:
         return (f"no {cfg.registry.model_name}@{alias} in the registry yet (a finetune run that beats the base "
                 "makes one)")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser  # noqa: F401  (the browser fixture)
-from test_servers import READY_TIMEOUT, Served, read_deployment, serve_env, trigger_and_wait
 
 from conftest import ROOT, SAMPLE, head_records, tiny_config
+from test_servers import READY_TIMEOUT, Served, read_deployment, serve_env, trigger_and_wait
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -124,8 +124,9 @@ def test_the_prefect_ui_on_another_port_reaches_its_api_lists_the_deployments_an
     for name in ("finetune/retrain-weekly", "evaluate-champion/evaluate-champion"):
         deployment = asyncio.run(read_deployment(stack.api_url, name))
         assert deployment.schedules and not any(s.active for s in deployment.schedules), name
-    from flows.evaluate_champion import evaluate_champion
     import inspect
+
+    from flows.evaluate_champion import evaluate_champion
 
     assert (ROOT / inspect.signature(evaluate_champion.fn).parameters["dataset"].default).is_file()
 
