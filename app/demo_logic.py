@@ -121,13 +121,23 @@ def metrics_frame(tags: dict, run_metrics: dict | None = None) -> pd.DataFrame |
     for model, label in (("base", "base"), ("finetuned", "fine-tuned")):
         row = {}
         for key, col in (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("chrf", "chrF++")):
-            value = tags.get(f"metric.{model}_{key}", (run_metrics or {}).get(f"{model}_{key}"))
+            logged = run_metrics or {}
+            value = tags.get(f"metric.{model}_{key}", logged.get(f"eval/{model}_{key}", logged.get(f"{model}_{key}")))
             if value is None and key != "chrf":
                 return None
             if value is not None:
                 row[col] = float(value)
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def chart(metrics: pd.DataFrame, column: str) -> tuple[pd.DataFrame, list[str]]:
+    """One score as a chart's data (a row, one column per model) and the models' fixed colours in column order."""
+    from desctune.evaluate import COLORS, LABELS
+
+    frame = metrics[[column]].T
+    colors = [COLORS[m] for label in frame.columns for m, name in LABELS.items() if name == label]
+    return frame, colors
 
 
 def significance(tags: dict) -> list[str]:

@@ -150,13 +150,13 @@ if metrics is None:
 else:
     for line in logic.significance(resolved.tags):
         st.markdown(f"- {line}")
-    bleu, rouge = st.columns(2)
-    with bleu:
-        st.caption("corpus BLEU (0–100)")
-        st.bar_chart(metrics[["BLEU"]], horizontal=True, height=180)
-    with rouge:
-        st.caption("ROUGE-L F (0–1)")
-        st.bar_chart(metrics[["ROUGE-L"]], horizontal=True, height=180)
+    scales = {"BLEU": "corpus BLEU (0–100)", "ROUGE-L": "ROUGE-L F (0–1)", "chrF++": "chrF++ (0–100)"}
+    shown = [c for c in scales if c in metrics.columns]
+    for column, place in zip(shown, st.columns(len(shown))):
+        with place:
+            st.caption(scales[column])
+            frame, colors = logic.chart(metrics, column)
+            st.bar_chart(frame, color=colors, stack=False, horizontal=True, height=180)
     st.dataframe(metrics.style.format({"BLEU": "{:.2f}", "ROUGE-L": "{:.4f}", "chrF++": "{:.2f}"}))
 if len(report):
     with st.expander(f"Test-split examples ({len(report)})"):

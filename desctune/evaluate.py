@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 IDENTICAL_LIMIT = 0.9
 MODELS = ("base", "finetuned")
+# One colour per model in every chart (the report's PNG, the demo): orange base, blue fine-tuned, apart for
+# colour-blind readers too.
+COLORS = {"base": "#e07b39", "finetuned": "#2b7bb9"}
+LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
 
 def score(references: list[str], outputs: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
@@ -119,7 +123,7 @@ def plot_metrics(metrics: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
     for ax, key, label in ((axes[0], "bleu", "corpus BLEU (0-100)"), (axes[1], "rougeL", "ROUGE-L F (0-1)")):
         values = [metrics[m][key] for m in MODELS]
-        bars = ax.bar(["base", "fine-tuned"], values, color=["#9aa5b1", "#2b7bb9"])
+        bars = ax.bar([LABELS[m] for m in MODELS], values, color=[COLORS[m] for m in MODELS])
         ax.bar_label(bars, fmt="%.3g")
         ax.set_title(label)
         ax.set_ylim(0, max(values) * 1.25 or 1)

@@ -538,7 +538,7 @@ def train_adapter(
                    "tokens_per_s": window["tokens"] / seconds,
                    "supervised_tokens_per_s": window["supervised"] / seconds}
             state["history"].append(row)
-            log_metrics({f"train_{k}" if k != "loss" else "train_loss": v for k, v in row.items() if k != "step"}, step)
+            log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step)
             window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
         if step % t.save_steps == 0 and step < steps:
             path = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, scaler, device)
@@ -563,7 +563,7 @@ def train_adapter(
     loss_plot = plot_loss(history, out_dir / "loss.png", logger) if history else None
     seconds = max(state["seconds"], 1e-9)
     peak = peak_memory_mb(device)
-    log_metrics({"val_loss": val_loss, "train_peak_memory_mb": peak}, state["step"])
+    log_metrics({"train/val_loss": val_loss, "train/peak_memory_mb": peak}, state["step"])
     return {
         "adapter_path": str(adapter),
         "adapter_sha256": dir_sha256(adapter),
