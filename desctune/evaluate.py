@@ -140,12 +140,22 @@ def decoding(cfg: EvalConfig) -> dict:
             "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
 
 
-def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
-    """Generate with the adapter off and on, then score both against the references."""
+def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig,
+                   logger=log) -> tuple[pd.DataFrame, dict]:
+    """Generate with the adapter off and on, then score both against the references; progress goes to `logger`."""
+    from desctune.progress import Progress
+
     titles = test["title"].tolist()
+
+    def progress(model_label: str):
+        tracker = Progress(logger, f"evaluate: {model_label} model, titles", len(titles), "title")
+        tracker.update(0)
+        return tracker.update
+
     with base_context(model):
-        base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
-    tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
+        base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg), progress=progress("base"))
+    tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg), progress=progress("fine-tuned"))
+    logger.info("evaluate: scoring %d pairs of outputs (BLEU, ROUGE-L, chrF++, paired bootstrap)", len(titles))
     df, metrics = score(test["content"].tolist(), {"base": base_out, "finetuned": tuned_out})
     df.insert(0, "title", titles)
     if "uid" in test:
@@ -154,7 +164,8 @@ def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg
 
 
 def evaluate_adapter(
-    adapter_dir: str, data_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path, refuse_inert: bool = False
+    adapter_dir: str, data_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path, refuse_inert: bool = False,
+    logger=None,
 ) -> dict:
     """Evaluate an adapter on a Parquet of (uid,) title, content: eval.parquet, metrics.png/.json and report.md.
 
@@ -168,7 +179,7 @@ def evaluate_adapter(
     status = adapter_status(model)
     if refuse_inert:
         guard_adapter(status)
-    df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg)
+    df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg, logger or log)
     paths = {k: out_dir / f for k, f in (("eval_path", "eval.parquet"), ("plot_path", "metrics.png"),
                                           ("metrics_path", "metrics.json"), ("report_path", "report.md"))}
     write_parquet(df, paths["eval_path"])

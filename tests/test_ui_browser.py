@@ -167,6 +167,11 @@ def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_d
         tags["mlflow.note.content"]
     closing = f"registered {MODEL} version {version.version} (@"
     assert wait_for_log(stack.api_url, run.id, lambda m: m.startswith(closing)), closing
+    trained = wait_for_log(stack.api_url, run.id, lambda m: m.startswith("train step "))
+    assert trained and all("tokens/s" in m and "elapsed" in m for m in trained), trained
+    assert any(m.startswith("train step 1/") for m in trained) and any(m.endswith("done") for m in trained)
+    for model in ("base", "fine-tuned"):
+        assert wait_for_log(stack.api_url, run.id, lambda m, model=model: m.startswith(f"evaluate: {model} model"))
 
     browser.get(flow_run_url)
     body = wait_for_text(browser, run.name, "Completed")
