@@ -7,15 +7,13 @@ the screens the README shows under docs/screens/."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser  # noqa: F401  (the browser fixture)
+from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser, save_screen  # noqa: F401  (the browser fixture)
 
 from conftest import ROOT, SAMPLE, head_records, tiny_config
 from test_servers import READY_TIMEOUT, Served, read_deployment, serve_env, trigger_and_wait
@@ -24,20 +22,8 @@ pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
 )
-SCREENS = ROOT / "docs" / "screens"
 MODEL = "tiny-ui"
 CANT_CONNECT = "Can't connect"
-
-
-def save_screen(driver, name: str) -> Path:
-    """The browser's viewport as a small PNG (64-colour palette) in docs/screens/."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
-    SCREENS.mkdir(parents=True, exist_ok=True)
-    path = SCREENS / f"{name}.png"
-    image.quantize(colors=64).save(path, optimize=True)
-    return path
 
 
 def page_text(driver) -> str:
