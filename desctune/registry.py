@@ -21,7 +21,7 @@ import pandas as pd
 from desctune.config import Config
 from desctune.errors import RegistryError
 from desctune.lineage import git_commit
-from desctune.tracking import client, run_url, tracking_uri, ui_base
+from desctune.tracking import TRAINING_VIEW, client, run_url, tracking_uri, ui_base
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
@@ -31,7 +31,7 @@ EVAL_ARTIFACT = "evaluation/eval.parquet"  # each version's per-example evaluati
 
 def version_url(cfg: Config, name: str, version: str) -> str:
     """The model version's page in the MLflow UI (the local `mlflow ui` for a SQLite store)."""
-    return f"{ui_base(cfg)}/#/models/{name}/versions/{version}"
+    return f"{ui_base(cfg)}/#/models/{name}/versions/{version}?{TRAINING_VIEW}"
 
 
 def gate(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,

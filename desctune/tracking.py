@@ -13,8 +13,11 @@ from mlflow.tracking import MlflowClient
 from desctune.config import Config
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
-# MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it is classic model development.
+# MLflow 3's UI opens experiments in its GenAI view. The experiment says it is classic model development (the kind
+# MLflow's own experiment-type selector sets), and every link desctune prints or publishes asks for the model-training
+# view, since the UI keeps one view for all experiments (the browser's last choice, GenAI by default).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -66,7 +69,8 @@ def ui_base(cfg: Config) -> str:
 
 
 def run_url(cfg: Config, run_id: str) -> str:
-    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs/{run_id}"
+    """The run's page in the MLflow UI, in its model-training view."""
+    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def mlflow_sink(run_id: str | None, uri: str | None) -> tuple[Callable[[dict], None], Callable[[dict, int], None]]:

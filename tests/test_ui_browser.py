@@ -169,11 +169,17 @@ def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_d
     browser.get(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{links['mlflow-run'].id}")
     wait_for_text(browser, f"MLflow run {tracked.info.run_id}")
     anchor = browser.find_element(By.PARTIAL_LINK_TEXT, f"MLflow run {tracked.info.run_id}")
+    assert anchor.get_attribute("href").endswith("?workflowType=machine_learning")
     browser.get(anchor.get_attribute("href"))
     wait_for_text(browser, run.name, "Description", "Source")
     save_screen(browser, "mlflow-run")
+    # the experiment opens on its training runs (MLflow's model-training view), not on the GenAI overview
+    browser.get(f"{stack.mlflow_url}/#/experiments/{tracked.info.experiment_id}?workflowType=machine_learning")
+    wait_for_text(browser, "Model registry", run.name)
+    assert "/runs" in browser.current_url and "Tool calls" not in page_text(browser)
 
     browser.get(links["model-version"].data.split("](", 1)[1].rstrip(")"))
+    assert browser.current_url.endswith("?workflowType=machine_learning")
     wait_for_text(browser, f"Version {version.version}", "writes a product description", "prefect.flow_run_url",
                   flow_run_url)
     save_screen(browser, "mlflow-model-version")
