@@ -1,11 +1,14 @@
 """The demo's logic without Streamlit: which models there are, their evaluation report and metrics, the adapter
-checks, and one side-by-side generation. `app/demo_page.py` only lays these out."""
+checks, one side-by-side generation and its token stream. `app/demo_page.py` only lays these out."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,13 +124,23 @@ def metrics_frame(tags: dict, run_metrics: dict | None = None) -> pd.DataFrame |
     for model, label in (("base", "base"), ("finetuned", "fine-tuned")):
         row = {}
         for key, col in (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("chrf", "chrF++")):
-            value = tags.get(f"metric.{model}_{key}", (run_metrics or {}).get(f"{model}_{key}"))
+            logged = run_metrics or {}
+            value = tags.get(f"metric.{model}_{key}", logged.get(f"eval/{model}_{key}", logged.get(f"{model}_{key}")))
             if value is None and key != "chrf":
                 return None
             if value is not None:
                 row[col] = float(value)
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def chart(metrics: pd.DataFrame, column: str) -> tuple[pd.DataFrame, list[str]]:
+    """One score as a chart's data (a row, one column per model) and the models' fixed colours in column order."""
+    from desctune.evaluate import COLORS, LABELS
+
+    frame = metrics[[column]].T
+    colors = [COLORS[m] for label in frame.columns for m, name in LABELS.items() if name == label]
+    return frame, colors
 
 
 def significance(tags: dict) -> list[str]:
@@ -176,3 +189,74 @@ def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Set
         torch.manual_seed(settings.seed)
         tuned = generate(model, tokenizer, [title], system_prompt, **kwargs)[0]
     return base, tuned
+
+
+def rate_line(tokens: int, seconds: float, stopped: bool = False) -> str:
+    """What the demo shows under an output: tokens, elapsed time and tokens/s."""
+    speed = f"{tokens / seconds:.1f} tokens/s" if seconds > 0 else "… tokens/s"
+    return f"{tokens} tokens in {seconds:.1f} s · {speed}" + (" · stopped" if stopped else "")
+
+
+def stream(model, tokenizer, title: str, system_prompt: str, settings: Settings, adapter: bool,
+           stop: threading.Event | None = None) -> Iterator[tuple[str, int, float]]:
+    """(text so far, tokens generated, seconds) as the model writes, the adapter on or off; the same prompt, decoding
+    and seed as `side_by_side`, so the last text is the same description. Setting `stop` (or closing the iterator,
+    as a Streamlit rerun does) ends the generation at the next token."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    from desctune.inference import base_context, context_length, fit_prompts
+
+    stop = stop or threading.Event()
+
+    class Counting(TextIteratorStreamer):
+        tokens = 0
+
+        def put(self, value):
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.tokens += int(value.numel())
+            super().put(value)
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    prompt = fit_prompts(tokenizer, [title], system_prompt, context_length(model) - settings.max_new_tokens)[0]
+    device = next(model.parameters()).device
+    streamer = Counting(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {"do_sample": settings.sample, "repetition_penalty": settings.repetition_penalty,
+              "no_repeat_ngram_size": settings.no_repeat_ngram_size}
+    if settings.sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with GENERATING:
+                torch.manual_seed(settings.seed)
+                with contextlib.nullcontext() if adapter else base_context(model):
+                    model.generate(
+                        input_ids=torch.tensor([prompt], device=device),
+                        attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=device),
+                        max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([Stop()]), **kwargs,
+                    )
+        except BaseException as exc:  # noqa: BLE001  (handed to the reader, which raises it)
+            failed.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=work, name="demo-generate", daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    text = ""
+    try:
+        for chunk in streamer:
+            text += chunk
+            yield text.strip(), streamer.tokens, time.perf_counter() - t0
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
+    yield text.strip(), streamer.tokens, time.perf_counter() - t0

@@ -5,6 +5,8 @@ Started by `desctune demo`, which passes the config and the starting model refer
 
 from __future__ import annotations
 
+import contextlib
+
 import streamlit as st
 
 from app import demo_logic as logic
@@ -122,20 +124,38 @@ if len(report):
 title = st.text_input("Product title", key="title", placeholder="e.g. Stainless Steel Electric Kettle 1.7 L")
 system_prompt = st.text_area("System prompt", meta["system_prompt"], height=80)
 
-if st.button("Generate", type="primary", disabled=not title.strip()):
-    with st.spinner("Generating with the adapter off, then on…"):
-        st.session_state.outputs = (title, *logic.side_by_side(model, tokenizer, title, system_prompt, settings))
+buttons = st.columns([1, 1, 6])
+generate = buttons[0].button("Generate", type="primary", disabled=not title.strip())
+buttons[1].button("Stop", help="stop generating; what was written so far stays")  # a click reruns the page: that stops it
+if generate:
+    st.session_state.outputs = {"title": title, "base": "", "finetuned": "", "stats": {}, "done": []}
 
-if "outputs" in st.session_state:
-    shown_title, base_out, tuned_out = st.session_state.outputs
-    left, right = st.columns(2)
-    for col, heading, text, key in ((left, "Base model (adapter off)", base_out, "base_output"),
-                                    (right, "Fine-tuned (adapter on)", tuned_out, "finetuned_output")):
+if st.session_state.get("outputs"):
+    outputs = st.session_state.outputs
+    boxes = {}
+    for col, heading, name in zip(st.columns(2), ("Base model (adapter off)", "Fine-tuned (adapter on)"),
+                                  ("base", "finetuned")):
         with col:
             st.subheader(heading)
-            with st.container(border=True, key=key):
-                st.text(text or "(empty output)")
-    if base_out == tuned_out:
+            with st.container(border=True, key=f"{name}_output"):
+                boxes[name] = st.empty()
+            boxes[f"{name}_rate"] = st.empty()
+    if generate:  # stream both, one after the other: the two columns share one copy of the weights
+        for name in ("base", "finetuned"):
+            with contextlib.closing(logic.stream(model, tokenizer, title, system_prompt, settings,
+                                                 adapter=name == "finetuned")) as chunks:
+                for text, tokens, seconds in chunks:
+                    outputs[name], outputs["stats"][name] = text, (tokens, seconds)
+                    boxes[name].text(text + " ▌")
+                    boxes[f"{name}_rate"].caption(logic.rate_line(tokens, seconds))
+            outputs["done"].append(name)
+    shown_title, base_out, tuned_out = outputs["title"], outputs["base"], outputs["finetuned"]
+    for name, text in (("base", base_out), ("finetuned", tuned_out)):
+        boxes[name].text(text or ("(empty output)" if name in outputs["done"] else "(stopped)"))
+        if name in outputs["stats"]:
+            boxes[f"{name}_rate"].caption(logic.rate_line(*outputs["stats"][name], stopped=name not in outputs["done"]))
+    finished = outputs["done"] == ["base", "finetuned"]
+    if finished and base_out == tuned_out:
         st.error("The base and fine-tuned outputs are identical for this title: the adapter had no effect here.",
                  icon="🚨")
     match = report[report["title"] == shown_title] if len(report) else report
@@ -150,13 +170,13 @@ if metrics is None:
 else:
     for line in logic.significance(resolved.tags):
         st.markdown(f"- {line}")
-    bleu, rouge = st.columns(2)
-    with bleu:
-        st.caption("corpus BLEU (0–100)")
-        st.bar_chart(metrics[["BLEU"]], horizontal=True, height=180)
-    with rouge:
-        st.caption("ROUGE-L F (0–1)")
-        st.bar_chart(metrics[["ROUGE-L"]], horizontal=True, height=180)
+    scales = {"BLEU": "corpus BLEU (0–100)", "ROUGE-L": "ROUGE-L F (0–1)", "chrF++": "chrF++ (0–100)"}
+    shown = [c for c in scales if c in metrics.columns]
+    for column, place in zip(shown, st.columns(len(shown))):
+        with place:
+            st.caption(scales[column])
+            frame, colors = logic.chart(metrics, column)
+            st.bar_chart(frame, color=colors, stack=False, horizontal=True, height=180)
     st.dataframe(metrics.style.format({"BLEU": "{:.2f}", "ROUGE-L": "{:.4f}", "chrF++": "{:.2f}"}))
 if len(report):
     with st.expander(f"Test-split examples ({len(report)})"):

@@ -222,6 +222,25 @@ def pool_ready(api_url: str, creds: Credentials | None = None) -> bool:
         return False
 
 
+def ui_api_url(prefect_url: str, creds: Credentials | None = None) -> str | None:
+    """The API URL the Prefect UI's pages will call, as its `/ui-settings` tells the browser; None if it does not answer."""
+    try:
+        with _get(f"{prefect_url}/ui-settings", creds) as r:
+            return json.load(r).get("api_url")
+    except Exception:
+        return None
+
+
+def check_ui_settings(plan: ServePlan, env: dict) -> None:
+    """The Prefect UI is only usable when it sends the browser to this server's API: a health check of the API alone
+    passes while every page says "Can't connect to Server API"."""
+    expected = prefect_server_env(env, plan.creds, plan.host, plan.prefect_port)["PREFECT_UI_API_URL"]
+    got = ui_api_url(plan.prefect_url, plan.creds)
+    if got != expected:
+        raise ServeError(f"the Prefect UI at {plan.prefect_url} sends browsers to the API at {got} instead of "
+                         f"{expected}: its pages could not load; unset PREFECT_UI_API_URL or point it at {expected}")
+
+
 def check_mlflow_login(plan: ServePlan) -> None:
     """MLflow creates its admin user once, with the password of that first start: say so when it has another one."""
     import urllib.error
@@ -248,7 +267,7 @@ def wait_until(ready, what: str, procs: Processes, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def banner(plan: ServePlan, deployed: list[str]) -> str:
+def banner(plan: ServePlan, deployed: list[str], paused: list[str] = ()) -> str:
     prefect_db = hide_password(plan.prefect_db) if plan.prefect_db else "SQLite under PREFECT_HOME"
     if plan.creds:
         login = (f"  login         user {plan.creds.user!r} with the serve password, on both UIs and APIs; "
@@ -267,6 +286,7 @@ def banner(plan: ServePlan, deployed: list[str]) -> str:
         login,
         f"  worker        on work pool {POOL}",
         f"  deployments   {', '.join(deployed) or 'none'}",
+        *(f"  {line}" for line in paused),
         f"  logs          {plan.artifacts / 'serve-logs'}",
         "From another shell:",
         f"  export PREFECT_API_URL={plan.api_url} MLFLOW_TRACKING_URI={plan.mlflow_url}",
@@ -290,7 +310,7 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
     """Start everything, deploy, print the URLs, then wait for Ctrl-C or a child's exit."""
     from filelock import FileLock, Timeout
 
-    from deployments.deploy import DeployError, deploy, deploy_env, heartbeat_timing
+    from deployments.deploy import DeployError, deploy, deploy_env, heartbeat_timing, paused_lines
 
     try:
         heartbeat_timing(env)
@@ -317,6 +337,9 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
         for name in ("prefect-server", "mlflow-server"):
             procs.start(name, *cmds[name])
         wait_until(lambda: http_ok(f"{plan.api_url}/health"), f"Prefect server at {plan.prefect_url}", procs, timeout)
+        wait_until(lambda: ui_api_url(plan.prefect_url, plan.creds) is not None, f"Prefect UI at {plan.prefect_url}",
+                   procs, timeout)
+        check_ui_settings(plan, env)
         wait_until(lambda: http_ok(f"{plan.mlflow_url}/health"), f"MLflow server at {plan.mlflow_url}", procs, timeout)
         check_mlflow_login(plan)
         try:
@@ -326,7 +349,7 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
         mark_crashed_runs(plan, cmds["worker"][1])
         procs.start("worker", *cmds["worker"])
         wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {POOL}", procs, timeout)
-        print(banner(plan, deployed), flush=True)
+        print(banner(plan, deployed.names, paused_lines(deployed)), flush=True)
         while True:
             procs.revive("worker", *cmds["worker"], min_uptime=WORKER_MIN_UPTIME)
             procs.check()

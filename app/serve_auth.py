@@ -113,8 +113,18 @@ def without(env: dict, names) -> dict:
     return {k: v for k, v in env.items() if k not in names}
 
 
+def browser_url(host: str, port: int) -> str:
+    """The address a browser uses for a server bound to host:port (this machine's name for a wildcard bind)."""
+    return f"http://{served_hosts(host)[0]}:{port}"
+
+
 def prefect_server_env(env: dict, creds: Credentials | None, host: str, port: int) -> dict:
+    """The Prefect server's environment. Its UI asks `/ui-settings` where the API is; without PREFECT_UI_API_URL the
+    server answers its default port (4200) whatever `--port` it was started on, and every page of a server on
+    another port says it cannot connect, so both UI URLs name the served port unless the user set them."""
     out = without(env, ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", *MLFLOW_SERVER_ONLY, *DESCTUNE_SECRETS))
+    out["PREFECT_UI_URL"] = env.get("PREFECT_UI_URL") or browser_url(host, port)
+    out["PREFECT_UI_API_URL"] = env.get("PREFECT_UI_API_URL") or f"{browser_url(host, port)}/api"
     out["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] = "true"
     out["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] = env.get("PREFECT_SERVER_CORS_ALLOWED_ORIGINS") or origins(host, port)
     if creds is not None:

@@ -14,11 +14,13 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from deployments import crashed_runs
+from deployments.schedules import blockers
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "desctune-local"
@@ -92,27 +94,64 @@ def heartbeat_timing(env: dict) -> tuple[int, int]:
         raise DeployError(str(exc)) from None
 
 
-def deploy(env: dict, root: Path = ROOT) -> list[str]:
+@dataclass
+class Deployed:
+    """What `deploy` did: the deployments, and the ones whose schedules it left paused with the reason."""
+
+    names: list[str]
+    paused: dict[str, str] = field(default_factory=dict)
+
+
+def pause_unrunnable(spec: dict, names: list[str], root: Path, env: dict) -> tuple[dict, dict[str, str]]:
+    """prefect.yaml with the schedules of deployments that could only fail here (`deployments.schedules.blockers`)
+    set inactive, and why each one is paused."""
+    spec = json.loads(json.dumps(spec))
+    paused = {}
+    for d in spec.get("deployments", []):
+        if d["name"] not in names or not any(s.get("active", True) for s in d.get("schedules") or []):
+            continue
+        reasons = blockers(d, root, env)
+        if reasons:
+            for schedule in d["schedules"]:
+                schedule["active"] = False
+            paused[d["name"]] = "; ".join(reasons)
+    return spec, paused
+
+
+def deploy(env: dict, root: Path = ROOT) -> Deployed:
     """Create (or update) the work pool, deploy every deployable entry with the flow-run heartbeat in its
-    environment, then upsert the crashed-runs automation; returns the deployed names."""
+    environment, then upsert the crashed-runs automation. A schedule whose runs could only fail on this machine
+    (no CUDA, no model, no data, nothing registered to evaluate) is deployed paused, with the reason."""
     heartbeat, window = heartbeat_timing(env)
     env = {**env, crashed_runs.HEARTBEAT_ENV: str(heartbeat)}
-    names, skipped = deployable(load_spec(root), root)
+    spec = load_spec(root)
+    names, skipped = deployable(spec, root)
     for name in skipped:
         print(f"deploy: skipping {name!r}: its entrypoint file is not there yet", file=sys.stderr)
+    spec, paused = pause_unrunnable(spec, names, root, env)
     with tempfile.TemporaryDirectory() as tmp:
         template = Path(tmp) / TEMPLATE.name
         template.write_text(json.dumps(job_template(env), indent=2))
         _prefect(["work-pool", "create", POOL, "--type", "process", "--base-job-template", str(template),
                   "--overwrite"], env, root)
-    if names:
-        _prefect(["deploy", *(a for n in names for a in ("--name", n))], env, root)
+        if names:
+            prefect_file = Path(tmp) / "prefect.yaml"
+            prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+            _prefect(["deploy", "--prefect-file", str(prefect_file), *(a for n in names for a in ("--name", n))],
+                     env, root)
     try:
         crashed_runs.upsert(env["PREFECT_API_URL"], crashed_runs.automation(window), env.get("PREFECT_API_AUTH_STRING"))
     except Exception as exc:
         raise DeployError(f"creating the automation {crashed_runs.NAME!r} failed: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return names
+    return Deployed(names, paused)
+
+
+def paused_lines(deployed: Deployed, spec: dict | None = None) -> list[str]:
+    """One line per paused schedule: which, why, and how to switch it on once the reason is gone."""
+    flows = {d["name"]: d["entrypoint"].rsplit(":", 1)[1].replace("_", "-") for d in (spec or load_spec())["deployments"]}
+    return [f"{name} schedule paused: {why} (once fixed: prefect deployment schedule resume "
+            f"{flows.get(name, '?')}/{name} --all, or restart serve)" for name, why in deployed.paused.items()]
 
 
 def main() -> int:
@@ -122,11 +161,13 @@ def main() -> int:
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     artifacts = Path(os.environ.get("DESCTUNE_ARTIFACTS_DIR", ROOT / "artifacts")).resolve()
     try:
-        names = deploy(deploy_env(dict(os.environ), ROOT, artifacts, mlflow_uri))
+        deployed = deploy(deploy_env(dict(os.environ), ROOT, artifacts, mlflow_uri))
     except DeployError as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 2
-    print("deployed: " + ", ".join(names))
+    print("deployed: " + ", ".join(deployed.names))
+    for line in paused_lines(deployed):
+        print(line)
     return 0
 
 

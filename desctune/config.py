@@ -27,8 +27,19 @@ MAX_GENERATION_BATCH = 256
 MAX_NEW_TOKENS = 1024
 
 
+def _optional_without_null_default(schema: dict) -> None:
+    """JSON schema of a section for Prefect's parameter form: an optional field whose default is None gets no
+    `default: null`, so the form opens it on its value type (an empty number box) instead of on its `null` branch,
+    which it shows as 'Property is type "None"'. None is still valid (the schema keeps its `null` branch), and a field
+    left empty takes the model's default."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None and any(b.get("type") == "null" for b in prop.get("anyOf", [])):
+            del prop["default"]
+            prop["anyOf"] = [b for b in prop["anyOf"] if b.get("type") != "null"] + [{"type": "null"}]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_optional_without_null_default)
 
     def digest(self) -> str:
         """A short stable hash of this section, for cache keys and registry tags."""
@@ -48,7 +59,7 @@ class DataConfig(Section):
     uid_field: str = "uid"
     title_field: str = "title"
     content_field: str = "content"
-    max_records: int | None = Field(None, ge=1, description="read at most this many lines (None: all)")
+    max_records: int | None = Field(None, ge=1, description="read at most this many lines (empty or null: all)")
     max_field_chars: int = Field(20_000, ge=1, description="longer titles or contents are rejected")
     max_line_bytes: int = Field(
         16 << 20, ge=1024, description="longer input lines are rejected unread, so one line never fills memory"
@@ -65,7 +76,7 @@ class DataConfig(Section):
     )
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
-    train_size: int | None = Field(None, ge=1, description="seeded sample of the train split (None: all of it)")
+    train_size: int | None = Field(None, ge=1, description="seeded sample of the train split (empty or null: all of it)")
     seed: int = 42
 
 
@@ -80,7 +91,10 @@ class ModelConfig(Section):
         description="base weights on CUDA: nf4 (QLoRA), none (the compute dtype), auto: none when it fits the card's "
         "free memory, else nf4. The CPU never quantizes",
     )
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="transformers' attention: sdpa (PyTorch's fused kernels), eager, or flash_attention_2 "
+        "(CUDA with the flash-attn package)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -104,7 +118,8 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(2, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimizer steps (empty or null: train the full epochs)")
     learning_rate: float = Field(3e-4, gt=0)
     batch_size: int = Field(8, ge=1, description="examples per micro-batch where no token budget applies")
     max_tokens_per_batch: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
@@ -114,7 +129,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = Field("cosine", description="transformers' learning-rate schedule after warmup_ratio of linear warmup")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="auto: on CUDA only when the activations would not fit the card, never on CPU"
     )
@@ -123,7 +140,7 @@ class TrainConfig(Section):
     )
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     logging_steps: int = Field(5, ge=1)
-    num_workers: int | None = Field(None, ge=0, description="dataloader workers (None: sized to the machine)")
+    num_workers: int | None = Field(None, ge=0, description="dataloader workers (empty or null: sized to the machine)")
     seed: int = 42
 
 
@@ -142,7 +159,7 @@ class EvalConfig(Section):
 class RegistryConfig(Section):
     model_name: str = "desctune-smollm2"
     experiment: str = "desctune"
-    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or the SQLite store in artifacts")
+    tracking_uri: str | None = Field(None, description="empty or null: $MLFLOW_TRACKING_URI or the SQLite store in artifacts")
     metric: Literal["rougeL", "bleu"] = "rougeL"
     min_improvement: float = Field(
         0.0, ge=0, description="a challenger becomes champion only when the lower bound of the paired 95% interval "

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 IDENTICAL_LIMIT = 0.9
 MODELS = ("base", "finetuned")
+# One colour per model in every chart (the report's PNG, the demo): orange base, blue fine-tuned, apart for
+# colour-blind readers too.
+COLORS = {"base": "#e07b39", "finetuned": "#2b7bb9"}
+LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
 
 def score(references: list[str], outputs: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
@@ -119,7 +123,7 @@ def plot_metrics(metrics: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
     for ax, key, label in ((axes[0], "bleu", "corpus BLEU (0-100)"), (axes[1], "rougeL", "ROUGE-L F (0-1)")):
         values = [metrics[m][key] for m in MODELS]
-        bars = ax.bar(["base", "fine-tuned"], values, color=["#9aa5b1", "#2b7bb9"])
+        bars = ax.bar([LABELS[m] for m in MODELS], values, color=[COLORS[m] for m in MODELS])
         ax.bar_label(bars, fmt="%.3g")
         ax.set_title(label)
         ax.set_ylim(0, max(values) * 1.25 or 1)
@@ -136,12 +140,22 @@ def decoding(cfg: EvalConfig) -> dict:
             "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
 
 
-def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig) -> tuple[pd.DataFrame, dict]:
-    """Generate with the adapter off and on, then score both against the references."""
+def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg: EvalConfig,
+                   logger=log) -> tuple[pd.DataFrame, dict]:
+    """Generate with the adapter off and on, then score both against the references; progress goes to `logger`."""
+    from desctune.progress import Progress
+
     titles = test["title"].tolist()
+
+    def progress(model_label: str):
+        tracker = Progress(logger, f"evaluate: {model_label} model, titles", len(titles), "title")
+        tracker.update(0)
+        return tracker.update
+
     with base_context(model):
-        base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
-    tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg))
+        base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg), progress=progress("base"))
+    tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg), progress=progress("fine-tuned"))
+    logger.info("evaluate: scoring %d pairs of outputs (BLEU, ROUGE-L, chrF++, paired bootstrap)", len(titles))
     df, metrics = score(test["content"].tolist(), {"base": base_out, "finetuned": tuned_out})
     df.insert(0, "title", titles)
     if "uid" in test:
@@ -150,7 +164,8 @@ def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg
 
 
 def evaluate_adapter(
-    adapter_dir: str, data_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path, refuse_inert: bool = False
+    adapter_dir: str, data_path: str, cfg: EvalConfig, artifacts_dir: str, out_dir: Path, refuse_inert: bool = False,
+    logger=None,
 ) -> dict:
     """Evaluate an adapter on a Parquet of (uid,) title, content: eval.parquet, metrics.png/.json and report.md.
 
@@ -165,7 +180,7 @@ def evaluate_adapter(
     status = adapter_status(model)
     if refuse_inert:
         guard_adapter(status)
-    df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg)
+    df, metrics = evaluate_frame(model, tokenizer, test, meta["system_prompt"], cfg, logger or log)
     paths = {k: out_dir / f for k, f in (("eval_path", "eval.parquet"), ("plot_path", "metrics.png"),
                                           ("metrics_path", "metrics.json"), ("report_path", "report.md"))}
     write_parquet(df, paths["eval_path"])

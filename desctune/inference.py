@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,6 +106,7 @@ def generate(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Batched generation with left padding and KV cache; prompts are grouped by length to waste little padding.
 
@@ -140,4 +142,6 @@ def generate(
         )
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(min(start + batch_size, len(order)))
     return outputs

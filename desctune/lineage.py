@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -128,12 +129,36 @@ def fail_orphaned_runs(tracking_uri: str, flow_run_states: Callable[[list[str]],
     return failed
 
 
+def source_tags(lineage: dict | None, what: str) -> dict:
+    """MLflow's Source and description of a run: the orchestrator's run when there is one (its UI link), else the
+    command line that made it; `what` says in words what the run does."""
+    lineage = lineage or {}
+    commit = git_commit()
+    if lineage.get("prefect.flow_run_url"):
+        source, kind = lineage["prefect.flow_run_url"], "JOB"
+        made_by = f"Prefect flow run {lineage.get('prefect.flow_run_name') or lineage.get('prefect.flow_run_id')} ({source})"
+    else:
+        source, kind = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500] or "python", "LOCAL"
+        made_by = f"the command `{source}`"
+    tags = {"mlflow.source.name": source, "mlflow.source.type": kind,
+            "mlflow.note.content": f"{what}. Made by {made_by}."}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_summary(cfg: Config) -> str:
+    return (f"LoRA fine-tuning of {cfg.model.name} (r={cfg.lora.r}, alpha={cfg.lora.alpha}) to write product "
+            f"descriptions from product titles, on {cfg.data.path}; base and fine-tuned model evaluated on the test "
+            f"split (BLEU and chrF++ 0-100, ROUGE-L 0-1)")
+
+
 def start_run(cfg: Config, lineage: dict | None = None) -> str:
     """Create the MLflow run of one flow run: the config as params, `lineage` (the orchestrator's run) and the
-    process writing it as tags."""
+    process writing it as tags, its source and description filled."""
     c = client(cfg)
     tags = {"desctune.config_hash": cfg.digest(), "desctune.git_commit": git_commit(), **process_tags(),
-            **(lineage or {})}
+            **(lineage or {}), **source_tags(lineage, run_summary(cfg))}
     run = c.create_run(experiment_id(cfg), tags=tags, run_name=tags.get("prefect.flow_run_name") or None)
     params = flatten(json.loads(cfg.model_dump_json()))
     for key, value in params.items():
@@ -174,46 +199,55 @@ def log_dataset(run_id: str, name: str, path: str, digest: str, context: str, ro
 
 
 def stage_metrics(stages: dict) -> dict:
-    """The numbers every run logs: records per stage, split sizes, training and evaluation results."""
+    """The single-valued numbers every run logs, grouped by prefix so MLflow charts them apart: `data/` (records per
+    stage, split sizes, tokens), `train/` (what the training stream does not already log at its steps) and `eval/`."""
     ing, cln, spl, tok, trn, ev = (stages[k] for k in ("ingest", "clean", "sample", "tokenize", "train", "evaluate"))
-    m = {
+    data = {
         "lines_read": ing["lines_read"], "records_ingested": ing["records"], "records_kept": cln["kept"],
-        "records_rejected": cln["rejected"],
-        "duplicates": cln.get("duplicates", 0),
+        "records_rejected": cln["rejected"], "duplicates": cln.get("duplicates", 0),
         **{f"{s}_rows": spl[s]["rows"] for s in ("train", "val", "test")},
         "train_examples": tok["train"]["rows"], "train_tokens": tok["train"]["tokens"],
         "train_supervised_tokens": tok["train"]["supervised_tokens"],
-        "val_loss": trn["val_loss"], "train_loss_mean": trn["train_loss_mean"],
-        "train_tokens_per_s": trn["tokens_per_s"], "peak_memory_mb": trn["peak_memory_mb"],
-        "train_seconds": trn["seconds"],
+        **{f"rejected_{reason}": n for reason, n in cln.get("by_reason", {}).items()},
     }
-    for reason, n in cln.get("by_reason", {}).items():
-        m[f"rejected_{reason}"] = n
+    m = {f"data/{k}": v for k, v in data.items()}
+    m.update({"train/loss_mean": trn["train_loss_mean"], "train/overall_tokens_per_s": trn["tokens_per_s"],
+              "train/seconds": trn["seconds"]})
     m.update(evaluation_metrics(ev["metrics"]))
     return {k: float(v) for k, v in m.items() if v is not None}
 
 
 def evaluation_metrics(metrics: dict) -> dict:
-    """An evaluation as MLflow metrics: each model's scores and length ratio, each difference with its 95% interval
-    (`delta_rougeL`, `delta_rougeL_low`, `delta_rougeL_high`), the win counts and the sign test."""
-    m = {f"{model}_{key}": metrics[model][key] for model in MODELS
+    """An evaluation as MLflow metrics under `eval/`: each model's scores (BLEU and chrF++ 0-100, ROUGE-L 0-1) and
+    length ratio, each difference with its 95% interval (`eval/delta_rougeL`, `eval/delta_rougeL_low`,
+    `eval/delta_rougeL_high`), the win counts and the sign test."""
+    m = {f"eval/{model}_{key}": metrics[model][key] for model in MODELS
          for key in ("bleu", "rougeL", "chrf", "length_ratio")}
     for key, interval in metrics["comparison"].items():
-        m.update({f"delta_{key}": interval["delta"], f"delta_{key}_low": interval["low"],
-                  f"delta_{key}_high": interval["high"]})
-    m.update({f"eval_{k}": metrics[k] for k in ("better", "worse", "same")}, eval_sign_test_p=metrics["sign_test_p"])
+        m.update({f"eval/delta_{key}": interval["delta"], f"eval/delta_{key}_low": interval["low"],
+                  f"eval/delta_{key}_high": interval["high"]})
+    m.update({f"eval/{k}": metrics[k] for k in ("better", "worse", "same")})
+    m["eval/sign_test_p"] = metrics["sign_test_p"]
     return m
 
 
 def log_results(cfg: Config, run_id: str, stages: dict) -> None:
-    """Metrics, lineage and report files of one flow run, into its MLflow run."""
+    """Metrics, lineage and report files of one flow run, into its MLflow run. Each metric is logged once: the
+    step-indexed training series come from training itself, or, when training was reused from an earlier run, are
+    copied here at their steps."""
     c = client(cfg)
     trained, evaluated = stages["train"], stages["evaluate"]
     for key, value in stage_metrics(stages).items():
         c.log_metric(run_id, key, value)
     if trained.get("mlflow_run_id") != run_id:
         for row in trained["history"]:
-            c.log_metric(run_id, "train_loss", row["loss"], step=row["step"])
+            for k, v in row.items():
+                if k != "step":
+                    c.log_metric(run_id, f"train/{k}", v, step=row["step"])
+        last = trained["steps"]
+        c.log_metric(run_id, "train/val_loss", trained["val_loss"], step=last)
+        if trained.get("peak_memory_mb") is not None:
+            c.log_metric(run_id, "train/peak_memory_mb", trained["peak_memory_mb"], step=last)
     ing, cln, spl = stages["ingest"], stages["clean"], stages["sample"]
     log_dataset(run_id, "raw", ing["input_path"], ing["input_sha256"], "raw", rows=ing["records"])
     log_dataset(run_id, "clean", cln["path"], cln["sha256"], "clean", rows=cln["kept"])
@@ -246,14 +280,16 @@ def log_evaluation(
     label = model["label"]
     tags = {"desctune.model_version": label, "desctune.model_ref": model["ref"], "desctune.kind": "evaluation",
             "desctune.data_path": raw["input_path"], "desctune.data_sha256": raw["input_sha256"], **process_tags(),
-            **(lineage or {})}
+            **(lineage or {}),
+            **source_tags(lineage, f"Evaluation of {label} against its base model on {raw['input_path']} (BLEU and "
+                                   "chrF++ 0-100, ROUGE-L 0-1)")}
     run_id = c.create_run(experiment_id(cfg), tags=tags, run_name=f"evaluate {label}").info.run_id
     try:
         metrics = result["metrics"]
         for key, value in evaluation_metrics(metrics).items():
             c.log_metric(run_id, key, float(value))
         for k in ("n", "identical_outputs"):
-            c.log_metric(run_id, f"eval_{k}", float(metrics[k]))
+            c.log_metric(run_id, f"eval/{k}", float(metrics[k]))
         log_dataset(run_id, "eval-raw", raw["input_path"], raw["input_sha256"], "evaluation-raw", rows=raw["records"])
         log_dataset(run_id, "eval", cleaned["path"], cleaned["sha256"], "evaluation", rows=cleaned["kept"])
         for key in ("plot_path", "eval_path", "report_path", "metrics_path"):

@@ -21,7 +21,7 @@ import pandas as pd
 from desctune.config import Config
 from desctune.errors import RegistryError
 from desctune.lineage import git_commit
-from desctune.tracking import client, run_url, tracking_uri, ui_base
+from desctune.tracking import TRAINING_VIEW, client, run_url, tracking_uri, ui_base
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
@@ -31,7 +31,7 @@ EVAL_ARTIFACT = "evaluation/eval.parquet"  # each version's per-example evaluati
 
 def version_url(cfg: Config, name: str, version: str) -> str:
     """The model version's page in the MLflow UI (the local `mlflow ui` for a SQLite store)."""
-    return f"{ui_base(cfg)}/#/models/{name}/versions/{version}"
+    return f"{ui_base(cfg)}/#/models/{name}/versions/{version}?{TRAINING_VIEW}"
 
 
 def gate(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
@@ -185,6 +185,15 @@ def description(stages: dict, run_id: str) -> str:
             + f"; better on {m['better']}, worse on {m['worse']} examples (by ROUGE-L).")
 
 
+def model_description(stages: dict) -> str:
+    """The registered model's description: what its versions do and how to use them."""
+    return (f"LoRA adapters on {stages['base']['name']} that write an e-commerce product description from a product "
+            "title, fine-tuned and evaluated by desctune's finetune flow. Each version is a pyfunc model: input a "
+            "`title` column, output the description. @champion is the version in use (it beat the base and the "
+            "previous champion on the registry metric, significantly); @challenger is the newest. Scores in each "
+            "version's description: BLEU and chrF++ 0-100, ROUGE-L 0-1.")
+
+
 def same_model(c, name: str, adapter_sha256: str, test_sha256: str, eval_config: str):
     """The version that already holds this adapter, evaluated on the same test records with the same settings."""
     from mlflow.exceptions import MlflowException
@@ -269,6 +278,8 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         shutil.copyfile(stages["evaluate"]["eval_path"], Path(tmp) / filename)
         c.log_artifact(run_id, str(Path(tmp) / filename), artifact_path=folder)
     c.update_model_version(name, version, description=description(stages, run_id))
+    if not c.get_registered_model(name).description:
+        c.update_registered_model(name, description=model_description(stages))
     champion = get_alias(c, name, CHAMPION)
     champion_value, interval = None, None
     if champion is not None:
@@ -281,6 +292,9 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         set_champion(c, name, version, "finetune flow", f"metric gate: {why}")
     aliases = sorted(c.get_model_version(name, version).aliases)
     c.set_tag(run_id, "desctune.model_version", f"{name}/{version}")
+    note = c.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    c.set_tag(run_id, "mlflow.note.content", f"{note}\n\nRegistered as {name} version {version} "
+                                             f"(@{', @'.join(aliases)}): {why}.".strip())
     return {
         "name": name, "version": version, "aliases": aliases, "promoted": promoted, "unchanged": False,
         "decision": why,

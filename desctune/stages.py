@@ -19,14 +19,14 @@ from desctune.files import stage_dir
 # Modules every stage depends on, and each stage's own core modules (with everything they import from desctune).
 COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages")
 _EVALUATE = ("desctune.evaluate", "desctune.significance", "desctune.inference", "desctune.models", "desctune.tokenize",
-             "desctune.ingest", "desctune.clean")
+             "desctune.ingest", "desctune.clean", "desctune.progress")
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "ingest": ("desctune.ingest",),
     "clean": ("desctune.clean", "desctune.ingest"),
     "sample": ("desctune.sample",),
     "tokenize": ("desctune.tokenize", "desctune.models"),
     "train": ("desctune.train", "desctune.memory", "desctune.trainops", "desctune.models", "desctune.tokenize",
-              "desctune.stagelock", "desctune.tracking"),
+              "desctune.stagelock", "desctune.tracking", "desctune.progress"),
     "evaluate": _EVALUATE,
     "evaluate-model": _EVALUATE,
     "evaluate-champion": _EVALUATE,

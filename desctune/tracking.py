@@ -13,6 +13,11 @@ from mlflow.tracking import MlflowClient
 from desctune.config import Config
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+# MLflow 3's UI opens experiments in its GenAI view. The experiment says it is classic model development (the kind
+# MLflow's own experiment-type selector sets), and every link desctune prints or publishes asks for the model-training
+# view, since the UI keeps one view for all experiments (the browser's last choice, GenAI by default).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -44,12 +49,15 @@ def experiment_id(cfg: Config) -> str:
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.registry.experiment)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if tracking_uri(cfg).startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
         location = (Path(cfg.artifacts_dir).resolve() / "mlruns").as_uri()
     try:
-        return c.create_experiment(cfg.registry.experiment, artifact_location=location)
+        return c.create_experiment(cfg.registry.experiment, artifact_location=location,
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         return c.get_experiment_by_name(cfg.registry.experiment).experiment_id
 
@@ -61,7 +69,8 @@ def ui_base(cfg: Config) -> str:
 
 
 def run_url(cfg: Config, run_id: str) -> str:
-    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs/{run_id}"
+    """The run's page in the MLflow UI, in its model-training view."""
+    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def mlflow_sink(run_id: str | None, uri: str | None) -> tuple[Callable[[dict], None], Callable[[dict, int], None]]:

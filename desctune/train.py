@@ -429,6 +429,7 @@ def train_adapter(
     log_params: Callable[[dict], None] = lambda params: None,
     log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
     on_checkpoint: Callable[[int, Path], None] | None = None,
+    progress_seconds: float = 20.0,
 ) -> dict:
     """Train (or resume) the LoRA adapter; writes out_dir/adapter (safetensors, tokenizer, desctune.json) and loss.png.
 
@@ -439,6 +440,7 @@ def train_adapter(
     from transformers import get_scheduler
 
     from desctune.models import compute_dtype, load_tokenizer, resolve_device
+    from desctune.progress import Progress
 
     out_dir = start_stage(out_dir, logger)
     t = cfg.train
@@ -494,6 +496,8 @@ def train_adapter(
 
     model.train()
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    progress = Progress(logger, "train step", steps, "step", every=progress_seconds, start=start_step)
+    recent = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
     accum: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     first = True
@@ -533,13 +537,19 @@ def train_adapter(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         step = state["step"]
+        for key, value in (("loss", loss), ("steps", 1), ("tokens", n_tokens)):
+            recent[key] += value
+        if progress.due(step):
+            rate = recent["tokens"] / max(time.perf_counter() - recent["t0"], 1e-9)
+            progress.update(step, f"loss {recent['loss'] / recent['steps']:.4f}, lr {lr:.2e}", f"{rate:.0f} tokens/s")
+            recent = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         if step % t.logging_steps == 0 or step == 1 or step == steps:
             seconds = max(time.perf_counter() - window["t0"], 1e-9)
             row = {"step": step, "loss": window["loss"] / window["steps"], "learning_rate": lr,
                    "tokens_per_s": window["tokens"] / seconds,
                    "supervised_tokens_per_s": window["supervised"] / seconds}
             state["history"].append(row)
-            log_metrics({f"train_{k}" if k != "loss" else "train_loss": v for k, v in row.items() if k != "step"}, step)
+            log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step)
             window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
         if step % t.save_steps == 0 and step < steps:
             path = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, scaler, device)
@@ -548,7 +558,9 @@ def train_adapter(
     bar.close()
     uncompile_layers(model)  # the validation pass runs without gradients: eager beats compiling a second graph
 
+    logger.info("validation loss on %d examples ...", len(val_ex))
     val_loss = mean_loss(model, val_ex, t.batch_size, pad_id, device, p)
+    logger.info("validation loss %.4f after %d steps", val_loss, state["step"])
     adapter = out_dir / "adapter"
     with atomic_dir(adapter) as tmp:
         model.save_pretrained(tmp)
@@ -564,7 +576,7 @@ def train_adapter(
     loss_plot = plot_loss(history, out_dir / "loss.png", logger) if history else None
     seconds = max(state["seconds"], 1e-9)
     peak = peak_memory_mb(device)
-    log_metrics({"val_loss": val_loss, "train_peak_memory_mb": peak}, state["step"])
+    log_metrics({"train/val_loss": val_loss, "train/peak_memory_mb": peak}, state["step"])
     return {
         "adapter_path": str(adapter),
         "adapter_sha256": dir_sha256(adapter),

@@ -14,7 +14,7 @@ from desctune.config import EvalConfig
 from desctune.errors import AdapterError
 from desctune.evaluate import evaluate_adapter, guard_adapter
 from desctune.stages import stage_folder
-from tasks.stage import stage_cache
+from tasks.stage import run_logger, stage_cache
 
 
 def publish(result: dict, key: str = "evaluation") -> None:
@@ -42,7 +42,8 @@ def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -
     """Evaluate the trained adapter on the test split and refuse one with no effect (publishing the report first, so
     a refused run shows why). Cached on the adapter's and the test split's content and the evaluation settings."""
     out_dir = stage_folder(artifacts_dir, "evaluate", trained["adapter_sha256"], splits["test"]["sha256"], cfg)
-    result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir, True)
+    result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir, True,
+                              logger=run_logger())
     try:
         guard_adapter(result["adapter_status"], result["metrics"]["identical_outputs"])
     except AdapterError:
@@ -61,6 +62,6 @@ def report(evaluated: dict) -> None:
 def evaluate_model(model: dict, cleaned: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
     """Evaluate a registered model version (and its base) on a cleaned dataset and publish the report."""
     out_dir = stage_folder(artifacts_dir, "evaluate-model", model["adapter_sha256"], cleaned["sha256"], cfg)
-    result = evaluate_adapter(model["adapter_path"], cleaned["path"], cfg, artifacts_dir, out_dir)
+    result = evaluate_adapter(model["adapter_path"], cleaned["path"], cfg, artifacts_dir, out_dir, logger=run_logger())
     publish(result, key="champion-evaluation")
     return result

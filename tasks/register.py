@@ -55,10 +55,24 @@ def register(cfg: Config, run_id: str, stages: dict) -> dict:
     log_results(cfg, run_id, stages)
     registered = register_serialized(cfg, run_id, stages, flow_run_tags())
     client(cfg).set_terminated(run_id, "FINISHED")
-    create_link_artifact(registered["run_url"], link_text=f"MLflow run {run_id}", key="mlflow-run")
-    create_link_artifact(registered["version_url"], link_text=f"{registered['name']} version {registered['version']}",
-                         key="model-version")
+    name, version = registered["name"], registered["version"]
+    create_link_artifact(registered["run_url"], link_text=f"MLflow run {run_id}", key="mlflow-run",
+                         description="This flow run's MLflow run: its config as params, datasets with digests, "
+                                     "training curves, evaluation scores and reports, and the logged model.")
+    create_link_artifact(registered["version_url"], link_text=f"{name} version {version}", key="model-version",
+                         description=f"The model version this flow run registered ({decision_words(registered)}), "
+                                     "with its description, lineage tags and aliases.")
+    run_logger().info("registered %s version %s (%s)", name, version, decision_words(registered))
     return registered
+
+
+def decision_words(registered: dict) -> str:
+    """`@challenger because …`, `@champion because …` or `unchanged …`: the registry's decision in a few words."""
+    why = registered["decision"]
+    if registered.get("unchanged"):
+        return why
+    alias = "@champion" if registered["promoted"] else "@challenger"
+    return f"{alias} because {why.split(': ', 1)[-1]}"
 
 
 @task(name="resolve-model", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
@@ -73,5 +87,7 @@ def log_evaluation_run(cfg: Config, model: dict, raw: dict, cleaned: dict, resul
     from prefect.artifacts import create_link_artifact
 
     logged = log_evaluation(cfg, model, raw, cleaned, result, flow_run_tags())
-    create_link_artifact(logged["run_url"], link_text=f"MLflow evaluation run of {logged['model']}", key="mlflow-run")
+    create_link_artifact(logged["run_url"], link_text=f"MLflow evaluation run of {logged['model']}", key="mlflow-run",
+                         description=f"The MLflow run of this evaluation of {logged['model']}: scores with their 95% "
+                                     "intervals (BLEU and chrF++ 0-100, ROUGE-L 0-1), datasets and reports.")
     return logged

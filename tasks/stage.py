@@ -109,13 +109,27 @@ def report_counts(title: str, rows: list[dict], key: str) -> None:
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200"
 
 
+def prefect_ui_url() -> str:
+    """The UI of the Prefect server this process reports to: PREFECT_UI_URL (derived by Prefect from PREFECT_API_URL),
+    else the API URL of the run's own client, else (an ephemeral server, which has no UI) the default local one."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import PREFECT_UI_URL
+
+    if PREFECT_UI_URL.value():
+        return PREFECT_UI_URL.value().rstrip("/")
+    ctx = TaskRunContext.get() or FlowRunContext.get()
+    api = str(getattr(getattr(ctx, "client", None), "api_url", "") or "").rstrip("/")
+    if api.startswith("http") and "ephemeral" not in api:
+        return api.removesuffix("/api")
+    return LOCAL_PREFECT_UI
+
+
 def flow_run_tags() -> dict:
     """The current Prefect flow run's id, name and UI link, as MLflow lineage tags (empty outside a flow run)."""
     from prefect.runtime import flow_run
-    from prefect.settings import PREFECT_UI_URL
 
     if not flow_run.id:
         return {}
-    ui = PREFECT_UI_URL.value() or LOCAL_PREFECT_UI
+    ui = prefect_ui_url()
     return {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name or "",
             "prefect.flow_run_url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}"}

@@ -3,6 +3,8 @@ its metrics into the flow run's MLflow run and its progress into the Prefect run
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -45,7 +47,8 @@ def train(
     log_params, log_metrics = mlflow_sink(run_id, tracking_uri)
 
     def run() -> dict:
-        result = train_adapter(tokens, base, cfg, out_dir, run_logger(), log_params, log_metrics)
+        result = train_adapter(tokens, base, cfg, out_dir, run_logger(), log_params, log_metrics,
+                               progress_seconds=float(os.environ.get("DESCTUNE_PROGRESS_SECONDS", "20")))
         return result | {"mlflow_run_id": run_id}
 
     return exclusive(out_dir, run)

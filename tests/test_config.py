@@ -48,3 +48,15 @@ def test_generation_requests_are_bounded():
         load_config(None, [f"eval.max_new_tokens={MAX_NEW_TOKENS + 1}"])
     with pytest.raises(ConfigError, match="batch_size"):
         EvalConfig().updated(batch_size=100_000)
+
+
+def test_the_schedule_and_attention_are_choices_and_optional_numbers_open_as_numbers():
+    schema = Config.model_json_schema()["$defs"]
+    assert "cosine" in schema["TrainConfig"]["properties"]["lr_scheduler"]["enum"]
+    assert schema["ModelConfig"]["properties"]["attn_implementation"]["enum"] == ["sdpa", "eager", "flash_attention_2"]
+    max_records = schema["DataConfig"]["properties"]["max_records"]
+    assert "default" not in max_records and max_records["anyOf"][0]["type"] == "integer"
+    assert max_records["anyOf"][-1] == {"type": "null"}
+    assert load_config(None, ["data.max_records=null"]).data.max_records is None
+    with pytest.raises(ConfigError, match="lr_scheduler"):
+        load_config(None, ["train.lr_scheduler=cosine_annealing"])

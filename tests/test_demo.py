@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from streamlit.testing.v1 import AppTest
 
+from app.demo_logic import rate_line
 from conftest import SAMPLE, head_records, tiny_config
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "demo_page.py")
@@ -134,7 +135,7 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     assert "Adapter loaded, active and non-zero" in at.success[0].value
     report = run_report(cfg, version)
     assert at.selectbox(key="example").options == report["title"].tolist()
-    assert len(at.get("vega_lite_chart")) == 2
+    assert len(at.get("vega_lite_chart")) == 3  # BLEU, ROUGE-L, chrF++, each with its scale
     shown = at.dataframe[0].value
     assert shown.loc["fine-tuned", "ROUGE-L"] == pytest.approx(float(version.tags["metric.finetuned_rougeL"]))
     assert shown.loc["base", "BLEU"] == pytest.approx(float(version.tags["metric.base_bleu"]))
@@ -152,15 +153,19 @@ def test_generate_puts_base_and_finetuned_side_by_side_as_evaluated(registered, 
     assert at.text_input(key="title").value == row["title"]
     at.button[0].click().run()
     assert not at.exception
-    title, base, tuned = at.session_state.outputs
+    outputs = at.session_state.outputs
+    title, base, tuned = outputs["title"], outputs["base"], outputs["finetuned"]
     assert (title, base, tuned) == (row["title"], row["base_output"], row["finetuned_output"])
+    assert outputs["done"] == ["base", "finetuned"] and all(outputs["stats"][m][0] > 0 for m in ("base", "finetuned"))
+    assert [c.value for c in at.caption if "tokens/s" in c.value][:2] == [
+        rate_line(*outputs["stats"][m]) for m in ("base", "finetuned")]
     assert base != tuned
     assert [t.value for t in at.text] == [base or "(empty output)", tuned or "(empty output)", row["reference"]]
     assert not at.error
 
     at.radio[0].set_value("sample").run()
     at.button[0].click().run()
-    _, sampled_base, sampled_tuned = at.session_state.outputs
+    sampled_base, sampled_tuned = at.session_state.outputs["base"], at.session_state.outputs["finetuned"]
     assert sampled_base and sampled_tuned and sampled_base != sampled_tuned
 
 
@@ -178,7 +183,7 @@ def test_all_zero_adapter_is_a_red_error_and_identical_outputs_too(registered, t
     at.text_input(key="title").input("Stainless Steel Electric Kettle 1.7 L").run()
     at.radio[0].set_value("sample").run()
     at.button[0].click().run()
-    _, base, tuned = at.session_state.outputs
+    base, tuned = at.session_state.outputs["base"], at.session_state.outputs["finetuned"]
     assert base == tuned
     assert at.error[-1].value.startswith("The base and fine-tuned outputs are identical")
 
@@ -268,3 +273,28 @@ def test_adapter_problems_name_each_way_the_finetuned_column_could_be_the_base(r
     assert adapter_problems(working, same) == [
         "The fine-tuned outputs equal the base outputs on 100% of examples (limit 90%): the adapter has no effect."
     ]
+
+
+def test_the_stream_grows_token_by_token_ends_as_side_by_side_and_stops_when_asked(registered):
+    import threading
+
+    from app.demo_logic import Settings, side_by_side, stream
+    from desctune.inference import load_adapter_model
+
+    _, cfg, version = registered
+    adapter = Path(cfg.artifacts_dir) / "registry" / cfg.registry.model_name / str(version.version) / "artifacts" / "adapter"
+    model, tokenizer, meta = load_adapter_model(adapter, cfg.artifacts_dir)
+    title, settings = "Stainless Steel Electric Kettle 1.7 Litre", Settings(max_new_tokens=24)
+    expected = side_by_side(model, tokenizer, title, meta["system_prompt"], settings)
+    for adapter_on, want in ((False, expected[0]), (True, expected[1])):
+        steps = list(stream(model, tokenizer, title, meta["system_prompt"], settings, adapter=adapter_on))
+        texts, tokens = [s[0] for s in steps], [s[1] for s in steps]
+        assert texts[-1] == want and len(set(texts)) > 2  # it arrived in pieces
+        assert tokens == sorted(tokens) and 0 < tokens[-1] <= 24 and steps[-1][2] > 0
+
+    stop = threading.Event()
+    chunks = stream(model, tokenizer, title, meta["system_prompt"], Settings(max_new_tokens=200), True, stop)
+    next(chunks)
+    stop.set()
+    *_, (_, tokens, _) = chunks
+    assert tokens < 200

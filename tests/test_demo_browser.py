@@ -1,8 +1,10 @@
 """The demo in a real browser: `desctune demo` serves the page on a free loopback port, headless Chromium (Debian's
-chromium + chromium-driver, never a downloaded browser) types a title, generates, and finds both columns filled."""
+chromium + chromium-driver, never a downloaded browser) types a title, generates, and finds both columns filled by
+the stream, each with its tokens/s; the screen is kept as docs/screens/demo.png for the README."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_demo import registered_model
 
-from conftest import free_port
+from conftest import ROOT, free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -23,6 +25,18 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
 )
 TITLE = "Stainless Steel Electric Kettle 1.7 Litre with Auto Shut-Off"
+SCREENS = ROOT / "docs" / "screens"
+
+
+def save_screen(driver, name: str) -> Path:
+    """The browser's viewport as a small PNG (64-colour palette) in docs/screens/, for the README."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    path = SCREENS / f"{name}.png"
+    image.quantize(colors=64).save(path, optimize=True)
+    return path
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -81,6 +95,7 @@ def browser(tmp_path):
 
 def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, tmp_path):
     """On failure the page is kept as failure.png and failure.html in the test's temp folder."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -103,9 +118,21 @@ def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, t
         generate.click()
         base, tuned = (wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, f".st-key-{key}")))
                        for key in ("base_output", "finetuned_output"))
+        # both columns streamed to the end: each shows its tokens, time and tokens/s, and no typing cursor is left
+        def streamed_to_the_end(d) -> bool:
+            rates = [e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')]
+            texts = [d.find_element(By.CSS_SELECTOR, f".st-key-{k}").text for k in ("base_output", "finetuned_output")]
+            return sum("tokens/s" in r for r in rates) >= 2 and all(t.strip() and "▌" not in t for t in texts)
+
+        wait.until(streamed_to_the_end)
+        base, tuned = (browser.find_element(By.CSS_SELECTOR, f".st-key-{k}") for k in ("base_output", "finetuned_output"))
+        charts = ".vega-embed canvas, .vega-embed svg.marks"
+        try:  # the evaluation charts below, for the screenshot; they are tested without a browser (test_demo.py)
+            WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, charts)) >= 3)
+        except TimeoutException:
+            pass
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", base)
-        shot = tmp_path / "demo.png"
-        browser.save_screenshot(str(shot))
+        shot = save_screen(browser, "demo")
         print(f"screenshot: {shot}")
         assert base.text.strip() and tuned.text.strip()
         assert "(empty output)" not in (base.text, tuned.text)

@@ -56,11 +56,19 @@ def test_flow_registers_a_version_with_metrics_and_aliases(two_runs):
     reg = first.result()["register"]
     version = client.get_model_version(cfg.registry.model_name, reg["version"])
     run = client.get_run(version.run_id)
-    for key in ("base_bleu", "base_rougeL", "finetuned_bleu", "finetuned_rougeL", "records_kept", "val_loss"):
+    for key in ("eval/base_bleu", "eval/base_rougeL", "eval/finetuned_bleu", "eval/finetuned_rougeL",
+                "data/records_kept", "train/val_loss"):
         assert key in run.data.metrics
+    # every metric is logged once: series at their training steps, single values once
+    last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    [val] = client.get_metric_history(run.info.run_id, "train/val_loss")
+    assert val.step == last > 0
+    for key in run.data.metrics:
+        if not key.startswith("train/") or key in ("train/val_loss", "train/peak_memory_mb"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"raw", "clean", "train", "test"}
     challenger = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
     assert str(challenger.version) == second.result()["register"]["version"]

@@ -201,7 +201,7 @@ def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registr
     assert run.info.status == "FINISHED"
     assert run.data.tags["desctune.model_version"].startswith(f"{name} version {champion}")
     assert run.data.tags["prefect.flow_run_id"]
-    assert run.data.metrics["eval_n"] == 3 and "finetuned_rougeL" in run.data.metrics
+    assert run.data.metrics["eval/n"] == 3 and "eval/finetuned_rougeL" in run.data.metrics
     inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"eval-raw", "eval"} and '"num_rows": 10' in inputs["eval-raw"].profile
     assert c.get_model_version(name, champion).tags["last_evaluation_run"] == run.info.run_id

@@ -220,7 +220,7 @@ async def run_details(api_url: str, flow_run_id) -> tuple[set[str], dict[str, st
 
 def test_deployments_carry_the_profiles_the_schedules_and_the_servers(served):
     finetune = asyncio.run(read_deployment(served.api_url, "finetune/finetune"))
-    assert finetune.parameters["config"] == json.loads(load_config(ROOT / "configs/cpu.yaml").model_dump_json())
+    assert finetune.parameters["config"] == load_config(ROOT / "configs/cpu.yaml").model_dump(mode="json", exclude_none=True)
     assert "config" in finetune.parameter_openapi_schema["properties"]
     assert finetune.work_pool_name == "desctune-local" and not finetune.schedules
     assert not finetune.job_variables  # the pool's template pins them (deployments/process-job-template.json)
@@ -235,7 +235,7 @@ def test_deployments_carry_the_profiles_the_schedules_and_the_servers(served):
     assert automation.enabled and automation.trigger.within.total_seconds() == window
     assert automation.actions[0].message.startswith(f"No heartbeat for {window} s:")
     weekly = asyncio.run(read_deployment(served.api_url, "finetune/retrain-weekly"))
-    gpu = json.loads(load_config(ROOT / "configs/gpu-tinyllama.yaml").model_dump_json())
+    gpu = load_config(ROOT / "configs/gpu-tinyllama.yaml").model_dump(mode="json", exclude_none=True)
     assert weekly.parameters["config"] == gpu
     assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
 
@@ -473,7 +473,8 @@ def test_prefect_yaml_parameters_are_the_profiles_and_missing_entrypoints_are_sk
     spec = load_spec()
     by_name = {d["name"]: d for d in spec["deployments"]}
     for name, profile in (("finetune", "cpu.yaml"), ("retrain-weekly", "gpu-tinyllama.yaml")):
-        expected = json.loads(load_config(ROOT / "configs" / profile).model_dump_json())
+        # None-valued fields are left out, so the UI's form opens them empty (they take the model's default, None)
+        expected = load_config(ROOT / "configs" / profile).model_dump(mode="json", exclude_none=True)
         assert by_name[name]["parameters"]["config"] == expected
     assert by_name["evaluate-champion"]["entrypoint"] == "flows/evaluate_champion.py:evaluate_champion"
     (tmp_path / "flows").mkdir()

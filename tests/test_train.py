@@ -239,10 +239,13 @@ def test_streams_loss_lr_speed_and_memory_to_mlflow(tmp_path, tiny_model_dir, ti
     log_params, log_metrics = mlflow_sink(run_id, uri)
     result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out",
                            log_params=log_params, log_metrics=log_metrics)
-    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 4, 6]
-    for name in ("train_learning_rate", "train_tokens_per_s", "train_supervised_tokens_per_s"):
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 4, 6]
+    for name in ("train/learning_rate", "train/tokens_per_s", "train/supervised_tokens_per_s"):
         assert len(client.get_metric_history(run_id, name)) == 4
     data = client.get_run(run_id).data
-    assert data.metrics["train_peak_memory_mb"] > 0 and data.metrics["val_loss"] == pytest.approx(result["val_loss"])
+    assert data.metrics["train/peak_memory_mb"] > 0
+    # the validation loss is one point at the last step, not a second one at step 0 (a flat line in the chart)
+    [val] = client.get_metric_history(run_id, "train/val_loss")
+    assert val.step == 6 and val.value == pytest.approx(result["val_loss"])
     assert data.params["train_plan.steps"] == "6" and data.params["train_plan.device"] == "cpu"
     assert Path(result["loss_plot"]).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,185 @@
+"""`desctune serve` on non-default ports, seen through its UIs in headless Chromium (Debian's chromium and
+chromium-driver): the Prefect UI reaches its own API (no "Can't connect" banner) and lists the three deployments,
+with the schedules that cannot run here paused and said so; a finetune run's link artifact opens the MLflow run it
+names; the model version's page shows its description and the flow run's link on the served port. Each test keeps
+the screens the README shows under docs/screens/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser, save_screen  # noqa: F401  (the browser fixture)
+
+from conftest import ROOT, SAMPLE, head_records, tiny_config
+from test_servers import READY_TIMEOUT, Served, read_deployment, serve_env, trigger_and_wait
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+)
+MODEL = "tiny-ui"
+CANT_CONNECT = "Can't connect"
+
+
+def page_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_for_text(driver, *texts: str, timeout: float = 60) -> str:
+    """The page's text once it shows every one of `texts`; fails naming the ones missing (and a Prefect banner)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: all(t in page_text(d) for t in texts))
+    except TimeoutException:
+        body = page_text(driver)
+        pytest.fail(f"{driver.current_url} never showed {[t for t in texts if t not in body]}: {body[:1500]}")
+    return page_text(driver)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-ui")
+    env = serve_env("sqlite", tmp / "prefect-home", [])
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the test session's WARNING would hide the runs' progress lines
+    served = Served(tmp, env)
+    assert {served.prefect_port, served.mlflow_port}.isdisjoint({4200, 5000})
+    served.wait_ready(READY_TIMEOUT)
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def finetuned(stack, tiny_model_dir, tmp_path_factory):
+    """One tiny finetune run through the served deployment, completed."""
+    tmp = tmp_path_factory.mktemp("ui-run")
+    records = head_records(SAMPLE, tmp / "records.jsonl", 30)
+    cfg = tiny_config(tmp, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
+                      registry={"model_name": MODEL})
+    [run] = asyncio.run(trigger_and_wait(stack.api_url, "finetune/finetune", {"config": json.loads(cfg.model_dump_json())}, 1))
+    assert run.state.name == "Completed", (run.state.message, stack.artifacts / "serve-logs" / "worker.log")
+    return run
+
+
+async def newest_logs(api_url: str, flow_run_id) -> list[str]:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    async with PrefectClient(api_url) as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                      sort=LogSort.TIMESTAMP_DESC, limit=200)
+    return [log.message for log in logs]
+
+
+def wait_for_log(api_url: str, flow_run_id, match, timeout: float = 30) -> list[str]:
+    """The run's log lines that `match`, waiting for its last lines to reach the server (they are sent in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [m for m in asyncio.run(newest_logs(api_url, flow_run_id)) if match(m)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+async def read_link_artifacts(api_url: str, flow_run_id) -> dict:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with PrefectClient(api_url) as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.key in ("mlflow-run", "model-version")}
+
+
+def test_the_prefect_ui_on_another_port_reaches_its_api_lists_the_deployments_and_unrunnable_schedules_are_paused(
+        stack, browser):  # noqa: F811
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.prefect_port}/ui-settings", timeout=10) as r:
+        assert json.load(r)["api_url"] == stack.api_url
+    said = stack.new_output()
+    assert "retrain-weekly schedule paused: " in said and "data/trn.json is not there" in said
+    assert "evaluate-champion schedule paused: no desctune-smollm2@champion in the registry yet" in said
+    for name in ("finetune/retrain-weekly", "evaluate-champion/evaluate-champion"):
+        deployment = asyncio.run(read_deployment(stack.api_url, name))
+        assert deployment.schedules and not any(s.active for s in deployment.schedules), name
+    import inspect
+
+    from flows.evaluate_champion import evaluate_champion
+
+    assert (ROOT / inspect.signature(evaluate_champion.fn).parameters["dataset"].default).is_file()
+
+    browser.get(f"http://127.0.0.1:{stack.prefect_port}/deployments")
+    body = wait_for_text(browser, "3 Deployments", "finetune", "retrain-weekly", "evaluate-champion")
+    assert CANT_CONNECT not in body
+    save_screen(browser, "prefect-deployments")
+
+    finetune = asyncio.run(read_deployment(stack.api_url, "finetune/finetune"))
+    browser.get(f"http://127.0.0.1:{stack.prefect_port}/deployments/deployment/{finetune.id}/run")
+    body = wait_for_text(browser, "Parameters", "Artifacts Dir", "Uid Field", "Max Records", "Lr Scheduler")
+    assert CANT_CONNECT not in body
+    assert 'Property is type "None"' not in body  # optional numbers open as empty number boxes
+    save_screen(browser, "prefect-run-form")
+
+
+def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_description_and_flow_run(
+        stack, finetuned, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    run = finetuned
+    links = asyncio.run(read_link_artifacts(stack.api_url, run.id))
+    assert set(links) == {"mlflow-run", "model-version"}
+    assert all(a.description for a in links.values())
+    mlflow = MlflowClient(stack.mlflow_url, registry_uri=stack.mlflow_url)
+    [version] = mlflow.search_model_versions(f"name = '{MODEL}'")
+    flow_run_url = f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/{run.id}"
+    assert version.tags["prefect.flow_run_url"] == flow_run_url
+    tracked = mlflow.get_run(version.run_id)
+    assert f"{stack.mlflow_url}/#/experiments/{tracked.info.experiment_id}/runs/{tracked.info.run_id}" in \
+        links["mlflow-run"].data
+    assert f"{stack.mlflow_url}/#/models/{MODEL}/versions/{version.version}" in links["model-version"].data
+    experiment = mlflow.get_experiment(tracked.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "product description" in mlflow.get_registered_model(MODEL).description
+    tags = tracked.data.tags
+    assert tags["mlflow.source.name"] == flow_run_url and tags["mlflow.source.type"] == "JOB"
+    assert "LoRA fine-tuning" in tags["mlflow.note.content"] and f"Registered as {MODEL} version" in \
+        tags["mlflow.note.content"]
+    closing = f"registered {MODEL} version {version.version} (@"
+    assert wait_for_log(stack.api_url, run.id, lambda m: m.startswith(closing)), closing
+    trained = wait_for_log(stack.api_url, run.id, lambda m: m.startswith("train step "))
+    assert trained and all("tokens/s" in m and "elapsed" in m for m in trained), trained
+    assert any(m.startswith("train step 1/") for m in trained) and any(m.endswith("done") for m in trained)
+    for model in ("base", "fine-tuned"):
+        assert wait_for_log(stack.api_url, run.id, lambda m, model=model: m.startswith(f"evaluate: {model} model"))
+
+    browser.get(flow_run_url)
+    body = wait_for_text(browser, run.name, "Completed")
+    assert CANT_CONNECT not in body
+    save_screen(browser, "prefect-flow-run")
+
+    # The Prefect artifact page renders the link; following it lands on the MLflow run it names.
+    browser.get(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{links['mlflow-run'].id}")
+    wait_for_text(browser, f"MLflow run {tracked.info.run_id}")
+    anchor = browser.find_element(By.PARTIAL_LINK_TEXT, f"MLflow run {tracked.info.run_id}")
+    assert anchor.get_attribute("href").endswith("?workflowType=machine_learning")
+    browser.get(anchor.get_attribute("href"))
+    wait_for_text(browser, run.name, "Description", "Source")
+    save_screen(browser, "mlflow-run")
+    # the experiment opens on its training runs (MLflow's model-training view), not on the GenAI overview
+    browser.get(f"{stack.mlflow_url}/#/experiments/{tracked.info.experiment_id}?workflowType=machine_learning")
+    wait_for_text(browser, "Model registry", run.name)
+    assert "/runs" in browser.current_url and "Tool calls" not in page_text(browser)
+
+    browser.get(links["model-version"].data.split("](", 1)[1].rstrip(")"))
+    assert browser.current_url.endswith("?workflowType=machine_learning")
+    wait_for_text(browser, f"Version {version.version}", "writes a product description", "prefect.flow_run_url",
+                  flow_run_url)
+    save_screen(browser, "mlflow-model-version")
