@@ -280,9 +280,12 @@ def test_the_stream_grows_token_by_token_ends_as_side_by_side_and_stops_when_ask
 
     from app.demo_logic import Settings, side_by_side, stream
     from desctune.inference import load_adapter_model
+    from desctune.modelref import resolve
+    from desctune.tracking import tracking_uri
 
     _, cfg, version = registered
-    adapter = Path(cfg.artifacts_dir) / "registry" / cfg.registry.model_name / str(version.version) / "artifacts" / "adapter"
+    adapter = resolve(f"models:/{cfg.registry.model_name}/{version.version}", tracking_uri(cfg),
+                      cfg.artifacts_dir).adapter_dir
     model, tokenizer, meta = load_adapter_model(adapter, cfg.artifacts_dir)
     title, settings = "Stainless Steel Electric Kettle 1.7 Litre", Settings(max_new_tokens=24)
     expected = side_by_side(model, tokenizer, title, meta["system_prompt"], settings)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,11 +26,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
 )
 TITLE = "Stainless Steel Electric Kettle 1.7 Litre with Auto Shut-Off"
-SCREENS = ROOT / "docs" / "screens"
+# Where the screens go: a temporary folder, or docs/screens/ (the README's images) with DESCTUNE_SCREENS=docs/screens.
+SCREENS = Path(os.environ.get("DESCTUNE_SCREENS") or Path(tempfile.gettempdir()) / "desctune-screens")
 
 
 def save_screen(driver, name: str) -> Path:
-    """The browser's viewport as a small PNG (64-colour palette) in docs/screens/, for the README."""
+    """The browser's viewport as a small PNG (64-colour palette) in SCREENS (docs/screens/ for the README)."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
