@@ -66,32 +66,25 @@ def merge(adapter_dir: str | Path, artifacts_dir: str | Path, out_dir: Path) -> 
     """Fold the LoRA weights into the base and save the result, in the base's dtype, with the adapter's tokenizer and
     chat template: a folder that loads with transformers alone. Checks the merge on CHECK_TITLES first."""
     from desctune.config import ModelConfig
-    from desctune.inference import load_adapter_model
+    from desctune.inference import adapter_meta, load_adapter_model
 
-    model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir,
-                                                ModelConfig.model_validate({**meta_model(adapter_dir), "device": "cpu",
-                                                                            "quantization": "none"}))
+    cpu = ModelConfig.model_validate({**adapter_meta(adapter_dir)["config"]["model"], "device": "cpu",
+                                      "quantization": "none"})
+    model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir, cpu)
+    base_path = model.get_base_model().name_or_path  # the provisioned checkpoint the adapter was loaded on
     before = prompt_logits(model, tokenizer, meta["system_prompt"], CHECK_TITLES)
     merged = model.merge_and_unload()
     after = prompt_logits(merged, tokenizer, meta["system_prompt"], CHECK_TITLES)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
     if diff > MERGE_TOLERANCE:
         raise ExportError(f"the merged model's logits differ from the adapter model's by {diff:.2g}: not exported")
-    from desctune.models import provision
-
-    dtype = base_dtype(provision(meta["base_model"]["name"], artifacts_dir)["path"])
+    dtype = base_dtype(base_path)
     merged = merged.to(dtype)
     merged.config.pad_token_id = tokenizer.pad_token_id
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"dtype": str(dtype).removeprefix("torch."), "merge_max_logit_diff": diff}
-
-
-def meta_model(adapter_dir: str | Path) -> dict:
-    from desctune.inference import adapter_meta
-
-    return adapter_meta(adapter_dir)["config"]["model"]
 
 
 def modelfile(gguf_name: str, tokenizer, system_prompt: str, eval_settings: dict) -> str:
