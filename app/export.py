@@ -75,14 +75,14 @@ def attach(cfg, found, out: Path, manifest: dict) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from app.registry import _config
+    from app.runtime import config_from_args
     from desctune.errors import ExportError
     from desctune.export import check_request, export_adapter
     from desctune.modelcard import card
     from desctune.modelref import resolve
     from desctune.tracking import tracking_uri
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     check_request(args.format, args.quant, args.out)
     found = resolve(args.model, tracking_uri(cfg), cfg.artifacts_dir)
     if args.register and found.version is None:
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from app.registry import _common
+    from app.runtime import add_config_flags
 
     p = sub.add_parser("export", help="merge a model into its base and write it as a Hugging Face folder or GGUF")
     p.add_argument("--model", required=True, metavar="REF", help="models:/NAME@ALIAS, models:/NAME/VERSION or DIR")
@@ -112,5 +112,5 @@ def add_parser(sub) -> None:
     p.add_argument("--quant", metavar="f16|bf16|q8_0", help="GGUF weight type (default f16)")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder to write")
     p.add_argument("--register", action="store_true", help="attach the export to the registered version it came from")
-    _common(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_export)

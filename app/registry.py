@@ -12,16 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
-
-def _config(args: argparse.Namespace):
-    from desctune.config import load_config
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    return load_config(args.config, args.set)
+from app.runtime import add_config_flags, config_from_args
 
 
 def comparison_table(label: str, data_path: str, metrics: dict) -> str:
@@ -58,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from desctune.registry import resolve_model
     from desctune.stages import stage_folder
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     eval_cfg = cfg.eval.updated(limit=args.limit)
     if not Path(args.data).is_file():
         raise DataError(f"data file not found: {args.data}")
@@ -83,7 +76,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from desctune.registry import CHAMPION, current_user, get_alias, get_version, set_champion
     from desctune.tracking import client
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     c = client(cfg)
     version = str(get_version(c, args.name, args.version).version)
     previous = get_alias(c, args.name, CHAMPION)
@@ -101,16 +94,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from desctune.registry import current_user, rollback_champion
     from desctune.tracking import client
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     who = current_user()
     was, now = rollback_champion(client(cfg), args.name, who, args.reason)
     print(f"{args.name}: @champion rolled back from version {was} to version {now}, by {who}: {args.reason}")
     return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML profile (its artifacts_dir and registry section say which store)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field")
 
 
 def add_parser(sub) -> None:
@@ -119,18 +107,18 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, metavar="PATH", help="trn.json-style JSON Lines file (.gz ok)")
     p.add_argument("--limit", type=int, help="evaluate the first N usable records only (default: all)")
     p.add_argument("--out", metavar="metrics.json", help="write {n, base, finetuned} BLEU and ROUGE-L here")
-    _common(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("promote", help="make a model version the champion by hand (who and why go into tags)")
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--reason", default="promoted by hand", help="why (recorded in the version's tags)")
-    _common(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("rollback", help="move the champion back to the previous champion")
     p.add_argument("name")
     p.add_argument("--reason", default="rolled back by hand", help="why (recorded in the version's tags)")
-    _common(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_rollback)

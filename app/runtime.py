@@ -1,7 +1,9 @@
-"""What the commands share: where Prefect keeps its cached results, and keeping user errors to one line."""
+"""What the commands share: the --config/--set flags, where Prefect keeps its cached results, and keeping user
+errors to one line."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -34,9 +36,26 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """--config and --set, for the commands that read the registry a profile names."""
+    p.add_argument("--config", help="YAML profile (its artifacts_dir and registry section say which store)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The Config those flags give, with MLflow's and alembic's chatter kept below warnings."""
+    from desctune.config import load_config
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return load_config(args.config, args.set)
+
+
 def prefect_env(artifacts_dir: str) -> None:
-    """Keep Prefect's cached task results next to the artifacts they describe, so deleting one deletes both."""
+    """Keep Prefect's cached task results next to the artifacts they describe, so deleting one deletes both; give
+    Prefect's temporary API server more than its default 20 s to start, which busy cores can exceed."""
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(artifacts_dir).resolve() / "prefect-results"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 class HideUserErrors(logging.Filter):
