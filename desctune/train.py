@@ -420,6 +420,11 @@ def mean_loss(model, examples, batch_size: int, pad_id: int, device: str, p: Pla
     return total / max(count, 1)
 
 
+def new_window() -> dict:
+    """Sums over the optimizer steps since a line or a metric was last logged, and when that was."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
+
+
 def train_adapter(
     tokens: dict,
     base: dict,
@@ -497,8 +502,7 @@ def train_adapter(
     model.train()
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     progress = Progress(logger, "train step", steps, "step", every=progress_seconds, start=start_step)
-    recent = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
+    recent, window = new_window(), new_window()  # since the last progress line; since the last logged metrics
     accum: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     first = True
     for batch in loader:
@@ -532,17 +536,16 @@ def train_adapter(
         state["tokens"] += n_tokens
         state["supervised_tokens"] += n_sup
         state["seconds"] += time.perf_counter() - t0
-        for key, value in (("loss", loss), ("steps", 1), ("tokens", n_tokens), ("supervised", n_sup)):
-            window[key] += value
+        for w in (recent, window):
+            for key, value in (("loss", loss), ("steps", 1), ("tokens", n_tokens), ("supervised", n_sup)):
+                w[key] += value
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         step = state["step"]
-        for key, value in (("loss", loss), ("steps", 1), ("tokens", n_tokens)):
-            recent[key] += value
         if progress.due(step):
             rate = recent["tokens"] / max(time.perf_counter() - recent["t0"], 1e-9)
             progress.update(step, f"loss {recent['loss'] / recent['steps']:.4f}, lr {lr:.2e}", f"{rate:.0f} tokens/s")
-            recent = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+            recent = new_window()
         if step % t.logging_steps == 0 or step == 1 or step == steps:
             seconds = max(time.perf_counter() - window["t0"], 1e-9)
             row = {"step": step, "loss": window["loss"] / window["steps"], "learning_rate": lr,
@@ -550,7 +553,7 @@ def train_adapter(
                    "supervised_tokens_per_s": window["supervised"] / seconds}
             state["history"].append(row)
             log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step)
-            window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "t0": time.perf_counter()}
+            window = new_window()
         if step % t.save_steps == 0 and step < steps:
             path = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, scaler, device)
             if on_checkpoint is not None:
