@@ -1,13 +1,20 @@
-"""Create the `desctune-local` process work pool, deploy prefect.yaml's deployments to a running Prefect server and
-create (or rewrite) the automation that marks their runs Crashed when heartbeats stop (deployments/crashed_runs.py).
+"""Create a work pool (`desctune-local`, process, by default; `--pool-type docker|kubernetes` for the container
+pools), deploy prefect.yaml's deployments on it to a running Prefect server and create (or rewrite) the automation
+that marks their runs Crashed when heartbeats stop (deployments/crashed_runs.py).
 
 `desctune serve` calls `deploy`; against a server of your own run `python -m deployments.deploy` with
 PREFECT_API_URL and MLFLOW_TRACKING_URI set. Deployments whose entrypoint file is missing are skipped with a note,
 so one flow still in the making never blocks the others.
+
+Each pool's job template (deployments/<type>-job-template.json) pins what its flow runs execute and with which
+environment; its `{{ $VAR }}` placeholders are filled here from the environment when the pool is created (`ENV_DEFAULTS`
+says which have defaults, `OPTIONAL` which may be left unset). The container pools run the image built from
+docker/Dockerfile or docker/Dockerfile.cuda, whose flow code is at /opt/desctune.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -25,6 +32,26 @@ from deployments.schedules import blockers
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "desctune-local"
 TEMPLATE = Path(__file__).with_name("process-job-template.json")
+# Work pool type -> (pool name, base job template); prefect.yaml's deployments are on "{{ $DESCTUNE_WORK_POOL }}".
+POOLS = {
+    "process": (POOL, TEMPLATE),
+    "docker": ("desctune-docker", Path(__file__).with_name("docker-job-template.json")),
+    "kubernetes": ("desctune-kubernetes", Path(__file__).with_name("kubernetes-job-template.json")),
+}
+IMAGE_DIR = "/opt/desctune"  # where docker/Dockerfile* put the flow code: the container pools' pull step goes there
+# Container-pool settings with a default; the others the templates name must be set (or be OPTIONAL).
+ENV_DEFAULTS = {
+    "DESCTUNE_K8S_NAMESPACE": "desctune",
+    "DESCTUNE_K8S_SERVICE_ACCOUNT": "default",
+    "DESCTUNE_K8S_SECRET": "desctune-object-store",
+    "DESCTUNE_AWS_CREDENTIALS_FILE": str(Path("~/.aws/credentials").expanduser()),
+}
+# Left out of the job (the env entry, the dict key) when unset: not every object store needs an endpoint URL, and
+# the Docker worker picks the network itself when none is named.
+OPTIONAL = {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "DESCTUNE_DOCKER_NETWORK"}
+# DESCTUNE_DOCKER_GPUS: "all" gives a Docker pool's containers every GPU of the worker's machine (NVIDIA Container
+# Toolkit needed); "none" (the default) gives them none.
+DOCKER_GPUS = "DESCTUNE_DOCKER_GPUS"
 
 
 class DeployError(Exception):
@@ -44,36 +71,70 @@ def deployable(spec: dict, root: Path = ROOT) -> tuple[list[str], list[str]]:
     return ready, skipped
 
 
-def deploy_env(base: dict, project: Path, artifacts: Path, mlflow_uri: str) -> dict:
-    """The environment prefect.yaml's `{{ $VAR }}` placeholders are filled from."""
-    return {
+def deploy_env(base: dict, project: Path | str, artifacts: Path | str, mlflow_uri: str,
+               pool_type: str = "process") -> dict:
+    """The environment prefect.yaml's and the job template's `{{ $VAR }}` placeholders are filled from.
+
+    For a container pool the flow runs start in the image's copy of the code (IMAGE_DIR), whatever `project` is."""
+    if pool_type not in POOLS:
+        raise DeployError(f"unknown pool type {pool_type!r} (one of: {', '.join(POOLS)})")
+    env = {
         **base,
-        "DESCTUNE_PROJECT_DIR": str(project),
+        "DESCTUNE_PROJECT_DIR": str(project) if pool_type == "process" else IMAGE_DIR,
         "DESCTUNE_ARTIFACTS_DIR": str(artifacts),
         "MLFLOW_TRACKING_URI": mlflow_uri,
+        "DESCTUNE_WORK_POOL": POOLS[pool_type][0],
     }
+    if pool_type != "process":
+        env = {**ENV_DEFAULTS, **{k: v for k, v in env.items() if v}}
+    return env
 
 
-def job_template(env: dict) -> dict:
+PLACEHOLDER = re.compile(r"\{\{\s*\$(\w+)\s*\}\}")
+
+
+def job_template(env: dict, pool_type: str = "process") -> dict:
     """The pool's base job template with this machine's values filled into its `{{ $VAR }}` placeholders.
 
-    The template pins the flow-run command (the worker's own), the environment and the working directory: a
-    deployment or a flow run can set only `name`, `labels` and `stream_output`, and Prefect refuses any other job
+    The template pins the flow-run command (the worker's own), the environment and the working directory (for the
+    container pools also the image, the namespace, service account and Secret, or the credentials file): a
+    deployment or a flow run can set only the few variables the template declares, and Prefect refuses any other job
     variable (`additionalProperties: false`), so nobody who can trigger a run can choose what the worker executes."""
-    template = json.loads(TEMPLATE.read_text())
+    if pool_type not in POOLS:
+        raise DeployError(f"unknown pool type {pool_type!r} (one of: {', '.join(POOLS)})")
+    template = json.loads(POOLS[pool_type][1].read_text())
+    gone = object()
 
     def fill(value):
         if isinstance(value, dict):
-            return {k: fill(v) for k, v in value.items()}
+            filled = {k: fill(v) for k, v in value.items()}
+            return {k: v for k, v in filled.items() if v is not gone}
+        if isinstance(value, list):
+            return [v for v in map(fill, value) if v is not gone]
         if isinstance(value, str):
+            whole = PLACEHOLDER.fullmatch(value.strip())
+            if whole and whole[1] in OPTIONAL and not env.get(whole[1]):
+                return gone
+
             def var(m: re.Match) -> str:
                 if not env.get(m[1]):
-                    raise DeployError(f"the job template needs {m[1]} set")
+                    raise DeployError(f"the {pool_type} job template needs {m[1]} set")
                 return env[m[1]]
-            return re.sub(r"\{\{\s*\$(\w+)\s*\}\}", var, value)
+            return PLACEHOLDER.sub(var, value)
         return value
 
     template["job_configuration"] = fill(template["job_configuration"])
+    if pool_type == "docker":
+        gpus = env.get(DOCKER_GPUS, "none").strip().lower()
+        if gpus not in ("all", "none"):
+            raise DeployError(f"{DOCKER_GPUS} must be all or none, not {env[DOCKER_GPUS]!r}")
+        if gpus == "none":
+            template["job_configuration"]["container_create_kwargs"].pop("device_requests")
+    if pool_type == "kubernetes":
+        uri = env.get("MLFLOW_TRACKING_URI", "")
+        if re.match(r"^\w+://(localhost|127\.|\[::1\])", uri) or uri.startswith(("file:", "sqlite:", "/")):
+            raise DeployError(f"MLFLOW_TRACKING_URI {uri} is not reachable from a pod: name the MLflow server's "
+                              "address in the cluster (e.g. http://mlflow.desctune.svc:5000)")
     return template
 
 
@@ -118,22 +179,24 @@ def pause_unrunnable(spec: dict, names: list[str], root: Path, env: dict) -> tup
     return spec, paused
 
 
-def deploy(env: dict, root: Path = ROOT) -> Deployed:
+def deploy(env: dict, root: Path = ROOT, pool_type: str = "process") -> Deployed:
     """Create (or update) the work pool, deploy every deployable entry with the flow-run heartbeat in its
-    environment, then upsert the crashed-runs automation. A schedule whose runs could only fail on this machine
-    (no CUDA, no model, no data, nothing registered to evaluate) is deployed paused, with the reason."""
+    environment, then upsert the crashed-runs automation. On the process pool, a schedule whose runs could only fail
+    on this machine (no CUDA, no model, no data, nothing registered to evaluate) is deployed paused, with the
+    reason; a container pool's runs happen elsewhere, so its schedules are deployed as prefect.yaml says."""
     heartbeat, window = heartbeat_timing(env)
-    env = {**env, crashed_runs.HEARTBEAT_ENV: str(heartbeat)}
+    env = {**env, crashed_runs.HEARTBEAT_ENV: str(heartbeat), "DESCTUNE_WORK_POOL": POOLS[pool_type][0]}
+    template_json = json.dumps(job_template(env, pool_type), indent=2)
     spec = load_spec(root)
     names, skipped = deployable(spec, root)
     for name in skipped:
         print(f"deploy: skipping {name!r}: its entrypoint file is not there yet", file=sys.stderr)
-    spec, paused = pause_unrunnable(spec, names, root, env)
+    spec, paused = pause_unrunnable(spec, names, root, env) if pool_type == "process" else (spec, {})
     with tempfile.TemporaryDirectory() as tmp:
-        template = Path(tmp) / TEMPLATE.name
-        template.write_text(json.dumps(job_template(env), indent=2))
-        _prefect(["work-pool", "create", POOL, "--type", "process", "--base-job-template", str(template),
-                  "--overwrite"], env, root)
+        template = Path(tmp) / POOLS[pool_type][1].name
+        template.write_text(template_json)
+        _prefect(["work-pool", "create", POOLS[pool_type][0], "--type", pool_type, "--base-job-template",
+                  str(template), "--overwrite"], env, root)
         if names:
             prefect_file = Path(tmp) / "prefect.yaml"
             prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -154,14 +217,26 @@ def paused_lines(deployed: Deployed, spec: dict | None = None) -> list[str]:
             f"{flows.get(name, '?')}/{name} --all, or restart serve)" for name, why in deployed.paused.items()]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool-type", choices=list(POOLS), default="process",
+                        help="process: desctune-local on this machine (default); docker: desctune-docker; "
+                             "kubernetes: desctune-kubernetes")
+    pool_type = parser.parse_args(argv).pool_type
     if not os.environ.get("PREFECT_API_URL"):
         print("deploy: set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
         return 2
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    artifacts = Path(os.environ.get("DESCTUNE_ARTIFACTS_DIR", ROOT / "artifacts")).resolve()
+    if pool_type == "process":
+        artifacts = str(Path(os.environ.get("DESCTUNE_ARTIFACTS_DIR", ROOT / "artifacts")).resolve())
+    elif not os.environ.get("DESCTUNE_ARTIFACTS_DIR"):
+        print(f"deploy: set DESCTUNE_ARTIFACTS_DIR for the {pool_type} pool: its containers keep nothing, so the "
+              "artifacts go to the shared object store (s3://BUCKET/PREFIX)", file=sys.stderr)
+        return 2
+    else:
+        artifacts = os.environ["DESCTUNE_ARTIFACTS_DIR"]
     try:
-        deployed = deploy(deploy_env(dict(os.environ), ROOT, artifacts, mlflow_uri))
+        deployed = deploy(deploy_env(dict(os.environ), ROOT, artifacts, mlflow_uri, pool_type), ROOT, pool_type)
     except DeployError as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 2

@@ -47,14 +47,16 @@ def test_heartbeat_defaults_overrides_and_bad_values_in_one_line():
 
 def test_every_deployment_sends_heartbeats_and_carries_the_watched_tag():
     """The heartbeat is in the pool's job template (which a deployment cannot override), every deployment on it."""
-    from deployments.deploy import POOL, TEMPLATE
+    from deployments.deploy import POOLS
 
-    env = json.loads(TEMPLATE.read_text())["job_configuration"]["env"]
-    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "{{ $DESCTUNE_HEARTBEAT_SECONDS }}"
+    for _, template in POOLS.values():
+        env = json.loads(template.read_text())["job_configuration"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "{{ $DESCTUNE_HEARTBEAT_SECONDS }}", template.name
     spec = load_spec()
     for d in spec["deployments"]:
         assert crashed_runs.TAG in d["tags"], d["name"]
-        assert d["work_pool"]["name"] == POOL and "job_variables" not in d["work_pool"], d["name"]
+        assert d["work_pool"]["name"] == "{{ $DESCTUNE_WORK_POOL }}", d["name"]
+        assert set(d["work_pool"].get("job_variables", {})) <= {"gpus"}, d["name"]  # a GPU count, nothing to execute
 
 
 # MLflow runs that crashed flow runs left RUNNING: told apart from runs still being written, and marked FAILED.
