@@ -13,7 +13,7 @@ WHEELS ?= .whl
 GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	typing-extensions==4.16.0 bitsandbytes==0.50.2
 
-.PHONY: install run test serve demo bench clean-artifacts gpu-wheels
+.PHONY: install run test serve demo bench clean-artifacts gpu-wheels image image-cuda
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,11 @@ gpu-wheels:
 			-d $(WHEELS) $$spec || exit 1; \
 	done
 	du -ch $(WHEELS)/*.whl | tail -1
+
+# The flow-run images of the desctune-docker and desctune-kubernetes work pools (README, "Scaling out"); Docker needed.
+IMAGE ?= desctune
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE):cpu .
+
+image-cuda:
+	docker build -f docker/Dockerfile.cuda -t $(IMAGE):cuda .
