@@ -1,1 +1,2 @@
-"""Deployment helpers: the desctune-local process work pool and the deployments of prefect.yaml."""
+"""Deployment helpers: the work pools (desctune-local, process; desctune-docker and desctune-kubernetes for the
+images of docker/) and the deployments of prefect.yaml."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,7 +128,8 @@ def check_model(data, type_name: str, path: str = "") -> list[str]:
         return [p for key, item in data.items() for p in check_model(item, inner, f"{path}/{key}")]
     model = getattr(k8s, type_name, None)
     if model is None:  # str, int, bool, object, datetime: a scalar, or a Quantity given as a number
-        return [] if not isinstance(data, (dict, list)) or type_name == "object" else [f"{path} should be a {type_name}"]
+        scalar = not isinstance(data, (dict, list)) or type_name == "object"
+        return [] if scalar else [f"{path} should be a {type_name}"]
     if not isinstance(data, dict):
         return [f"{path or '/'} should be a {type_name} object"]
     fields = {json_key: attr for attr, json_key in model.attribute_map.items()}
@@ -191,7 +193,7 @@ def render(server: dict, pool_type: str, values: dict, template: dict | None = N
 def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-pools")
     port = free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DESCTUNE_", "AWS_"))}
     env.update({"PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/p.db",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"})
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -297,12 +299,13 @@ def test_the_kubernetes_template_renders_into_a_valid_gpu_job(prefect_server):
     # the object store's keys come only from the Secret, never as values in the manifest
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
     # a flow run asking for 4 GPUs on tainted nodes of one GPU type; a CPU deployment asks for none
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     big = render(prefect_server, "kubernetes", {"gpus": 4, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-L4"},
-                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+                                                "tolerations": [toleration]})
     assert manifest_problems(big.job_manifest) == []
     pod = big.job_manifest["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 4}
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"} and pod["tolerations"][0]["operator"] == "Exists"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"} and pod["tolerations"] == [toleration]
     cpu = render(prefect_server, "kubernetes", job_variables("finetune")).job_manifest
     assert cpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 0}
 
@@ -317,7 +320,8 @@ def test_a_misplaced_or_misspelt_manifest_key_is_caught(prefect_server):
         for step in where:
             node = node[step]
         node[new] = node.pop(old)
-        assert f"/{'/'.join(map(str, where))}/{new}" in manifest_problems(render(prefect_server, "kubernetes", {}, broken).job_manifest)
+        manifest = render(prefect_server, "kubernetes", {}, broken).job_manifest
+        assert f"/{'/'.join(map(str, where))}/{new}" in manifest_problems(manifest)
     bad_quantity = render(prefect_server, "kubernetes", {"gpus": 1}).job_manifest
     bad_quantity["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "one"
     assert "nvidia.com/gpu: 'one' is not a quantity" in manifest_problems(bad_quantity)
@@ -331,14 +335,16 @@ def test_the_docker_template_renders_into_arguments_docker_py_takes(prefect_serv
     client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.47")  # never connects
     for gpus, requests in (("all", [{"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]],
                                      "Options": {}}]), ("none", None)):
-        config = render(prefect_server, "docker", job_variables("retrain-weekly"), filled("docker", **{DOCKER_GPUS: gpus}))
+        template = filled("docker", **{DOCKER_GPUS: gpus})
+        config = render(prefect_server, "docker", job_variables("retrain-weekly"), template)
         settings = DockerWorker(work_pool_name=POOLS["docker"][0])._build_container_settings(client, config)
         args = _create_container_args({**settings, "version": "1.47"})  # a keyword docker-py lacks fails here
         host = args["host_config"]
         assert args["image"] == IMAGE and args["command"] == "prefect flow-run execute"
         assert host.get("DeviceRequests") == requests
         assert host["ShmSize"] == 2 * 1024**3 and host["AutoRemove"] is True and not host.get("Privileged")
-        assert host["Binds"] == [f"{ENV_DEFAULTS['DESCTUNE_AWS_CREDENTIALS_FILE']}:/run/secrets/desctune/aws-credentials:ro"]
+        credentials = ENV_DEFAULTS["DESCTUNE_AWS_CREDENTIALS_FILE"]
+        assert host["Binds"] == [f"{credentials}:/run/secrets/desctune/aws-credentials:ro"]
         env = args["environment"]
         assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/run/secrets/desctune/aws-credentials"
         assert env["AWS_ENDPOINT_URL"] == POOL_ENV["AWS_ENDPOINT_URL"] and "MLFLOW_S3_ENDPOINT_URL" not in env
@@ -398,7 +404,8 @@ def test_a_real_server_takes_the_kubernetes_pool_and_its_worker_makes_the_job(pr
     env = deploy_env({**prefect_server, **POOL_ENV}, ROOT, ARTIFACTS, MLFLOW, "kubernetes")
     deployed = deploy(env, ROOT, "kubernetes")
     assert deployed.names == ["finetune", "retrain-weekly", "evaluate-champion"] and not deployed.paused
-    pool, deployments, config, refused = asyncio.run(_pool_and_run_config(prefect_server["PREFECT_API_URL"], {"gpus": 2}))
+    api = prefect_server["PREFECT_API_URL"]
+    pool, deployments, config, refused = asyncio.run(_pool_and_run_config(api, {"gpus": 2}))
     assert pool.type == "kubernetes" and pool.base_job_template == filled("kubernetes")
     assert deployments["retrain-weekly"].job_variables == {"gpus": 1} and not deployments["finetune"].job_variables
     assert deployments["retrain-weekly"].pull_steps == [
@@ -409,7 +416,7 @@ def test_a_real_server_takes_the_kubernetes_pool_and_its_worker_makes_the_job(pr
     [container] = manifest["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 2} and container["image"] == IMAGE
     assert manifest["metadata"]["labels"]["prefect.io/deployment-name"] == "retrain-weekly"
-    assert {e["name"]: e.get("value") for e in container["env"]}["PREFECT_API_URL"] == prefect_server["PREFECT_API_URL"]
+    assert {e["name"]: e.get("value") for e in container["env"]}["PREFECT_API_URL"] == api
 
 
 # The images and the README.
@@ -485,7 +492,8 @@ def test_the_readme_gives_the_commands_the_makefile_and_deploy_code_run():
         recipe = re.search(rf"^{target}:\n\t(.+)$", makefile, re.M)[1].replace("$(IMAGE)", image)
         assert recipe in section, recipe  # `make image` is this command
         assert f"make {target}" in section
-    assert f"make install TORCH_SPEC=\"{makefile_var('TORCH_SPEC')} --index-url https://download.pytorch.org/whl/cu128\"" in section
+    cuda_torch = f"{makefile_var('TORCH_SPEC')} --index-url https://download.pytorch.org/whl/cu128"
+    assert f'make install TORCH_SPEC="{cuda_torch}"' in section
     for pool_type, (pool, _) in POOLS.items():
         if pool_type != "process":
             assert f"python -m deployments.deploy --pool-type {pool_type}" in section
