@@ -146,13 +146,11 @@ def test_a_bad_store_is_one_line(s3, monkeypatch):
         forget_clients()
 
 
-# A worker: `desctune run` with the given arguments, then the task states of the flow run it made, from its own
-# Prefect database.
+# A worker: `desctune run` with each of the argument lists it is given, one after the other in one process, each
+# followed by the task states of the flow run it made, read from the worker's own Prefect database.
 WORKER = """
 import asyncio, json, sys
 from app.cli import main
-
-rc = main(sys.argv[1:])
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort
@@ -163,8 +161,10 @@ async def states():
         tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     return {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}
 
-print("STATES " + json.dumps(asyncio.run(states())), flush=True)
-sys.exit(rc)
+for args in json.loads(sys.argv[1]):
+    if main(args) != 0:
+        sys.exit(1)
+    print("STATES " + json.dumps(asyncio.run(states())), flush=True)
 """
 
 
@@ -181,8 +181,9 @@ def profile(model_dir: Path) -> str:
     })
 
 
-def run_worker(name: str, tmp: Path, s3: dict, *overrides: str) -> tuple[dict, str]:
-    """`desctune run` in worker `name`'s own folder, with its own local cache and Prefect database."""
+def run_worker(name: str, tmp: Path, s3: dict, *runs: list[str]) -> list[tuple[dict, str]]:
+    """`desctune run` once per list of overrides, in worker `name`'s own folder, with its own local cache and Prefect
+    database; (task states, printed summary) of each run."""
     work = tmp / name / "checkout"
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tmp / "records.jsonl", work / "records.jsonl")
@@ -197,13 +198,19 @@ def run_worker(name: str, tmp: Path, s3: dict, *overrides: str) -> tuple[dict, s
         "DESCTUNE_LOCAL_CACHE": str(tmp / name / "cache"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",  # the registry every worker shares
     })
-    args = ["--config", str(tmp / "profile.yaml"), *[a for o in overrides for a in ("--set", o)]]
-    proc = subprocess.run([sys.executable, "-c", WORKER, "run", *args], cwd=work, env=env, capture_output=True,
+    args = [["run", "--config", str(tmp / "profile.yaml"), *[a for o in run for a in ("--set", o)]] for run in runs]
+    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], cwd=work, env=env, capture_output=True,
                           text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATES ")]
-    return json.loads(line.removeprefix("STATES ")), proc.stdout
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results, printed = [], []
+    for line in proc.stdout.splitlines():
+        if line.startswith("STATES "):
+            results.append((json.loads(line.removeprefix("STATES ")), "\n".join(printed)))
+            printed = []
+        else:
+            printed.append(line)
+    assert len(results) == len(runs), proc.stdout[-4000:]
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +218,8 @@ def shared_runs(s3, tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("shared-store")
     head_records(SAMPLE, tmp / "records.jsonl", 40)
     (tmp / "profile.yaml").write_text(profile(tiny_model_dir))
-    first = run_worker("worker-a", tmp, s3)
-    second = run_worker("worker-b", tmp, s3)
-    lora_only = run_worker("worker-b", tmp, s3, "lora.r=4")
+    [first] = run_worker("worker-a", tmp, s3, [])
+    second, lora_only = run_worker("worker-b", tmp, s3, [], ["lora.r=4"])
     return tmp, first, second, lora_only
 
 
