@@ -146,6 +146,17 @@ def test_a_bad_store_is_one_line(s3, monkeypatch):
         forget_clients()
 
 
+def test_commands_say_in_one_line_what_a_store_needs(s3, capsys, monkeypatch):
+    """`desctune run` on a store wants a registry every worker shares; `serve` keeps its folder local."""
+    from app.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["run", "--set", f"artifacts_dir=s3://{BUCKET}/run", "--set", f"data.path={SAMPLE}"]) == 2
+    assert main(["serve", "--artifacts-dir", f"s3://{BUCKET}/run"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "set MLFLOW_TRACKING_URI" in lines[0] and "serve keeps its logs" in lines[1]
+
+
 # A worker: `desctune run` with each of the argument lists it is given, one after the other in one process, each
 # followed by the task states of the flow run it made, read from the worker's own Prefect database.
 WORKER = """
