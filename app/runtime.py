@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
 from desctune.errors import UserError
 

@@ -59,7 +59,7 @@ def local_root(artifacts_dir: str | Path) -> Path:
 @lru_cache(maxsize=8)
 def filesystem(url: str):
     """(fsspec file system, its path of the store's root) for a store URL; a one-line StoreError when the URL has
-    no bucket, its driver is not installed, or the store cannot be reached."""
+    no bucket or its driver is not installed (`check` tells whether the store answers)."""
     import fsspec
 
     if scheme_needs_bucket(url) and not urllib.parse.urlsplit(url).netloc:
@@ -184,8 +184,8 @@ def fetch(artifacts_dir: str | Path, rel: str) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{root}/{unit}/{name}", str(dest))
             if file_sha256(dest) != meta["sha256"]:
-                raise StoreError(f"{url}/{unit}/{name} does not match its marker (another worker is publishing "
-                                 "the folder again): run again")
+                raise StoreError(f"{url}/{unit}/{name} does not match its marker (it changed while being read, "
+                                 "e.g. another worker publishing the folder again, or it is damaged): run again")
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
     log.info("fetched %s from %s (%d files)", unit, url, len(marker["files"]))
     return local
