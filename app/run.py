@@ -16,14 +16,19 @@ def preflight(cfg) -> None:
     """Catch the commonest mistakes before any server or model starts."""
     from desctune.ingest import HF_PREFIX
 
+    from desctune import store
+    from desctune.tracking import tracking_uri
+
     data = Path(cfg.data.path)
     if not cfg.data.path.startswith(HF_PREFIX) and not data.exists():
         raise DataError(f"data.path {data} does not exist: point it at a JSON Lines, CSV or Parquet file, a Hugging "
                         "Face save_to_disk folder, or hf://owner/name")
+    store.check(cfg.artifacts_dir)
+    tracking_uri(cfg)
 
 
 def main(args: argparse.Namespace) -> int:
-    from app.runtime import prefect_env, quiet_user_errors
+    from app.runtime import prefect_env, quiet_user_errors, result_storage
     from app.summary import summary_text
     from desctune.config import load_config
 
@@ -34,8 +39,10 @@ def main(args: argparse.Namespace) -> int:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from flows.finetune import finetune
 
+    storage = result_storage(cfg.artifacts_dir)
+    flow = finetune if storage is None else finetune.with_options(result_storage=storage)
     quiet_user_errors()
-    state = finetune(config=cfg, return_state=True)
+    state = flow(config=cfg, return_state=True)
     print(summary_text(state.result(), str(state.state_details.flow_run_id)))
     return 0
 

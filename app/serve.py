@@ -398,6 +398,11 @@ def _interrupt(signum, frame):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from desctune.store import is_url
+
+    if is_url(args.artifacts_dir):
+        raise ServeError(f"--artifacts-dir {args.artifacts_dir}: serve keeps its logs, lock and stage cache in a local "
+                         "folder; for an object store, run `desctune run --set artifacts_dir=URL` on each worker")
     plan = make_plan(args.host, args.prefect_port, args.mlflow_port, args.artifacts_dir, dict(os.environ))
     return serve(plan, dict(os.environ), args.timeout)
 

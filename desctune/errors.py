@@ -39,3 +39,8 @@ class ServeError(UserError):
 
 class ExportError(UserError):
     """An export cannot be written: unknown format or type, an output folder in use, an architecture not supported."""
+
+
+class StoreError(UserError):
+    """The artifacts store (an object-store URL) cannot be used: unknown scheme, missing driver, unreachable, or a
+    folder a result names was never published there."""

@@ -91,8 +91,11 @@ def store_key(tracking_uri: str) -> str:
 
 
 def cache_dir(artifacts_dir: str | Path, tracking_uri: str, name: str, version: str) -> Path:
-    """Where a registered version of this store is downloaded: <artifacts>/registry/STORE/NAME/VERSION."""
-    return Path(artifacts_dir) / "registry" / store_key(tracking_uri) / name / str(version)
+    """Where a registered version of this store is downloaded: <artifacts>/registry/STORE/NAME/VERSION (with an
+    object-store artifacts_dir, in this worker's local mirror of it)."""
+    from desctune.store import local_root
+
+    return local_root(artifacts_dir) / "registry" / store_key(tracking_uri) / name / str(version)
 
 
 def _hash_of(folder: Path | None) -> str | None:

@@ -16,6 +16,7 @@ from filelock import FileLock
 from desctune.config import ModelConfig
 from desctune.errors import ModelError
 from desctune.files import atomic_dir, dir_sha256, file_sha256
+from desctune.store import local_root
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def provision(name: str, artifacts_dir: str | Path) -> dict:
     if name in EMBEDDED:
         gguf = embedded_gguf(name)
         digest = file_sha256(gguf)
-        out = Path(artifacts_dir) / "models" / f"{name}-{digest[:12]}"
+        out = local_root(artifacts_dir) / "models" / f"{name}-{digest[:12]}"
         with FileLock(str(out) + ".lock"):
             if not (out / "config.json").is_file():
                 log.info("converting embedded %s (%s) into %s", name, gguf.name, out)

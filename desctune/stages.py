@@ -15,9 +15,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from desctune.files import stage_dir
+from desctune.store import local_root
 
 # Modules every stage depends on, and each stage's own core modules (with everything they import from desctune).
-COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages")
+COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages", "desctune.store")
 _EVALUATE = ("desctune.evaluate", "desctune.significance", "desctune.inference", "desctune.models", "desctune.tokenize",
              "desctune.ingest", "desctune.clean", "desctune.progress")
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
@@ -53,5 +54,6 @@ def key_part(value) -> str:
 
 def stage_folder(artifacts_dir: str | Path, stage: str, *inputs) -> Path:
     """The folder of one stage's outputs, named by its inputs (content hashes, config sections, or the
-    {field: value} pairs that matter) and the stage's code version: runs that differ in either never share one."""
-    return stage_dir(artifacts_dir, stage, *map(key_part, inputs), code_version(stage))
+    {field: value} pairs that matter) and the stage's code version: runs that differ in either never share one.
+    With a store URL it is the folder in this worker's local mirror (`desctune.store`)."""
+    return stage_dir(local_root(artifacts_dir), stage, *map(key_part, inputs), code_version(stage))

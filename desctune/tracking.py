@@ -11,6 +11,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from desctune.config import Config
+from desctune.errors import ConfigError
+from desctune.store import is_url, store_url
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 # MLflow 3's UI opens experiments in its GenAI view. The experiment says it is classic model development (the kind
@@ -21,11 +23,16 @@ TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def tracking_uri(cfg: Config) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the artifacts folder (the registry needs a database)."""
+    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the artifacts folder (the registry needs a database).
+    An object-store artifacts_dir is shared by several workers, so it needs a tracking store they share as well."""
     if cfg.registry.tracking_uri:
         return cfg.registry.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if is_url(cfg.artifacts_dir):
+        raise ConfigError(f"artifacts_dir {cfg.artifacts_dir} is an object store, shared by workers, but the MLflow "
+                          "registry would be a SQLite file on this machine: set MLFLOW_TRACKING_URI (a tracking "
+                          "server or database every worker reaches) or registry.tracking_uri")
     return f"sqlite:///{Path(cfg.artifacts_dir).resolve() / 'mlflow.db'}"
 
 
@@ -45,7 +52,8 @@ def client(cfg_or_uri: Config | str) -> MlflowClient:
 
 
 def experiment_id(cfg: Config) -> str:
-    """Get or create the experiment; with the local SQLite store its artifacts go under artifacts/mlruns."""
+    """Get or create the experiment; with a local SQLite store its artifacts go under artifacts/mlruns, and with an
+    object-store artifacts_dir under its mlruns/ (unless a tracking server or MLFLOW_DEFAULT_ARTIFACT_ROOT decides)."""
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.registry.experiment)
     if exp is not None:
@@ -53,7 +61,11 @@ def experiment_id(cfg: Config) -> str:
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
-    if tracking_uri(cfg).startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+    if os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+        pass
+    elif is_url(cfg.artifacts_dir) and not tracking_uri(cfg).startswith(("http:", "https:", "databricks")):
+        location = store_url(cfg.artifacts_dir) + "/mlruns"
+    elif tracking_uri(cfg).startswith("sqlite:"):
         location = (Path(cfg.artifacts_dir).resolve() / "mlruns").as_uri()
     try:
         return c.create_experiment(cfg.registry.experiment, artifact_location=location,

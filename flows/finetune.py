@@ -36,7 +36,7 @@ def finetune(config: Config = Config()) -> dict:
     tokens = tokenize(splits, base, cfg.model, cfg.artifacts_dir)
     trained = train(tokens, base, cfg.model, cfg.lora, cfg.train, cfg.artifacts_dir, run_id, tracking_uri(cfg))
     evaluated = evaluate(trained, splits, cfg.eval, cfg.artifacts_dir)
-    report(evaluated)
+    report(evaluated, cfg.artifacts_dir)
     stages = {"ingest": raw, "clean": cleaned, "sample": splits, "base": base, "tokenize": tokens,
               "train": trained, "evaluate": evaluated}
     registered = register(cfg, run_id, stages)

@@ -7,6 +7,7 @@ from prefect import task
 from desctune.clean import CLEAN_FIELDS, clean_file
 from desctune.config import DataConfig
 from desctune.stages import code_version, stage_folder
+from desctune.store import localize, publish
 from tasks.stage import STAGE_CACHE, report_counts, run_logger
 
 CODE = code_version("clean")
@@ -15,11 +16,11 @@ CODE = code_version("clean")
 @task(name="clean", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def clean(raw: dict, data: DataConfig, artifacts_dir: str, code: str = CODE) -> dict:
     out_dir = stage_folder(artifacts_dir, "clean", raw["sha256"], raw["rejects_sha256"], data.subset(CLEAN_FIELDS))
-    result = clean_file(raw, data, out_dir)
+    result = clean_file(localize(artifacts_dir, raw), data, out_dir)
     run_logger().info(
         "cleaned: %d kept, %d rejected (%d duplicates)", result["kept"], result["rejected"], result["duplicates"]
     )
     rows = [{"count": k, "value": result[k]} for k in ("lines_read", "kept", "rejected", "duplicates")]
     rows += [{"count": f"rejected: {k}", "value": v} for k, v in result["by_reason"].items()]
     report_counts("clean counts", rows, "clean-counts")
-    return result
+    return publish(artifacts_dir, out_dir, result)

@@ -13,6 +13,7 @@ from prefect.utilities.hashing import hash_objects
 from desctune.config import EvalConfig
 from desctune.errors import AdapterError
 from desctune.evaluate import evaluate_adapter, guard_adapter
+from desctune import store
 from desctune.stages import stage_folder
 from tasks.stage import run_logger, stage_cache
 
@@ -33,7 +34,8 @@ def evaluate_key(context, parameters: dict) -> str:
     (not the rest of the train result, which carries the MLflow run that trained it)."""
     out_dir = stage_folder(parameters["artifacts_dir"], "evaluate", parameters["trained"]["adapter_sha256"],
                            parameters["splits"]["test"]["sha256"], parameters["cfg"])
-    return f"{out_dir.name}-{hash_objects(str(out_dir.resolve()), context.task.fn.__code__.co_code)}"
+    where = store.canonical(parameters["artifacts_dir"], out_dir)  # the same on every worker of a shared store
+    return f"{out_dir.name}-{hash_objects(where, context.task.fn.__code__.co_code)}"
 
 
 @task(name="evaluate", cache_policy=stage_cache(CachePolicy.from_cache_key_fn(evaluate_key)), persist_result=True,
@@ -42,6 +44,7 @@ def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -
     """Evaluate the trained adapter on the test split and refuse one with no effect (publishing the report first, so
     a refused run shows why). Cached on the adapter's and the test split's content and the evaluation settings."""
     out_dir = stage_folder(artifacts_dir, "evaluate", trained["adapter_sha256"], splits["test"]["sha256"], cfg)
+    trained, splits = store.localize(artifacts_dir, (trained, splits))
     result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir, True,
                               logger=run_logger())
     try:
@@ -49,19 +52,20 @@ def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -
     except AdapterError:
         publish(result)
         raise
-    return result
+    return store.publish(artifacts_dir, out_dir, result)
 
 
 @task(name="report")
-def report(evaluated: dict) -> None:
+def report(evaluated: dict, artifacts_dir: str = "artifacts") -> None:
     """The evaluation's report in this flow run's artifacts, computed now or taken from the cache."""
-    publish(evaluated)
+    publish(store.localize(artifacts_dir, evaluated))
 
 
 @task(name="evaluate-model", retries=0)
 def evaluate_model(model: dict, cleaned: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
     """Evaluate a registered model version (and its base) on a cleaned dataset and publish the report."""
     out_dir = stage_folder(artifacts_dir, "evaluate-model", model["adapter_sha256"], cleaned["sha256"], cfg)
+    model, cleaned = store.localize(artifacts_dir, (model, cleaned))
     result = evaluate_adapter(model["adapter_path"], cleaned["path"], cfg, artifacts_dir, out_dir, logger=run_logger())
     publish(result, key="champion-evaluation")
     return result

@@ -8,6 +8,7 @@ from prefect import task
 from desctune.config import DataConfig
 from desctune.ingest import INGEST_FIELDS, ingest_file, source_fingerprint
 from desctune.stages import code_version, stage_folder
+from desctune.store import publish
 from tasks.stage import STAGE_CACHE, report_counts, run_logger
 
 CODE = code_version("ingest")
@@ -30,4 +31,4 @@ def ingest(data: DataConfig, artifacts_dir: str, input_sha256: str, code: str = 
     rows = [{"count": k, "value": result[k]} for k in ("lines_read", "records", "rejected")]
     rows += [{"count": f"rejected: {k}", "value": v} for k, v in result["by_reason"].items()]
     report_counts("ingest counts", rows, "ingest-counts")
-    return result
+    return publish(artifacts_dir, out_dir, result)

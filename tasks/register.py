@@ -10,6 +10,7 @@ from prefect import task
 from desctune.config import Config
 from desctune.lineage import log_evaluation, log_results, start_run
 from desctune.registry import register_model, resolve_model
+from desctune.store import localize
 from desctune.tracking import client, tracking_uri
 from tasks.crashed import fail_crashed_runs
 from tasks.stage import flow_run_tags, retry_unless_user_error, run_logger
@@ -52,6 +53,7 @@ def register(cfg: Config, run_id: str, stages: dict) -> dict:
     """Log results and lineage, register the adapter, move aliases, close the MLflow run."""
     from prefect.artifacts import create_link_artifact
 
+    stages = localize(cfg.artifacts_dir, stages)
     log_results(cfg, run_id, stages)
     registered = register_serialized(cfg, run_id, stages, flow_run_tags())
     client(cfg).set_terminated(run_id, "FINISHED")
@@ -86,6 +88,7 @@ def log_evaluation_run(cfg: Config, model: dict, raw: dict, cleaned: dict, resul
     """Record the evaluation in MLflow and link it from the Prefect flow run."""
     from prefect.artifacts import create_link_artifact
 
+    model, raw, cleaned, result = localize(cfg.artifacts_dir, (model, raw, cleaned, result))
     logged = log_evaluation(cfg, model, raw, cleaned, result, flow_run_tags())
     create_link_artifact(logged["run_url"], link_text=f"MLflow evaluation run of {logged['model']}", key="mlflow-run",
                          description=f"The MLflow run of this evaluation of {logged['model']}: scores with their 95% "

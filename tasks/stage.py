@@ -4,20 +4,24 @@ log lines and counts go.
 Prefect's default policy includes the flow run id, so nothing would be reused between runs. Stages use
 INPUTS + TASK_SOURCE with persisted results; TASK_SOURCE hashes only the task function's own text, so each stage
 also takes `code=code_version(stage)` as a default argument. Every stage's policy is wrapped in `OutputsPresent`: a
-cached result whose files in the stage folder are gone (deleted by hand, or never reached the disk) is forgotten, so
+cached result whose files in the stage folder are gone (deleted by hand, or never reached the disk; on an object store:
+whose folder has no publication marker) is forgotten, so
 the stage runs again instead of handing the next stage paths that do not exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.filesystems import RemoteFileSystem
 
 from desctune.errors import UserError
+from desctune.store import is_published, is_url, store_paths, store_url, unit_of
 
 
 def output_paths(result: Any, artifacts_dir: str) -> list[Path]:
@@ -41,19 +45,31 @@ def output_paths(result: Any, artifacts_dir: str) -> list[Path]:
     return found
 
 
+def missing_outputs(result: Any, artifacts_dir: str) -> list[Path | str]:
+    """The files (local folder) or unpublished folders (object store: no marker) a cached result names."""
+    if is_url(artifacts_dir):
+        units = dict.fromkeys(unit_of(rel) for rel in store_paths(artifacts_dir, result))
+        return [f"{store_url(artifacts_dir)}/{u}" for u in units if not is_published(artifacts_dir, u)]
+    return [p for p in output_paths(result, artifacts_dir) if not p.exists()]
+
+
 def forget_if_outputs_missing(store, key: str, artifacts_dir: str) -> list[Path]:
-    """Drop the cached result under `key` when a file it names is gone; returns the missing files."""
+    """Drop the cached result under `key` when a file (or, on an object store, a published folder) it names is gone;
+    returns what is missing."""
     try:
         if not store.exists(key):
             return []
         result = store.read(key).result
     except Exception:  # noqa: BLE001 - Prefect treats an unreadable record as no record, and runs the task
         return []
-    missing = [p for p in output_paths(result, artifacts_dir) if not p.exists()]
+    missing = missing_outputs(result, artifacts_dir)
     if missing:
         for storage in {id(s): s for s in (store.metadata_storage, store.result_storage) if s is not None}.values():
-            resolve = getattr(storage, "_resolve_path", None)  # local storage only: Prefect has no delete
-            if resolve is not None:
+            resolve = getattr(storage, "_resolve_path", None)  # Prefect's storages have no delete
+            if isinstance(storage, RemoteFileSystem):
+                with contextlib.suppress(FileNotFoundError):
+                    storage.filesystem.rm_file(resolve(key))
+            elif resolve is not None:
                 Path(resolve(key)).unlink(missing_ok=True)
         run_logger().warning("the cached result names %s, which no longer exists: running the stage again",
                              missing[0])

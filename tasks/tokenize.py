@@ -6,6 +6,7 @@ from prefect import task
 
 from desctune.config import ModelConfig
 from desctune.stages import code_version, stage_folder
+from desctune.store import localize, publish
 from desctune.tokenize import TOKENIZE_FIELDS, tokenize_splits
 from tasks.stage import STAGE_CACHE
 
@@ -17,4 +18,5 @@ def tokenize(splits: dict, base: dict, model: ModelConfig, artifacts_dir: str, c
     """Tokenize train and val with the base model's chat template; writes tokens_{train,val}.parquet."""
     out_dir = stage_folder(artifacts_dir, "tokenize", splits["train"]["sha256"], splits["val"]["sha256"],
                            base["sha256"], model.subset(TOKENIZE_FIELDS))
-    return tokenize_splits(splits, base, model, out_dir)
+    local = localize(artifacts_dir, {"splits": splits, "base": base})
+    return publish(artifacts_dir, out_dir, tokenize_splits(local["splits"], local["base"], model, out_dir))

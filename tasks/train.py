@@ -11,6 +11,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from desctune.config import Config, LoraConfig, ModelConfig, TrainConfig
 from desctune.stagelock import exclusive
 from desctune.stages import code_version, stage_folder
+from desctune.store import localize, publish
 from desctune.tracking import mlflow_sink
 from desctune.train import train_adapter
 from tasks.stage import retry_unless_user_error, run_logger, stage_cache
@@ -47,8 +48,9 @@ def train(
     log_params, log_metrics = mlflow_sink(run_id, tracking_uri)
 
     def run() -> dict:
-        result = train_adapter(tokens, base, cfg, out_dir, run_logger(), log_params, log_metrics,
+        local = localize(artifacts_dir, {"tokens": tokens, "base": base})
+        result = train_adapter(local["tokens"], local["base"], cfg, out_dir, run_logger(), log_params, log_metrics,
                                progress_seconds=float(os.environ.get("DESCTUNE_PROGRESS_SECONDS", "20")))
         return result | {"mlflow_run_id": run_id}
 
-    return exclusive(out_dir, run)
+    return publish(artifacts_dir, out_dir, exclusive(out_dir, run))
