@@ -28,7 +28,7 @@ def preflight(cfg) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from app.runtime import prefect_env, quiet_user_errors, result_storage
+    from app.runtime import prefect_env, quiet_user_errors
     from app.summary import summary_text
     from desctune.config import load_config
 
@@ -38,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from flows.finetune import finetune
+    from tasks.stage import result_storage
 
     storage = result_storage(cfg.artifacts_dir)
     flow = finetune if storage is None else finetune.with_options(result_storage=storage)

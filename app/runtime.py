@@ -52,29 +52,13 @@ def config_from_args(args: argparse.Namespace):
 
 def prefect_env(artifacts_dir: str) -> None:
     """Keep Prefect's cached task results next to the artifacts they describe, so deleting one deletes both (for an
-    object store, see `result_storage`); give Prefect's temporary API server more than its default 20 s to start,
+    object store, see `tasks.stage.result_storage`); give Prefect's temporary API server more than its default 20 s to start,
     which busy cores can exceed."""
     from desctune.store import local_root
 
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH",
                           str(local_root(artifacts_dir).resolve() / "prefect-results"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-def result_storage(artifacts_dir: str) -> str | None:
-    """Where a flow on an object-store artifacts_dir keeps Prefect's task results, i.e. the stage cache: the store's
-    prefect-results/, through fsspec, so every worker finds what the others computed. Prefect wants a flow's result
-    storage saved as a block: `remote-file-system/desctune-results-<store hash>` (it holds only the URL; credentials
-    come from the environment). None for a local folder."""
-    from desctune.store import is_url, store_hash, store_url
-
-    if not is_url(artifacts_dir):
-        return None
-    from prefect.filesystems import RemoteFileSystem
-
-    name = f"desctune-results-{store_hash(artifacts_dir)}"
-    RemoteFileSystem(basepath=store_url(artifacts_dir) + "/prefect-results").save(name, overwrite=True)
-    return f"remote-file-system/{name}"
 
 
 class HideUserErrors(logging.Filter):

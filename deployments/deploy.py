@@ -28,6 +28,7 @@ import yaml
 
 from deployments import crashed_runs
 from deployments.schedules import blockers
+from desctune.store import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "desctune-local"
@@ -48,7 +49,8 @@ ENV_DEFAULTS = {
 }
 # Left out of the job (the env entry, the dict key) when unset: not every object store needs an endpoint URL, and
 # the Docker worker picks the network itself when none is named.
-OPTIONAL = {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "DESCTUNE_DOCKER_NETWORK"}
+# DESCTUNE_RESULTS_BLOCK is set by `on_shared_store` when the artifacts are on an object store.
+OPTIONAL = {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "DESCTUNE_DOCKER_NETWORK", "DESCTUNE_RESULTS_BLOCK"}
 # DESCTUNE_DOCKER_GPUS: "all" gives a Docker pool's containers every GPU of the worker's machine (NVIDIA Container
 # Toolkit needed); "none" (the default) gives them none.
 DOCKER_GPUS = "DESCTUNE_DOCKER_GPUS"
@@ -155,6 +157,28 @@ def heartbeat_timing(env: dict) -> tuple[int, int]:
         raise DeployError(str(exc)) from None
 
 
+def on_shared_store(spec: dict, env: dict) -> tuple[dict, dict]:
+    """A container pool's runs keep nothing in their container: every deployment's config names the shared
+    DESCTUNE_ARTIFACTS_DIR, and on an object store Prefect's stage cache goes to its prefect-results/ through the
+    block `tasks.stage.result_storage` saves, which the job environment names (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK),
+    so a pod finds what the runs before it computed."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from tasks.stage import result_storage
+
+    artifacts = env["DESCTUNE_ARTIFACTS_DIR"]
+    spec = json.loads(json.dumps(spec))
+    for d in spec.get("deployments", []):
+        config = (d.get("parameters") or {}).get("config")
+        if isinstance(config, dict):
+            config["artifacts_dir"] = artifacts
+    if is_url(artifacts):
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"],
+                                 PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING")}):
+            env = {**env, "DESCTUNE_RESULTS_BLOCK": result_storage(artifacts)}
+    return spec, env
+
+
 @dataclass
 class Deployed:
     """What `deploy` did: the deployments, and the ones whose schedules it left paused with the reason."""
@@ -186,8 +210,10 @@ def deploy(env: dict, root: Path = ROOT, pool_type: str = "process") -> Deployed
     reason; a container pool's runs happen elsewhere, so its schedules are deployed as prefect.yaml says."""
     heartbeat, window = heartbeat_timing(env)
     env = {**env, crashed_runs.HEARTBEAT_ENV: str(heartbeat), "DESCTUNE_WORK_POOL": POOLS[pool_type][0]}
-    template_json = json.dumps(job_template(env, pool_type), indent=2)
     spec = load_spec(root)
+    if pool_type != "process":
+        spec, env = on_shared_store(spec, env)
+    template_json = json.dumps(job_template(env, pool_type), indent=2)
     names, skipped = deployable(spec, root)
     for name in skipped:
         print(f"deploy: skipping {name!r}: its entrypoint file is not there yet", file=sys.stderr)

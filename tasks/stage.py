@@ -21,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import RemoteFileSystem
 
 from desctune.errors import UserError
-from desctune.store import is_published, is_url, store_paths, store_url, unit_of
+from desctune.store import is_published, is_url, store_hash, store_paths, store_url, unit_of
 
 
 def output_paths(result: Any, artifacts_dir: str) -> list[Path]:
@@ -149,3 +149,15 @@ def flow_run_tags() -> dict:
     ui = prefect_ui_url()
     return {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name or "",
             "prefect.flow_run_url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}"}
+
+
+def result_storage(artifacts_dir: str) -> str | None:
+    """Where a flow on an object-store artifacts_dir keeps Prefect's task results, i.e. the stage cache: the store's
+    prefect-results/, through fsspec, so every worker finds what the others computed. Prefect wants a flow's result
+    storage saved as a block: `remote-file-system/desctune-results-<store hash>` (it holds only the URL; credentials
+    come from the environment). None for a local folder."""
+    if not is_url(artifacts_dir):
+        return None
+    name = f"desctune-results-{store_hash(artifacts_dir)}"
+    RemoteFileSystem(basepath=store_url(artifacts_dir) + "/prefect-results").save(name, overwrite=True)
+    return f"remote-file-system/{name}"

@@ -398,6 +398,15 @@ async def _pool_and_run_config(api: str, job_vars: dict):
     return pool, deployments, config, refused
 
 
+async def _block_basepath(api: str, slug: str) -> str:
+    from prefect.client.orchestration import PrefectClient
+
+    block_type, name = slug.split("/")
+    async with PrefectClient(api) as client:
+        document = await client.read_block_document_by_name(name, block_type_slug=block_type)
+    return document.data["basepath"]
+
+
 def test_a_real_server_takes_the_kubernetes_pool_and_its_worker_makes_the_job(prefect_server):
     from deployments.deploy import deploy
 
@@ -406,7 +415,14 @@ def test_a_real_server_takes_the_kubernetes_pool_and_its_worker_makes_the_job(pr
     assert deployed.names == ["finetune", "retrain-weekly", "evaluate-champion"] and not deployed.paused
     api = prefect_server["PREFECT_API_URL"]
     pool, deployments, config, refused = asyncio.run(_pool_and_run_config(api, {"gpus": 2}))
-    assert pool.type == "kubernetes" and pool.base_job_template == filled("kubernetes")
+    from desctune.store import store_hash
+
+    block = f"remote-file-system/desctune-results-{store_hash(ARTIFACTS)}"  # saved on the server by deploy
+    assert asyncio.run(_block_basepath(api, block)) == ARTIFACTS + "/prefect-results"
+    assert pool.type == "kubernetes" and pool.base_job_template == filled("kubernetes", DESCTUNE_RESULTS_BLOCK=block)
+    # The pods keep nothing: every run's config names the shared store, and Prefect's stage cache lives on it.
+    assert {d.parameters["config"]["artifacts_dir"] for d in deployments.values() if "config" in d.parameters} \
+        == {ARTIFACTS}
     assert deployments["retrain-weekly"].job_variables == {"gpus": 1} and not deployments["finetune"].job_variables
     assert deployments["retrain-weekly"].pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": IMAGE_DIR}}]
@@ -416,7 +432,8 @@ def test_a_real_server_takes_the_kubernetes_pool_and_its_worker_makes_the_job(pr
     [container] = manifest["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 2} and container["image"] == IMAGE
     assert manifest["metadata"]["labels"]["prefect.io/deployment-name"] == "retrain-weekly"
-    assert {e["name"]: e.get("value") for e in container["env"]}["PREFECT_API_URL"] == api
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT_API_URL"] == api and env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == block
 
 
 # The images and the README.
