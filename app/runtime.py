@@ -59,6 +59,9 @@ def prefect_env(artifacts_dir: str) -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH",
                           str(local_root(artifacts_dir).resolve() / "prefect-results"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server's telemetry service logs an ERROR every ten minutes on a machine without internet access,
+    # in the middle of a run's progress lines; set it to true to send Prefect its usage statistics.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 class HideUserErrors(logging.Filter):
