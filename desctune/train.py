@@ -12,6 +12,8 @@ checkpointing).
 Every `train.save_steps` steps a checkpoint (adapter, optimizer, scheduler, RNG, history) is written to a temporary
 folder and renamed into place, so a kill at any moment leaves only complete checkpoints; a re-run of the same
 configuration resumes from the newest one and replays the same batch order.
+With `train.nproc_per_node` > 1 the same loop runs in each of several processes under torchrun, each on its share
+of every optimizer step's examples (`desctune.distributed`, started by `desctune.launch`).
 """
 
 from __future__ import annotations
@@ -470,10 +472,7 @@ def train_adapter(
     from desctune.models import compute_dtype, load_tokenizer, resolve_device
     from desctune.progress import Progress
 
-    if world.main:
-        out_dir = start_stage(out_dir, logger)
-    world.barrier()  # the other ranks look at the folder only once rank 0 has swept it
-    out_dir = Path(out_dir)
+    out_dir = start_stage(out_dir, logger) if world.main else Path(out_dir)  # only rank 0 writes there
     t = cfg.train
     device = resolve_device(cfg.model)
     dtype = compute_dtype(cfg.model, device)
