@@ -65,8 +65,8 @@ def describe(failure: dict) -> str:
     code = failure["exitcode"]
     how = (f"was killed by {failure['signal']}" if code < 0 else f"exited with code {code}")
     where = f"local rank {failure['local_rank']}, pid {failure['pid']}"
-    message = failure.get("message") or ""
-    message = message.strip().splitlines()[-1][:200] if message.strip() and code > 0 else ""
+    message = (failure.get("message") or "").strip()
+    message = message.splitlines()[0][:200] if message and code > 0 else ""
     return f"rank {failure['rank']} ({where}) {how}" + (f": {message}" if message else "")
 
 
@@ -124,13 +124,19 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def failure_message(failure) -> str:
+    """A torchelastic ProcessFailure's message: from the rank's error file ("Type: text") or made up for a signal."""
+    message = failure.message
+    return str(message.get("message", "") if isinstance(message, dict) else message or "")
+
+
 def root_cause(failures: dict) -> tuple[int, object]:
     """The failure that started it: a rank killed by a signal other than torchrun's SIGTERM, else the earliest
     error that is not a peer having gone away, else the earliest."""
 
     def key(item):
         rank, f = item
-        return (f.exitcode == -signal.SIGTERM, f.exitcode > 0, any(m in (f.message or "") for m in PEER_GONE),
+        return (f.exitcode == -signal.SIGTERM, f.exitcode > 0, any(m in failure_message(f) for m in PEER_GONE),
                 f.timestamp, rank)
 
     return min(failures.items(), key=key)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         rank, f = root_cause(exc.failures)
         record = {"rank": rank, "local_rank": f.local_rank, "pid": f.pid, "exitcode": f.exitcode,
-                  "signal": f.signal_name() if f.exitcode < 0 else None, "message": f.message}
+                  "signal": f.signal_name() if f.exitcode < 0 else None, "message": failure_message(f)}
         with atomic_path(failure_file) as tmp:
             tmp.write_text(json.dumps(record))
         print(f"torchrun: {describe(record)}", file=sys.stderr)

@@ -17,7 +17,7 @@ from conftest import tiny_config
 from desctune.config import load_config
 from desctune.distributed import micro_batches_per_step, shard
 from desctune.errors import ConfigError
-from desctune.launch import RankFailed, torchrun_args, train_under_torchrun
+from desctune.launch import RankFailed, describe, failure_message, root_cause, torchrun_args, train_under_torchrun
 from desctune.models import provision
 from desctune.stages import stage_folder
 from desctune.train import load_examples, micro_batches, train_adapter
@@ -81,6 +81,32 @@ def test_launch_settings_are_validated_in_one_line():
     one = load_config(None, []).train
     assert not one.distributed and one.updated(launcher="torchrun").distributed
     assert "--standalone" in torchrun_args(one.updated(nproc_per_node=2))
+
+
+def test_the_failed_rank_named_is_the_cause_not_a_rank_that_lost_its_peer_or_was_stopped(tmp_path):
+    """torchelastic's own failure records: rank 1 raised, rank 0 then lost its peer, rank 2 was stopped by torchrun;
+    with a rank killed by a signal, that one is named."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def error_file(name: str, text: str, timestamp: int) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps({"message": {"message": text, "extraInfo": {"py_callstack": "Traceback ...",
+                                                                               "timestamp": str(timestamp)}}}))
+        return str(path)
+
+    lost = ProcessFailure(0, 100, 1, error_file("0.json", "RuntimeError: [gloo] Connection closed by peer", 5))
+    raised = ProcessFailure(1, 101, 1, error_file("1.json", "ModelError: cannot load the model at /m\nmore", 6))
+    stopped = ProcessFailure(2, 102, -signal.SIGTERM, "<N/A>")
+    rank, cause = root_cause({0: lost, 1: raised, 2: stopped})
+    assert rank == 1 and failure_message(cause).startswith("ModelError")
+    record = {"rank": 1, "local_rank": 1, "pid": 101, "exitcode": 1, "signal": None, "message": failure_message(cause)}
+    assert describe(record) == "rank 1 (local rank 1, pid 101) exited with code 1: ModelError: cannot load the model at /m"
+    killed = ProcessFailure(3, 103, -signal.SIGKILL, "<N/A>")
+    assert root_cause({0: lost, 1: raised, 2: stopped, 3: killed})[0] == 3
+    assert describe({"rank": 3, "local_rank": 3, "pid": 103, "exitcode": -9, "signal": killed.signal_name(),
+                     "message": failure_message(killed)}) == "rank 3 (local rank 3, pid 103) was killed by SIGKILL"
 
 
 @pytest.fixture(scope="module")
