@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["one"] = train_adapter(tokens, base, cfg, tmp / "one")
         walls["one"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        many = cfg.model_copy(update={"train": cfg.train.updated(nproc_per_node=args.nproc)})
-        results["many"] = train_under_torchrun(tokens, base, many, tmp / "many")
+        many_cfg = cfg.model_copy(update={"train": cfg.train.updated(nproc_per_node=args.nproc)})
+        results["many"] = train_under_torchrun(tokens, base, many_cfg, tmp / "many")
         walls["many"] = time.perf_counter() - t0
-        one, many_ = (load_file(Path(results[a]["adapter_path"]) / "adapter_model.safetensors") for a in ("one", "many"))
-        diff = max(float((one[k] - many_[k]).abs().max()) for k in one)
+        one, many = (load_file(Path(results[arm]["adapter_path"]) / "adapter_model.safetensors")
+                     for arm in ("one", "many"))
+        diff = max(float((one[k] - many[k]).abs().max()) for k in one)
     rate = {arm: r["tokens_per_s"] for arm, r in results.items()}
     for arm, r in results.items():
         n = 1 if arm == "one" else args.nproc

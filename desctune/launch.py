@@ -61,7 +61,8 @@ def rank_env(t: TrainConfig) -> dict:
 
 
 def describe(failure: dict) -> str:
-    """'rank 1 (local rank 1, pid 123) was killed by SIGKILL', or '... exited with code 1: ' and its error's first line."""
+    """'rank 1 (local rank 1, pid 123) was killed by SIGKILL', or '... exited with code 1: ' and the first line of
+    its error."""
     code = failure["exitcode"]
     how = (f"was killed by {failure['signal']}" if code < 0 else f"exited with code {code}")
     where = f"local rank {failure['local_rank']}, pid {failure['pid']}"

@@ -103,7 +103,8 @@ def test_the_failed_rank_named_is_the_cause_not_a_rank_that_lost_its_peer_or_was
     rank, cause = root_cause({0: lost, 1: raised, 2: stopped})
     assert rank == 1 and failure_message(cause).startswith("ModelError")
     record = {"rank": 1, "local_rank": 1, "pid": 101, "exitcode": 1, "signal": None, "message": failure_message(cause)}
-    assert describe(record) == "rank 1 (local rank 1, pid 101) exited with code 1: ModelError: cannot load the model at /m"
+    assert describe(record) == ("rank 1 (local rank 1, pid 101) exited with code 1: "
+                                "ModelError: cannot load the model at /m")
     killed = ProcessFailure(3, 103, -signal.SIGKILL, "<N/A>")
     assert root_cause({0: lost, 1: raised, 2: stopped, 3: killed})[0] == 3
     assert describe({"rank": 3, "local_rank": 3, "pid": 103, "exitcode": -9, "signal": killed.signal_name(),
