@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one go (under 8 minutes): install what the GPU machine lacks from a folder of wheels, run the
-# CUDA tests (training through desctune.train.train_adapter) and the GPU training benchmark, logs into $OUT.
+# The GPU check in one go (under 9 minutes): install what the GPU machine lacks from a folder of wheels, run the
+# CUDA tests (training through desctune.train.train_adapter, and one rank under torchrun) and the GPU training
+# benchmark, logs into $OUT.
 #
 #   make gpu-wheels                      # here, once: cp312 wheels into .whl/ (pydantic & co., bitsandbytes)
 #   bash bench/gpu_check.sh .whl         # there; or DESCTUNE_WHEELS=DIR bash bench/gpu_check.sh
@@ -33,7 +34,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 status=0
 SECONDS=0
-timeout 270 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$logs/pytest-cuda.log" \
+timeout 330 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$logs/pytest-cuda.log" \
     || status=1
 echo "CUDA tests: ${SECONDS} s" | tee -a "$logs/pytest-cuda.log"
 SECONDS=0

@@ -142,6 +142,35 @@ class TrainConfig(Section):
     logging_steps: int = Field(5, ge=1)
     num_workers: int | None = Field(None, ge=0, description="dataloader workers (empty or null: sized to the machine)")
     seed: int = 42
+    nproc_per_node: int = Field(
+        1, ge=1, le=1024, description="training processes on this machine: 1 trains in the task's own process; more "
+        "(one per GPU on CUDA) run data-parallel under torchrun, each on its share of every optimizer step's batch",
+    )
+    nnodes: int = Field(1, ge=1, le=1024, description="machines training together under torchrun")
+    node_rank: int = Field(0, ge=0, description="this machine's place among nnodes; node 0 writes the checkpoints")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of node 0, where the machines meet (empty or null: this machine alone)",
+    )
+    launcher: Literal["auto", "torchrun"] = Field(
+        "auto", description="auto: in-process for one process, torchrun for more; torchrun: always, even for one"
+    )
+
+    @model_validator(mode="after")
+    def _one_node_zero(self) -> "TrainConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("several machines (nnodes > 1) need rdzv_endpoint: host:port of node 0")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Whether training runs under torchrun rather than in the calling process."""
+        return self.launcher == "torchrun" or self.nproc_per_node * self.nnodes > 1
 
 
 class EvalConfig(Section):

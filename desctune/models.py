@@ -140,7 +140,7 @@ def load_model(path: str | Path, cfg: ModelConfig, device: str | None = None, fo
     kwargs: dict = {"attn_implementation": cfg.attn_implementation}
     if device == "cuda":
         kwargs["dtype"] = compute_dtype(cfg, device)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # under torchrun: the rank's own GPU
         if four_bit:
             from transformers import BitsAndBytesConfig
 

@@ -12,6 +12,8 @@ checkpointing).
 Every `train.save_steps` steps a checkpoint (adapter, optimizer, scheduler, RNG, history) is written to a temporary
 folder and renamed into place, so a kill at any moment leaves only complete checkpoints; a re-run of the same
 configuration resumes from the newest one and replays the same batch order.
+With `train.nproc_per_node` > 1 the same loop runs in each of several processes under torchrun, each on its share
+of every optimizer step's examples (`desctune.distributed`, started by `desctune.launch`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pandas as pd
 import torch
 
 from desctune.config import Config, TrainConfig
+from desctune.distributed import World, micro_batches_per_step, shard
 from desctune.files import atomic_dir, atomic_path, dir_sha256, start_stage
 from desctune.memory import GIB, ModelShape, memory_plan
 from desctune.tokenize import IGNORE
@@ -212,6 +215,17 @@ def supervised_loss(model, ids: torch.Tensor, labels: torch.Tensor, head_rows: i
     return loss, int(keep.sum())
 
 
+class SupervisedLoss(torch.nn.Module):
+    """`supervised_loss` as a module, so that DistributedDataParallel can wrap it (one process calls it as it is)."""
+
+    def __init__(self, model, head_rows: int | None = None):
+        super().__init__()
+        self.model, self.head_rows = model, head_rows
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return supervised_loss(self.model, ids, labels, self.head_rows)
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return list(causal_lm.model.layers)
@@ -340,8 +354,9 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict, scaler=None,
-                    device: str = "cpu") -> Path:
-    """Adapter, optimizer, scheduler, the CPU and CUDA RNG states (dropout masks) and an fp16 GradScaler's scale."""
+                    device: str = "cpu", ranks_rng: list[dict] | None = None) -> Path:
+    """Adapter, optimizer, scheduler, the CPU and CUDA RNG states (dropout masks) and an fp16 GradScaler's scale;
+    under torchrun also every rank's RNG states (`ranks_rng`, in rank order)."""
     from peft import get_peft_model_state_dict
 
     final = ckpt_dir / f"checkpoint-{step}"
@@ -353,6 +368,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
                 "scheduler": scheduler.state_dict(),
                 **rng_state(device),
                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                **({"ranks_rng": ranks_rng} if ranks_rng else {}),
             },
             tmp / "training.pt",
         )
@@ -362,14 +378,19 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     return final
 
 
-def load_checkpoint(saved: dict, model, optimizer, scheduler, scaler=None) -> None:
-    """Put a read checkpoint's adapter, optimizer, scheduler, RNG and scaler states in place."""
+def load_checkpoint(saved: dict, model, optimizer, scheduler, scaler=None, world: World = World()) -> None:
+    """Put a read checkpoint's adapter, optimizer, scheduler, RNG and scaler states in place. Under torchrun each
+    rank takes its own RNG states where the checkpoint was written by as many ranks, else fresh ones of its own."""
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, saved["adapter"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved)
+    ranks = saved.get("ranks_rng") or [saved]
+    if world.rank == 0 or len(ranks) == world.size:
+        set_rng_state(ranks[world.rank])
+    else:
+        torch.manual_seed(hash((world.size, world.rank, int(saved["scheduler"]["last_epoch"]))))
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
 
@@ -405,18 +426,20 @@ def plot_loss(history: list[dict], path: Path, logger=log) -> str | None:
 
 
 @torch.no_grad()
-def mean_loss(model, examples, batch_size: int, pad_id: int, device: str, p: Plan) -> float:
+def mean_loss(model, examples, batch_size: int, pad_id: int, device: str, p: Plan, world: World = World()) -> float:
+    """Mean supervised-token loss; under torchrun each rank takes every size-th batch and the sums are added."""
     model.eval()
     total, count = 0.0, 0
     lengths = [len(x) for x, _ in examples]
     batches = (token_budget_batches(lengths, p.max_tokens_per_batch, seed=0) if p.max_tokens_per_batch
                else length_grouped_batches(lengths, batch_size, seed=0))
-    for batch in batches:
+    for batch in batches[world.rank :: world.size]:
         ids, labels, _ = collate([examples[i] for i in batch], pad_id)
         with torch.autocast(device, dtype=getattr(torch, p.dtype), enabled=p.autocast):
             loss, n = supervised_loss(model, ids.to(device), labels.to(device), p.head_chunk_rows)
         total, count = total + float(loss), count + n
     model.train()
+    total, count = world.sum(total, count)
     return total / max(count, 1)
 
 
@@ -435,19 +458,21 @@ def train_adapter(
     log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
     on_checkpoint: Callable[[int, Path], None] | None = None,
     progress_seconds: float = 20.0,
+    world: World = World(),
 ) -> dict:
     """Train (or resume) the LoRA adapter; writes out_dir/adapter (safetensors, tokenizer, desctune.json) and loss.png.
 
     Reads cfg's model, lora and train sections only. Progress goes to `logger`; the plan to `log_params` once and
     the loss, learning rate and throughput to `log_metrics(metrics, step)` (an MLflow run, or nothing).
-    `on_checkpoint(step, path)` is called after each checkpoint is in place (tests use it to kill the process there)."""
+    `on_checkpoint(step, path)` is called after each checkpoint is in place (tests use it to kill the process there).
+    Under torchrun (`world`, see `desctune.distributed`) every rank calls it; ranks other than 0 return {}."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from desctune.models import compute_dtype, load_tokenizer, resolve_device
     from desctune.progress import Progress
 
-    out_dir = start_stage(out_dir, logger)
+    out_dir = start_stage(out_dir, logger) if world.main else Path(out_dir)  # only rank 0 writes there
     t = cfg.train
     device = resolve_device(cfg.model)
     dtype = compute_dtype(cfg.model, device)
@@ -462,11 +487,17 @@ def train_adapter(
     tokenizer = load_tokenizer(base["path"])
     pad_id = tokenizer.pad_token_id
     model = build_peft_model(base["path"], cfg, p)
+    if world.rank:  # the same LoRA weights on every rank, but dropout masks of their own
+        torch.manual_seed(t.seed + world.rank)
     trainable, total = model.get_nb_trainable_parameters()
     train_ex, val_ex = load_examples(tokens["train"]["path"]), load_examples(tokens["val"]["path"])
     lengths = [len(x) for x, _ in train_ex]
     steps = total_steps(len(epoch_batches(lengths, t, p.max_tokens_per_batch, t.seed)), t)
-    schedule = micro_batches(lengths, t, steps, p.max_tokens_per_batch)
+    # This rank's micro-batches (in one process: all of them), per_step of them per optimizer step.
+    schedule = shard(micro_batches(lengths, t, steps, p.max_tokens_per_batch), t.grad_accum, world.rank, world.size,
+                     placeholder=len(train_ex))
+    per_step = micro_batches_per_step(t.grad_accum, world.size)
+    placeholder = [([pad_id, pad_id], [IGNORE, IGNORE])] if world.size > 1 else []  # no supervised token
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=p.fused_adamw)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, math.ceil(t.warmup_ratio * steps), steps)
@@ -476,16 +507,18 @@ def train_adapter(
     ckpt_dir = out_dir / "checkpoints"
     resume, state = None, {"step": 0, "history": [], "loss_sum": 0.0, "tokens": 0, "supervised_tokens": 0,
                            "seconds": 0.0}
-    for path in checkpoints(ckpt_dir):
+    found = None
+    for path in checkpoints(ckpt_dir) if world.main else []:
         try:
-            saved, progress = read_checkpoint(path)
+            found = path, *read_checkpoint(path)
+            break
         except UnreadableCheckpoint as exc:
             logger.warning("skipping %s, which cannot be read safely (%s): trying the checkpoint before it",
                            path.name, exc)
-            continue
-        load_checkpoint(saved, model, optimizer, scheduler, scaler)
-        resume, state = path, progress
-        break
+    found = world.from_main(found)
+    if found is not None:
+        resume, saved, state = found
+        load_checkpoint(saved, model, optimizer, scheduler, scaler, world)
     start_step = state["step"]
     logger.info(
         "training %d steps on %s (%s, base %s): %d examples, %d trainable parameters%s", steps, device, p.dtype,
@@ -495,33 +528,40 @@ def train_adapter(
     # Its own generator: an iterator over a loader draws a base seed, and from torch's global generator that draw
     # would shift every dropout mask of a resumed run against the uninterrupted one.
     loader = torch.utils.data.DataLoader(
-        train_ex, batch_sampler=schedule[start_step * t.grad_accum :], num_workers=p.num_workers,
+        train_ex + placeholder, batch_sampler=schedule[start_step * per_step :], num_workers=p.num_workers,
         collate_fn=lambda ex: collate(ex, pad_id), generator=torch.Generator().manual_seed(t.seed),
     )
 
     model.train()
-    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    loss_of = world.wrap(SupervisedLoss(model, p.head_chunk_rows))
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=world.size > 1)  # under torchrun the progress lines, relayed, are the display
     progress = Progress(logger, "train step", steps, "step", every=progress_seconds, start=start_step)
     recent, window = new_window(), new_window()  # since the last progress line; since the last logged metrics
     accum: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     first = True
     for batch in loader:
         accum.append(batch)
-        if len(accum) < t.grad_accum:
+        if len(accum) < per_step:
             continue
         t0 = time.perf_counter()
-        n_sup = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in accum)
+        # The step's supervised tokens over all ranks: each rank's share of the loss is divided by it (and DDP's
+        # average turned into a sum), so the gradient is the one of the whole step in one process.
+        n_sup = int(world.sum(sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in accum))[0])
 
         def forward_backward() -> float:
             loss_total = 0.0
-            for ids, labels, _ in accum:
-                with torch.autocast(device, dtype=dtype, enabled=p.autocast):
-                    loss_sum, _ = supervised_loss(model, ids.to(device), labels.to(device), p.head_chunk_rows)
-                scaler.scale(loss_sum / n_sup).backward()
+            for k, (ids, labels, _) in enumerate(accum):
+                with world.step_sync(loss_of, last=k == len(accum) - 1):
+                    with torch.autocast(device, dtype=dtype, enabled=p.autocast):
+                        loss_sum, _ = loss_of(ids.to(device), labels.to(device))
+                    scaler.scale(loss_sum * world.grad_scale / n_sup).backward()
                 loss_total += float(loss_sum.detach())
             return loss_total
 
         loss_total = with_eager_fallback(forward_backward, model, device, logger) if first else forward_backward()
+        loss_total, n_tokens = world.sum(loss_total, sum(n for _, _, n in accum))
+        n_tokens = int(n_tokens)
         first = False
         scaler.step(optimizer)
         scaler.update()
@@ -529,7 +569,6 @@ def train_adapter(
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         loss = loss_total / n_sup
-        n_tokens = sum(n for _, _, n in accum)
         accum = []
         state["step"] += 1
         state["loss_sum"] += loss
@@ -555,15 +594,20 @@ def train_adapter(
             log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step)
             window = new_window()
         if step % t.save_steps == 0 and step < steps:
-            path = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, scaler, device)
+            ranks_rng = world.gather(rng_state(device)) if world.size > 1 else None
+            path = ckpt_dir / f"checkpoint-{step}"
+            if world.main:
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, scaler, device, ranks_rng)
             if on_checkpoint is not None:
                 on_checkpoint(step, path)
     bar.close()
     uncompile_layers(model)  # the validation pass runs without gradients: eager beats compiling a second graph
 
     logger.info("validation loss on %d examples ...", len(val_ex))
-    val_loss = mean_loss(model, val_ex, t.batch_size, pad_id, device, p)
+    val_loss = mean_loss(model, val_ex, t.batch_size, pad_id, device, p, world)
     logger.info("validation loss %.4f after %d steps", val_loss, state["step"])
+    if not world.main:
+        return {}
     adapter = out_dir / "adapter"
     with atomic_dir(adapter) as tmp:
         model.save_pretrained(tmp)

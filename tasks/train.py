@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from desctune.config import Config, LoraConfig, ModelConfig, TrainConfig
+from desctune.launch import train_under_torchrun
 from desctune.stagelock import exclusive
 from desctune.stages import code_version, stage_folder
 from desctune.store import localize, publish
@@ -40,17 +41,24 @@ def train(
 ) -> dict:
     """Train (or resume) the adapter for this exact data and configuration; cached on those alone.
 
-    Prefect retries it once: the retry resumes from the newest checkpoint the failed attempt left. Two identical
-    runs at once train once: the second waits on the stage folder's lock and reuses the first one's result."""
+    Prefect retries it once: the retry resumes from the newest checkpoint the failed attempt left (also when one of
+    several torchrun processes died). Two identical runs at once train once: the second waits on the stage folder's
+    lock and reuses the first one's result."""
     cfg = Config(artifacts_dir=artifacts_dir, model=model, lora=lora, train=training)
     out_dir = stage_folder(artifacts_dir, "train", tokens["train"]["sha256"], tokens["val"]["sha256"], base["sha256"],
                            model, lora, training)
     log_params, log_metrics = mlflow_sink(run_id, tracking_uri)
 
+    progress_seconds = float(os.environ.get("DESCTUNE_PROGRESS_SECONDS", "20"))
+
     def run() -> dict:
         local = localize(artifacts_dir, {"tokens": tokens, "base": base})
-        result = train_adapter(local["tokens"], local["base"], cfg, out_dir, run_logger(), log_params, log_metrics,
-                               progress_seconds=float(os.environ.get("DESCTUNE_PROGRESS_SECONDS", "20")))
+        if training.distributed:  # train.nproc_per_node x nnodes processes under torchrun; rank 0 logs to MLflow
+            result = train_under_torchrun(local["tokens"], local["base"], cfg, out_dir, run_logger(), run_id,
+                                          tracking_uri, progress_seconds)
+        else:
+            result = train_adapter(local["tokens"], local["base"], cfg, out_dir, run_logger(), log_params,
+                                   log_metrics, progress_seconds=progress_seconds)
         return result | {"mlflow_run_id": run_id}
 
     return publish(artifacts_dir, out_dir, exclusive(out_dir, run))

@@ -15,6 +15,7 @@ import desctune.train
 from conftest import SAMPLE, tiny_config
 from desctune.files import write_parquet
 from desctune.inference import generate, load_adapter_model
+from desctune.launch import train_under_torchrun
 from desctune.models import load_tokenizer, provision
 from desctune.tokenize import tokenize_frame
 from desctune.train import build_peft_model, compile_layers, is_compiled, plan, train_adapter
@@ -141,3 +142,21 @@ def test_nf4_and_bf16_plans_load_and_train_on_cuda(tmp_path, tiny_model_dir, qua
     assert p["base_dtype"] == ("nf4" if quantization == "nf4" else p["dtype"])
     assert result["steps"] == 6 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
     assert (Path(result["adapter_path"]) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_under_torchrun_trains_what_the_task_process_trains(tmp_path, tiny_model_dir):
+    """The torchrun path on one card (train.launcher=torchrun): NCCL process group, the rank's own GPU, the result
+    and adapter written by rank 0; fp32, eager, so both runs take the same kernels."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, model={"device": "cuda", "dtype": "fp32"},
+                      train={"max_steps": 6, "save_steps": 3, "compile": False})
+    tokens, base = token_files(tmp_path, tiny_model_dir, 24), provision(str(tiny_model_dir), tmp_path)
+    here = train_adapter(tokens, base, cfg, tmp_path / "here")
+    under = train_under_torchrun(tokens, base, cfg.model_copy(update={"train": cfg.train.updated(launcher="torchrun")}),
+                                 tmp_path / "torchrun")
+    assert under["device"] == "cuda" and under["steps"] == 6 and (tmp_path / "torchrun" / "checkpoints").is_dir()
+    want, got = (load_file(Path(r["adapter_path"]) / "adapter_model.safetensors") for r in (here, under))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-7), name
