@@ -6,9 +6,9 @@ package in its own process only to find the class that starts it, and only then 
 same packages again and opens its database — about 11 s before any work on this 2-core machine, one step after the
 other. `EarlyServer()` starts the very same server process first thing, before the command imports Prefect, so
 its start overlaps everything the command does before the flow; the command then points Prefect at it and stops it
-when done. When an API is configured (PREFECT_API_URL in the environment, a profile or prefect.toml), when temporary
-servers are turned off, or when Prefect is already loaded in this process (a test calling the command, which may hold
-a server already), it starts nothing and Prefect does what it always does.
+when done. When an API is configured (PREFECT_API_URL in the environment, a profile or prefect.toml), or when Prefect
+is already loaded in this process (a test calling the command, which may hold a server already), it starts nothing
+(or stops what it started) and Prefect does what it always does.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def _healthy(url: str) -> bool:
 
 
 def _prefect_would_start_one() -> bool:
-    """Whether Prefect, now imported, has no API configured and would start a temporary server of its own."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+    """Whether Prefect, now imported, has no API configured, so its client would start a temporary server."""
+    from prefect.settings import PREFECT_API_URL
 
-    return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value())
+    return not PREFECT_API_URL.value()
 
 
 class EarlyServer:
@@ -78,7 +78,7 @@ class EarlyServer:
     @contextlib.contextmanager
     def use(self) -> Iterator[None]:
         """Inside the block Prefect (imported by now) talks to this server. When Prefect has an API configured after
-        all (a profile, prefect.toml) or temporary servers are off, the server is stopped and Prefect left as it is."""
+        all (a profile, prefect.toml), the server is stopped and Prefect left as it is."""
         if self.proc is None or not _prefect_would_start_one():
             self.stop()
             yield

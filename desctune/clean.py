@@ -4,7 +4,9 @@
 <br>, mojibake (ftfy, then the remnants it leaves where a text shows mis-decoding), NFC, control and zero-width
 characters, boilerplate stubs, whitespace runs. `clean_column` gives the same result for a whole Arrow column: rows that are plain ASCII with no '&', '<' or control character
 (most of trn.json) are cleaned with vectorised RE2 regexes, and only the rest go through `clean_text` in Python.
-`clean_file` streams raw.parquet in batches, so memory stays bounded by a batch plus the sets used to find duplicates.
+`clean_file` streams raw.parquet a row group at a time, on one worker process per core for a large input (threads in
+this process for a small one); this process keeps the file's order, finds duplicates by 64-bit hashes the workers
+made, and writes. Memory stays bounded by a few row groups in flight plus 16 bytes a kept record for the hashes.
 """
 
 from __future__ import annotations
