@@ -264,8 +264,9 @@ def clean_column(arr: pa.Array, strip_stubs: bool = True) -> pa.Array:
 
 
 def _excerpt(title: pa.Array, content: pa.Array) -> pa.Array:
-    joined = pc.binary_join_element_wise(title, content, " | ")
-    return pc.utf8_slice_codeunits(joined, 0, EXCERPT_CHARS)
+    """The start of "title | content", each cut first so that no whole text is copied to make it."""
+    title, content = (pc.utf8_slice_codeunits(a, 0, EXCERPT_CHARS) for a in (title, content))
+    return pc.utf8_slice_codeunits(pc.binary_join_element_wise(title, content, " | "), 0, EXCERPT_CHARS)
 
 
 class _HashSet:
@@ -368,17 +369,17 @@ def _clean_fields(title, content, data: DataConfig) -> tuple[pa.Array, pa.Array,
 
 
 def _clean_group(group: pa.RecordBatch | pa.Table, data: DataConfig) -> dict:
-    """All that the ordered writer needs of one group of raw rows: the cleaned columns, each row's failed filter, the
-    excerpt a reject would show, and the dedup hashes of the rows that pass. Runs in a thread or a worker process."""
+    """All that the ordered writer needs of one group of raw rows: each row's failed filter and the excerpt a reject
+    would show, and for the rows that pass (only they can be kept) their cleaned title and content and dedup hashes.
+    Runs in a thread or a worker process."""
     col = {name: group.column(name) for name in ("line", "uid", "title", "content")}
     col = {k: v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v for k, v in col.items()}
     title, content, reason = _clean_fields(col["title"], col["content"], data)
     ok = pc.is_null(reason)
     return {
-        "line": col["line"], "uid": col["uid"], "title": title, "content": content, "reason": reason,
-        "excerpt": _excerpt(col["title"], col["content"]),
-        "uid_hash": _hashes(col["uid"].filter(ok)),
-        "pair_hash": _pair_hashes(title.filter(ok), content.filter(ok)),
+        "line": col["line"], "uid": col["uid"], "reason": reason, "excerpt": _excerpt(col["title"], col["content"]),
+        "title": title.filter(ok), "content": content.filter(ok),
+        "uid_hash": _hashes(col["uid"].filter(ok)), "pair_hash": _pair_hashes(title.filter(ok), content.filter(ok)),
     }
 
 
@@ -389,14 +390,14 @@ def _clean_row_group(path: str, index: int, data: DataConfig) -> dict:
 
 def _split_batch(group: dict, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
     """Records kept and rejects of one cleaned group; runs in file order so the first of duplicates is kept."""
-    reason = group["reason"]
+    reason, uid = group["reason"], group["uid"]
     ok = pc.is_null(reason)
     dup = dedup.reasons(group["uid_hash"], group["pair_hash"])
+    kept = pa.table({"uid": uid.filter(ok), "title": group["title"], "content": group["content"]})
     if any(dup):
+        kept = kept.filter(pa.array([d is None for d in dup]))
         reason = pc.replace_with_mask(reason, ok, pa.array(dup, pa.string()))
         ok = pc.is_null(reason)
-    uid = group["uid"]
-    kept = pa.table({"uid": uid, "title": group["title"], "content": group["content"]}).filter(ok)
     bad = pc.invert(ok)
     rejects = pa.table(
         {"line": group["line"].filter(bad), "uid": uid.filter(bad), "reason": reason.filter(bad),
