@@ -45,6 +45,7 @@ def summary(raw: dict, cleaned: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from app.apiserver import EarlyServer
     from app.runtime import prefect_env, quiet_user_errors
     from desctune.config import load_config
     from desctune.ingest import check_source
@@ -54,16 +55,21 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [])
     data = cfg.data.model_copy(update={"path": str(args.data), "filters": cfg.data.filters and not args.no_filters})
     check_source(data.path)
-    # Hash the input on a thread (hashlib lets go of the GIL) while Prefect imports and starts its server; the
-    # flow's fingerprint task then takes the result instead of reading the file again.
-    threading.Thread(target=_prefetch_fingerprint, args=(data.path,), daemon=True).start()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))
-    from flows.prepare import prepare
+    # Prefect's temporary server starts now, in its own process, while this one hashes the input on a thread
+    # (hashlib lets go of the GIL) and imports Prefect and the flow; the fingerprint task then takes that hash.
+    server = EarlyServer()
+    try:
+        threading.Thread(target=_prefetch_fingerprint, args=(data.path,), daemon=True).start()
+        from flows.prepare import prepare
 
-    quiet_user_errors()
-    raw, cleaned = prepare(data, str(out))
+        quiet_user_errors()
+        with server.use():
+            raw, cleaned = prepare(data, str(out))
+    finally:
+        server.stop()
     _publish(cleaned["path"], out / "clean.parquet")
     _publish(cleaned["rejects_path"], out / "rejects.parquet")
     print(summary(raw, cleaned))

@@ -4,7 +4,9 @@
 <br>, mojibake (ftfy, then the remnants it leaves where a text shows mis-decoding), NFC, control and zero-width
 characters, boilerplate stubs, whitespace runs. `clean_column` gives the same result for a whole Arrow column: rows that are plain ASCII with no '&', '<' or control character
 (most of trn.json) are cleaned with vectorised RE2 regexes, and only the rest go through `clean_text` in Python.
-`clean_file` streams raw.parquet in batches, so memory stays bounded by a batch plus the sets used to find duplicates.
+`clean_file` streams raw.parquet a row group at a time, on one worker process per core for a large input (threads in
+this process for a small one); this process keeps the file's order, finds duplicates by 64-bit hashes the workers
+made, and writes. Memory stays bounded by a few row groups in flight plus 16 bytes a kept record for the hashes.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 
 from desctune.config import DataConfig
 from desctune.files import HashingSink, atomic_path, start_stage
 from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA
+from desctune.parallel import ordered_map, usable_cores
 
 log = logging.getLogger(__name__)
 
 CLEAN_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
 BATCH_ROWS = 65_536
+# From this many records on, cleaning runs in worker processes (one per core); below, starting them costs more.
+PARALLEL_MIN_ROWS = 200_000
 PARQUET = {"compression": "zstd"}
 
 ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
@@ -182,17 +188,64 @@ def _nfc(s: str) -> str:
     return unicodedata.normalize("NFC", s)
 
 
+def _offsets(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
+    """The row end offsets (n + 1) and the data buffer of a string array."""
+    _, offsets, data = arr.buffers()
+    width = np.dtype(np.int64 if pa.types.is_large_string(arr.type) else np.int32)
+    return np.frombuffer(offsets, width, len(arr) + 1, arr.offset * width.itemsize), data
+
+
+def _rows_at(ends: np.ndarray, positions: np.ndarray, n: int) -> pa.Array:
+    mask = np.zeros(n, bool)
+    mask[np.searchsorted(ends, positions, side="right") - 1] = True
+    return pa.array(mask)
+
+
+def _rows_with_bytes(arr: pa.Array, test) -> pa.Array:
+    """Rows holding a byte for which `test` (on a uint8 numpy array) is true: one numpy pass over the data buffer,
+    several times cheaper than Arrow's substring kernels, which look at each row in turn."""
+    ends, data = _offsets(arr)
+    if data is None or len(arr) == 0 or ends[-1] == ends[0]:
+        return pa.array(np.zeros(len(arr), bool))
+    raw = np.frombuffer(data, np.uint8, int(ends[-1] - ends[0]), int(ends[0]))
+    return _rows_at(ends, np.flatnonzero(test(raw)) + ends[0], len(arr))
+
+
+def _rows_with(arr: pa.Array, needle: str) -> pa.Array:
+    """Rows that may hold `needle` (a rare one: bytes.find over the data buffer). A match across two rows marks the
+    first one too; the callers then run a replacement that leaves such a row as it is."""
+    ends, data = _offsets(arr)
+    if data is None or len(arr) == 0:
+        return pa.array(np.zeros(len(arr), bool))
+    buf, key, found = data.to_pybytes()[: int(ends[-1])], needle.encode(), []
+    pos = buf.find(key, int(ends[0]))
+    while pos >= 0:
+        found.append(pos)
+        pos = buf.find(key, pos + 1)
+    return _rows_at(ends, np.array(found, np.int64), len(arr))
+
+
+def _markup_bytes(b: np.ndarray) -> np.ndarray:
+    return (b == ord("&")) | (b == ord("<"))
+
+
+def _composable_bytes(b: np.ndarray) -> np.ndarray:
+    """UTF-8 lead bytes of code points from U+0300 on: a text without them is already NFC (every code point below
+    U+0300 is NFC and none of them composes with another; checked for all of them and all their pairs)."""
+    return b >= 0xCC
+
+
 def _clean_special(arr: pa.Array, strip_stubs: bool) -> pa.Array:
-    # Plain substring searches (memchr) are several times cheaper than an RE2 pass over the same rows, and mojibake
-    # can only be in non-ASCII rows, so each Python repair looks only at the rows its cheap test picks.
-    arr = _apply(arr, pc.or_(pc.match_substring(arr, "&"), pc.match_substring(arr, "<")), _py(_markup))
+    # Cheap tests on the bytes pick the rows each repair looks at: markup needs '&' or '<', mojibake can only be in
+    # non-ASCII rows, NFC only changes rows with a code point from U+0300 on, a stub needs its marker.
+    arr = _apply(arr, _rows_with_bytes(arr, _markup_bytes), _py(_markup))
     non_ascii = pc.invert(pc.string_is_ascii(arr))
     if pc.any(non_ascii).as_py():
         arr = _apply(arr, non_ascii, lambda a: _apply(a, pc.match_substring_regex(a, _MOJIBAKE), _py(_mojibake)))
     arr = _apply(arr, pc.match_substring_regex(arr, _CONTROL), lambda a: pc.replace_substring_regex(a, _CONTROL, ""))
-    arr = _apply(arr, non_ascii, _py(_nfc))
+    arr = _apply(arr, _rows_with_bytes(arr, _composable_bytes), _py(_nfc))
     if strip_stubs:
-        arr = _apply(arr, pc.match_substring(arr, STUB_MARK), lambda a: pc.replace_substring_regex(a, _STUB_RE2, " "))
+        arr = _apply(arr, _rows_with(arr, STUB_MARK), lambda a: pc.replace_substring_regex(a, _STUB_RE2, " "))
     arr = pc.replace_substring_regex(arr, _WS_RUN_RE2, " ")
     return pc.ascii_trim(arr, " ")
 
@@ -211,8 +264,9 @@ def clean_column(arr: pa.Array, strip_stubs: bool = True) -> pa.Array:
 
 
 def _excerpt(title: pa.Array, content: pa.Array) -> pa.Array:
-    joined = pc.binary_join_element_wise(title, content, " | ")
-    return pc.utf8_slice_codeunits(joined, 0, EXCERPT_CHARS)
+    """The start of "title | content", each cut first so that no whole text is copied to make it."""
+    title, content = (pc.utf8_slice_codeunits(a, 0, EXCERPT_CHARS) for a in (title, content))
+    return pc.utf8_slice_codeunits(pc.binary_join_element_wise(title, content, " | "), 0, EXCERPT_CHARS)
 
 
 class _HashSet:
@@ -247,13 +301,20 @@ def _repeated(h: np.ndarray) -> np.ndarray:
     return np.isin(h, s[1:][s[1:] == s[:-1]])
 
 
-def _hashes(a: pa.Array, step: int = 8192) -> np.ndarray:
-    """Python's 64-bit string hash of each row, a slice at a time so only a slice's str objects exist at once."""
-    out = np.empty(len(a), np.int64)
-    for i in range(0, len(a), step):
-        part = a.slice(i, step)
-        out[i : i + len(part)] = np.fromiter(map(hash, _strings(part)), np.int64, count=len(part))
-    return out.view(np.uint64)
+def _hashes(a: pa.Array) -> np.ndarray:
+    """The 64-bit xxh3 hash of each string's UTF-8 bytes, read straight from the Arrow buffers: no Python str is made
+    (making them was most of dedup's time), and a hash is the same in every process, so workers can compute them."""
+    a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+    if len(a) == 0:
+        return np.empty(0, np.uint64)
+    ends, data = _offsets(a)
+    ends = ends.tolist()
+    view, h = memoryview(data if data is not None else b""), xxhash.xxh3_64_intdigest
+    return np.fromiter((h(view[s:e]) for s, e in zip(ends[:-1], ends[1:])), np.uint64, count=len(a))
+
+
+def _pair_hashes(title: pa.Array, content: pa.Array) -> np.ndarray:
+    return (_hashes(title) * np.uint64(0x9E3779B97F4A7C15)) ^ _hashes(content)
 
 
 class _Dedup:
@@ -266,9 +327,8 @@ class _Dedup:
     def __init__(self) -> None:
         self.uids, self.pairs = _HashSet(), _HashSet()
 
-    def reasons(self, uid: pa.Array, title: pa.Array, content: pa.Array) -> list[str | None]:
-        hu = _hashes(uid)
-        hp = (_hashes(title) * np.uint64(0x9E3779B97F4A7C15)) ^ _hashes(content)
+    def reasons(self, hu: np.ndarray, hp: np.ndarray) -> list[str | None]:
+        """The duplicate reason (or None) of each row, given its uid hash and its (title, content) hash."""
         seen_u, seen_p = self.uids.contains(hu), self.pairs.contains(hp)
         code = np.zeros(len(hu), np.int8)
         local_u: set[int] = set()
@@ -289,12 +349,12 @@ class _Dedup:
         return names[code].tolist()
 
 
-def _clean_batch(batch: pa.RecordBatch, data: DataConfig) -> tuple[pa.RecordBatch, pa.Array, pa.Array, pa.Array]:
-    """Clean one raw batch and name the filter each failing row breaks (null: passes). Safe to run in threads."""
-    title = clean_column(batch.column("title"), data.strip_stubs)
-    content = clean_column(batch.column("content"), data.strip_stubs)
+def _clean_fields(title, content, data: DataConfig) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Cleaned titles and contents, and the filter each failing row breaks (null: passes). Safe to run in threads."""
+    title = clean_column(title, data.strip_stubs)
+    content = clean_column(content, data.strip_stubs)
     tlen, clen = pc.utf8_length(title), pc.utf8_length(content)
-    reason = pa.nulls(len(batch), pa.string())
+    reason = pa.nulls(len(title), pa.string())
     checks = [(pc.equal(tlen, 0), "empty_title"), (pc.equal(clen, 0), "empty_content")]
     if data.filters:
         checks += [
@@ -305,28 +365,43 @@ def _clean_batch(batch: pa.RecordBatch, data: DataConfig) -> tuple[pa.RecordBatc
         checks.append((pa.array([is_blurb(c) for c in content.to_pylist()], pa.bool_()), "review_blurb"))
     for mask, name in checks:
         reason = pc.if_else(pc.and_(pc.is_null(reason), mask), name, reason)
-    return batch, title, content, reason
+    return title, content, reason
 
 
-def _split_batch(cleaned, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
-    """Records kept and rejects of one cleaned batch; runs in file order so the first of duplicates is kept."""
-    batch, title, content, reason = cleaned
+def _clean_group(group: pa.RecordBatch | pa.Table, data: DataConfig) -> dict:
+    """All that the ordered writer needs of one group of raw rows: each row's failed filter and the excerpt a reject
+    would show, and for the rows that pass (only they can be kept) their cleaned title and content and dedup hashes.
+    Runs in a thread or a worker process."""
+    col = {name: group.column(name) for name in ("line", "uid", "title", "content")}
+    col = {k: v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v for k, v in col.items()}
+    title, content, reason = _clean_fields(col["title"], col["content"], data)
     ok = pc.is_null(reason)
-    ok_idx = pc.indices_nonzero(ok)
-    uid = batch.column("uid")
-    dup = dedup.reasons(uid.take(ok_idx), title.take(ok_idx), content.take(ok_idx))
+    return {
+        "line": col["line"], "uid": col["uid"], "reason": reason, "excerpt": _excerpt(col["title"], col["content"]),
+        "title": title.filter(ok), "content": content.filter(ok),
+        "uid_hash": _hashes(col["uid"].filter(ok)), "pair_hash": _pair_hashes(title.filter(ok), content.filter(ok)),
+    }
+
+
+def _clean_row_group(path: str, index: int, data: DataConfig) -> dict:
+    """`_clean_group` on one row group of raw.parquet, read here: what a worker process runs."""
+    return _clean_group(pq.ParquetFile(path, pre_buffer=False).read_row_group(index), data)
+
+
+def _split_batch(group: dict, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
+    """Records kept and rejects of one cleaned group; runs in file order so the first of duplicates is kept."""
+    reason, uid = group["reason"], group["uid"]
+    ok = pc.is_null(reason)
+    dup = dedup.reasons(group["uid_hash"], group["pair_hash"])
+    kept = pa.table({"uid": uid.filter(ok), "title": group["title"], "content": group["content"]})
     if any(dup):
+        kept = kept.filter(pa.array([d is None for d in dup]))
         reason = pc.replace_with_mask(reason, ok, pa.array(dup, pa.string()))
         ok = pc.is_null(reason)
-    kept = pa.table({"uid": uid, "title": title, "content": content}).filter(ok)
     bad = pc.invert(ok)
     rejects = pa.table(
-        {
-            "line": batch.column("line").filter(bad),
-            "uid": uid.filter(bad),
-            "reason": reason.filter(bad),
-            "excerpt": _excerpt(batch.column("title").filter(bad), batch.column("content").filter(bad)),
-        },
+        {"line": group["line"].filter(bad), "uid": uid.filter(bad), "reason": reason.filter(bad),
+         "excerpt": group["excerpt"].filter(bad)},
         schema=REJECT_SCHEMA,
     )
     return kept, rejects
@@ -338,21 +413,34 @@ def _batches(path: str) -> Iterator[pa.RecordBatch]:
     return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS)
 
 
-def _cleaned_batches(path: str, data: DataConfig) -> Iterator:
-    """`_clean_batch` over raw.parquet on two threads (Arrow kernels release the GIL), in order, two in flight."""
-    batches = _batches(path)
+def _cleaned_groups(path: str, data: DataConfig, workers: int) -> Iterator[dict]:
+    """`_clean_group` over raw.parquet, in order. One worker: batches on two threads in this process (Arrow kernels
+    release the GIL), two in flight. More: one row group per task on that many worker processes, each reading its
+    row group itself, so only results travel between processes."""
+    if workers > 1:
+        groups = range(pq.ParquetFile(path, pre_buffer=False).num_row_groups)
+        yield from ordered_map(_clean_row_group, ((path, i, data) for i in groups), workers)
+        return
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.submit(_clean_batch, batch, data))
+        for batch in _batches(path):
+            pending.append(pool.submit(_clean_group, batch, data))
             if len(pending) >= 2:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
-    """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in)."""
+def clean_workers(records: int) -> int:
+    """Worker processes for cleaning `records` rows: one per core, or none (threads in this process) for an input so
+    small that starting processes would cost more than it saves."""
+    return usable_cores() if records >= PARALLEL_MIN_ROWS else 1
+
+
+def clean_file(raw: dict, data: DataConfig, out_dir: Path, workers: int | None = None) -> dict:
+    """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in), on
+    `workers` processes (default `clean_workers`); the output is the same whatever their number."""
+    workers = clean_workers(raw.get("records") or 0) if workers is None else workers
     out_dir = start_stage(out_dir, log)
     clean_path, rej_path = out_dir / "clean.parquet", out_dir / "rejects.parquet"
     reasons: Counter[str] = Counter()
@@ -371,7 +459,7 @@ def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
         ) as rw:
             for rej in _batches(raw["rejects_path"]):
                 write_rejects(pa.Table.from_batches([rej]).cast(REJECT_SCHEMA))
-            for cleaned in _cleaned_batches(raw["path"], data):
+            for cleaned in _cleaned_groups(raw["path"], data, workers):
                 good, bad = _split_batch(cleaned, dedup)
                 if good.num_rows:
                     cw.write_table(good)

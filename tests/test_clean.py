@@ -187,7 +187,8 @@ def test_hashed_dedup_equals_the_rule_with_sets_of_strings():
     dedup, got = clean_mod._Dedup(), []
     for start in range(0, len(rows), 257):  # batches, so repeats fall both within one batch and across batches
         chunk = rows[start:start + 257]
-        got += dedup.reasons(*(pa.array([r[k] for r in chunk]) for k in range(3)))
+        uid, title, content = (pa.array(["pad", *(r[k] for r in chunk)]).slice(1) for k in range(3))  # offset > 0
+        got += dedup.reasons(clean_mod._hashes(uid), clean_mod._pair_hashes(title, content))
     assert got == _reference_dedup(rows)
     assert {"duplicate_uid", "duplicate_record", None} == set(got)
 
@@ -220,3 +221,53 @@ def test_output_hashes_are_those_of_the_files_written(tmp_path):
 def test_mojibake_remnants_that_ftfy_leaves_are_repaired_only_in_mis_decoded_text(raw, cleaned):
     assert clean_text(raw) == cleaned
     assert clean_column(pa.array([raw])).to_pylist() == [cleaned]
+
+
+def test_hashes_are_xxh3_of_the_utf8_bytes_whatever_the_array_offset():
+    import xxhash
+
+    texts = ["", "caf\u00e9", "\u2019s", "plain", "x" * 5000]
+    arr = pa.array(["skip", *texts]).slice(1)
+    assert clean_mod._hashes(arr).tolist() == [xxhash.xxh3_64_intdigest(t.encode()) for t in texts]
+    assert clean_mod._hashes(pa.chunked_array([arr.slice(0, 2), arr.slice(2)])).tolist() == clean_mod._hashes(
+        arr).tolist()
+
+
+def test_byte_tests_pick_the_rows_their_substring_would():
+    texts = ["a & b", "none", "x<y", "", "caf\u00e9", "e\u0301", "\u2019", "ends with &", "This text refers", "T"]
+    arr = pa.array(["<&", *texts]).slice(1)
+    assert clean_mod._rows_with_bytes(arr, clean_mod._markup_bytes).to_pylist() == [
+        "&" in t or "<" in t for t in texts]
+    assert clean_mod._rows_with_bytes(arr, clean_mod._composable_bytes).to_pylist() == [
+        any(ord(c) >= 0x300 for c in t) for t in texts]
+    assert clean_mod._rows_with(arr, clean_mod.STUB_MARK).to_pylist() == [clean_mod.STUB_MARK in t for t in texts]
+
+
+def test_text_below_u0300_is_already_nfc():
+    """Why NFC runs only on rows with a code point from U+0300 on: none below composes, alone or in a pair."""
+    import unicodedata
+
+    chars = [chr(c) for c in range(0x20, 0x300)]
+    assert all(unicodedata.is_normalized("NFC", a + b) for a in chars for b in chars)
+
+
+def test_worker_processes_give_the_same_output_as_one_process(tmp_path):
+    """Row groups cleaned on two real worker processes: same kept rows, rejects and order as in one process, with
+    duplicates across row groups found (the first one is kept) and every reason."""
+    rng = random.Random(3)
+    rows = []
+    for i in range(3000):
+        n = rng.randrange(400)
+        title = rng.choice([f"Title &amp; number {n}", f"T{n}", f"Caf\u00c3\u00a9 title {n}", f"Title  {n}<br>"])
+        content = rng.choice([LONG + f" {n}", "short", f"{LONG}&#8217;s --This text refers to thePaperbackedition. {n}",
+                              f"cafe\u0301 {LONG} {n}"])
+        rows.append({"uid": f"u{rng.randrange(2500)}", "title": title, "content": content})
+    raw = _raw(tmp_path, rows)
+    table = pq.read_table(raw["path"])
+    pq.write_table(table, raw["path"], row_group_size=250)  # 12 row groups: 12 tasks for the workers
+    one = clean_file(raw, DataConfig(), tmp_path / "one", workers=1)
+    two = clean_file(raw, DataConfig(), tmp_path / "two", workers=2)
+    for key in ("path", "rejects_path"):
+        assert pq.read_table(two[key]).equals(pq.read_table(one[key]))
+    assert two["by_reason"] == one["by_reason"] and two["kept"] == one["kept"]
+    assert {"duplicate_uid", "duplicate_record", "title_too_short", "content_too_short"} <= set(two["by_reason"])

@@ -100,3 +100,58 @@ def test_abt_data_with_renamed_fields_via_config(tmp_path, capsys):
     assert main(["prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 0
     kept = pq.read_table(tmp_path / "o" / "clean.parquet")
     assert kept.num_rows > 900 and kept.column("uid")[0].as_py() == rows[0]["uid"]
+
+
+EARLY_SERVER = """
+import sys
+from app.apiserver import EarlyServer
+server = EarlyServer()
+assert server.proc is not None and "prefect" not in sys.modules
+from prefect import flow
+from prefect.client.orchestration import get_client
+
+@flow
+def hello() -> str:
+    return "hi"
+
+try:
+    with server.use():
+        assert hello() == "hi"
+        with get_client(sync_client=True) as client:
+            assert client.api_url.host == "127.0.0.1" and str(client.api_url) == server.url + "/"
+    assert "prefect.server.api.server" not in sys.modules, "Prefect started a server of its own"
+finally:
+    proc = server.proc
+    server.stop()
+assert proc.poll() is not None
+print("ok")
+"""
+
+
+def test_early_server_is_the_one_prefect_uses_and_is_stopped(tmp_path):
+    """A fresh process (as `desctune prepare` is): the server starts before Prefect is imported, a real flow runs
+    against it, this process never imports Prefect's server package, and the server process is gone at the end."""
+    proc = subprocess.run([sys.executable, "-c", EARLY_SERVER], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_early_server_starts_nothing_where_prefect_is_loaded_or_an_api_is_set(monkeypatch):
+    from app.apiserver import EarlyServer
+
+    assert EarlyServer().proc is None  # this test process has imported Prefect already
+    monkeypatch.delitem(sys.modules, "prefect")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert EarlyServer().proc is None
+
+
+def test_cli_process_prepares_a_file(tmp_path):
+    """The whole command in its own process: early server, the flow, clean.parquet and rejects.parquet."""
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "prepare", "--data", str(SAMPLE), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lines read 500" in proc.stdout
+    assert pq.read_table(out / "clean.parquet").num_rows + pq.read_table(out / "rejects.parquet").num_rows == 500
