@@ -51,7 +51,6 @@ def main(args: argparse.Namespace) -> int:
     from desctune.ingest import check_source
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     cfg = load_config(args.config, [])
     data = cfg.data.model_copy(update={"path": str(args.data), "filters": cfg.data.filters and not args.no_filters})
     check_source(data.path)
