@@ -173,9 +173,13 @@ def on_shared_store(spec: dict, env: dict) -> tuple[dict, dict]:
         if isinstance(config, dict):
             config["artifacts_dir"] = artifacts
     if is_url(artifacts):
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"],
-                                 PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING")}):
-            env = {**env, "DESCTUNE_RESULTS_BLOCK": result_storage(artifacts)}
+        try:
+            with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"],
+                                     PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING")}):
+                env = {**env, "DESCTUNE_RESULTS_BLOCK": result_storage(artifacts)}
+        except Exception as exc:  # noqa: BLE001 - the server's or the network's error, as one line
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DeployError(f"saving the results block on {env['PREFECT_API_URL']} failed: {first}") from None
     return spec, env
 
 
@@ -210,6 +214,7 @@ def deploy(env: dict, root: Path = ROOT, pool_type: str = "process") -> Deployed
     reason; a container pool's runs happen elsewhere, so its schedules are deployed as prefect.yaml says."""
     heartbeat, window = heartbeat_timing(env)
     env = {**env, crashed_runs.HEARTBEAT_ENV: str(heartbeat), "DESCTUNE_WORK_POOL": POOLS[pool_type][0]}
+    job_template(env, pool_type)  # a missing or unreachable setting is one line before anything is saved
     spec = load_spec(root)
     if pool_type != "process":
         spec, env = on_shared_store(spec, env)

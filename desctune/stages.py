@@ -20,10 +20,10 @@ from desctune.store import local_root
 # Modules every stage depends on, and each stage's own core modules (with everything they import from desctune).
 COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages", "desctune.store")
 _EVALUATE = ("desctune.evaluate", "desctune.significance", "desctune.inference", "desctune.models", "desctune.tokenize",
-             "desctune.ingest", "desctune.clean", "desctune.progress")
+             "desctune.ingest", "desctune.clean", "desctune.parallel", "desctune.progress")
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "ingest": ("desctune.ingest",),
-    "clean": ("desctune.clean", "desctune.ingest"),
+    "clean": ("desctune.clean", "desctune.ingest", "desctune.parallel"),
     "sample": ("desctune.sample",),
     "tokenize": ("desctune.tokenize", "desctune.models"),
     "train": ("desctune.train", "desctune.memory", "desctune.trainops", "desctune.models", "desctune.tokenize",

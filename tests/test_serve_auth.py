@@ -127,7 +127,7 @@ def test_no_run_or_deployment_can_choose_the_workers_command_environment_or_dire
             return pool.base_job_template, await client.read_deployment_by_name("finetune/finetune")
 
     template, deployment = asyncio.run(pool_and_deployment())
-    assert set(template["variables"]["properties"]) == {"name", "labels", "stream_output"}
+    assert set(template["variables"]["properties"]) == {"name", "labels", "stream_output", "gpus"}
     assert template["variables"]["additionalProperties"] is False
     assert "command" not in template["job_configuration"]
     assert template["job_configuration"]["working_dir"] == str(ROOT)
