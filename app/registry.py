@@ -56,7 +56,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not Path(args.data).is_file():
         raise DataError(f"data file not found: {args.data}")
     model = resolve_model(cfg, args.model)
-    data = cfg.data.model_copy(update={"path": str(args.data)})
+    data = cfg.data.for_scoring(args.data)
     out_dir = stage_folder(cfg.artifacts_dir, "evaluate-cli", model["adapter_sha256"], source_fingerprint(args.data),
                            data, eval_cfg)
     result = evaluate_file(model["adapter_path"], data, eval_cfg, cfg.artifacts_dir, out_dir)

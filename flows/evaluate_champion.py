@@ -22,7 +22,7 @@ def evaluate_champion(
 ) -> dict:
     """Evaluate models:/{registry.model_name}@{alias} against its base on `dataset` (default: the held-out eval set)."""
     exit_with_worker()
-    data = config.data.model_copy(update={"path": dataset})
+    data = config.data.for_scoring(dataset)
     raw = ingest(data, config.artifacts_dir, fingerprint(dataset))
     cleaned = clean(raw, data, config.artifacts_dir)
     model = resolve(config, f"models:/{config.registry.model_name}@{alias}")

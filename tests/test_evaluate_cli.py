@@ -73,3 +73,16 @@ def test_a_limit_below_one_is_refused_not_a_silent_drop_or_nan(store, capsys, li
     assert main(["evaluate", "--model", ref, "--data", str(EVAL_DATA), "--limit", limit, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["desctune: invalid config at limit: Input should be greater than or equal to 1 (1 error(s))"]
+
+
+def test_the_blurb_filter_shapes_training_not_the_records_a_model_is_judged_on(store, tmp_path):
+    from desctune.clean import clean_text, is_blurb
+
+    cfg, _, flags = store
+    first = [json.loads(line) for line in EVAL_DATA.read_text().splitlines()[:4]]
+    assert any(is_blurb(clean_text(r["content"])) for r in first)  # so a filter applied here would change the set
+    ref, outs = f"models:/{cfg.registry.model_name}@champion", [tmp_path / "all.json", tmp_path / "filtered.json"]
+    for out, extra in zip(outs, ([], ["--set", "data.reject_blurbs=true"])):
+        assert main(["evaluate", "--model", ref, "--data", str(EVAL_DATA), "--limit", "4", "--out", str(out),
+                     *flags, *extra]) == 0
+    assert json.loads(outs[0].read_text()) == json.loads(outs[1].read_text())
