@@ -426,7 +426,7 @@ def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_sam
 
 def test_a_run_whose_worker_alone_is_killed_stops_itself_is_marked_crashed_and_the_same_run_again_resumes(
         sqlite_served, tiny_model_dir, tmp_path):
-    from tasks.watchdog import message
+    from tasks.watchdog import GRACE, message
 
     served = sqlite_served
     mid = start_run_to_first_checkpoint(served, tiny_model_dir, tmp_path, "tiny-orphan")
@@ -434,11 +434,13 @@ def test_a_run_whose_worker_alone_is_killed_stops_itself_is_marked_crashed_and_t
     assert tree[0].environ()["DESCTUNE_EXIT_WITH_WORKER"] == "1" and tree[0].ppid() == worker.pid
     worker.kill()
     killed_at = time.monotonic()
-    _, alive = psutil.wait_procs(tree, timeout=30)
+    # SIGTERM ends it through Prefect's crash handling (usually seconds; on two cores busy with both servers, a run
+    # once needed more than 30 s), and GRACE after it the watchdog exits hard: that is the promise to check.
+    _, alive = psutil.wait_procs(tree, timeout=GRACE + 15)
     left = [f"pid {p.pid} {p.status()}" for p in alive]
     for p in alive:  # serve no longer knows them: leave nothing behind
         p.kill()
-    assert not left, f"the flow-run process outlived its worker by 30 s: {left}"
+    assert not left, f"the flow-run process outlived its worker by {GRACE + 15:.0f} s: {left}"
     stopped_after = time.monotonic() - killed_at
     assert not (first.parents[1] / "adapter").exists(), "training finished before the kill: raise max_steps"
 
