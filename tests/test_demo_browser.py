@@ -97,13 +97,14 @@ def browser(tmp_path):
 
 def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, tmp_path):
     """On failure the page is kept as failure.png and failure.html in the test's temp folder."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 90)
+    # Streamlit re-renders elements while it streams: a predicate that met one mid-replacement just looks again
+    wait = WebDriverWait(browser, 90, ignored_exceptions=(StaleElementReferenceException,))
     try:
         browser.get(demo_server)
         title = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'input[aria-label="Product title"]')))
