@@ -31,31 +31,30 @@ from desctune.inference import base_context, generate, load_adapter_model
 from desctune.ingest import ingest_file
 from desctune.models import provision
 from desctune.sample import sample_file
-from desctune.significance import length_ratios
 from desctune.tokenize import tokenize_splits
 from desctune.train import train_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "configs" / "cpu.yaml"
+SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
 HELDOUT = ROOT / "data" / "amazon_titles_eval.jsonl"
 
 
+def cleaned(data: DataConfig, work: Path) -> dict:
+    return clean_file(ingest_file(data, work / "ingest"), data, work / "clean")
+
+
 def splits(data: DataConfig, work: Path) -> dict:
-    clean = clean_file(ingest_file(data, work / "ingest"), data, work / "clean")
-    return sample_file(clean, data, work / "sample")
+    return sample_file(cleaned(data, work), data, work / "sample")
 
 
 def selection_set(out: Path) -> pd.DataFrame:
-    data = load_config(PROFILE).data.updated(path=str(ROOT / "data" / "amazon_titles_sample.jsonl"),
-                                             reject_blurbs=False)
-    parts = splits(data, out / "selection")
+    parts = splits(load_config(PROFILE).data.for_scoring(SAMPLE), out / "selection")
     return pd.concat([pd.read_parquet(parts[s]["path"]) for s in ("val", "test")], ignore_index=True)
 
 
 def heldout_set(out: Path) -> pd.DataFrame:
-    data = DataConfig(path=str(HELDOUT))
-    clean = clean_file(ingest_file(data, out / "heldout" / "ingest"), data, out / "heldout" / "clean")
-    return pd.read_parquet(clean["path"]).head(100)
+    return pd.read_parquet(cleaned(DataConfig().for_scoring(HELDOUT), out / "heldout")["path"]).head(100)
 
 
 def base_outputs(model, tokenizer, df: pd.DataFrame, system_prompt: str, cfg: EvalConfig, out: Path) -> list[str]:
@@ -74,16 +73,15 @@ def judge(model, tokenizer, df: pd.DataFrame, system_prompt: str, cfg: EvalConfi
     start = time.time()
     base = base_outputs(model, tokenizer, df, system_prompt, cfg, out)
     tuned = generate(model, tokenizer, df["title"].tolist(), system_prompt, **decoding(cfg))
-    refs = df["content"].tolist()
-    frame, m = score(refs, {"base": base, "finetuned": tuned})
+    frame, m = score(df["content"].tolist(), {"base": base, "finetuned": tuned})
     frame.insert(0, "title", df["title"].tolist())
     frame.to_parquet(table)
     c = m["comparison"]["rougeL"]
     return {"n": len(df), "base": round(m["base"]["rougeL"], 4), "finetuned": round(m["finetuned"]["rougeL"], 4),
             "delta": round(c["delta"], 4), "low": round(c["low"], 4), "high": round(c["high"], 4),
             "better": m["better"], "worse": m["worse"],
-            "length_ratio_base": round(length_ratios(base, refs)["median"], 2),
-            "length_ratio_finetuned": round(length_ratios(tuned, refs)["median"], 2),
+            "length_ratio_base": round(m["base"]["length_ratio"], 2),
+            "length_ratio_finetuned": round(m["finetuned"]["length_ratio"], 2),
             "seconds": round(time.time() - start)}
 
 
@@ -97,7 +95,7 @@ def main() -> None:
     ap.add_argument("--skip-selection", action="store_true", help="do not score the selection set")
     args = ap.parse_args()
     out = Path(args.out)
-    cfg = load_config(PROFILE, [f"data.path={ROOT / 'data' / 'amazon_titles_sample.jsonl'}", *args.set,
+    cfg = load_config(PROFILE, [f"data.path={SAMPLE}", *args.set,
                                 f"artifacts_dir={out / 'artifacts'}"])
     work = out / args.name
     row: dict = {"name": args.name, "set": args.set}
