@@ -61,3 +61,15 @@ def test_gpu_check_script_runs_in_one_go_and_logs_into_out(tmp_path):
     assert "skipped" in (logs / "pytest-cuda.log").read_text()
     bench = (logs / "bench-train-gpu.log").read_text().splitlines()
     assert bench[-2].startswith("ratio=") and bench[-1].startswith("benchmark: ")
+
+
+def test_the_cuda_tests_collect_where_prefect_and_mlflow_are_not_installed():
+    """The GPU machine has neither: the shared fixtures and the core library must not need them there."""
+    code = ("import sys\n"
+            "for name in ('prefect', 'mlflow'):\n"
+            "    sys.modules[name] = None  # import fails, find_spec says not installed\n"
+            "import pytest\n"
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--collect-only', 'tests/test_cuda.py']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tests collected" in proc.stdout
