@@ -11,7 +11,7 @@ STAMP := $(VENV)/.desctune-installed
 # What a GPU machine with torch, transformers and peft lacks for `bash bench/gpu_check.sh`: cp312 manylinux wheels.
 WHEELS ?= .whl
 GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-	typing-extensions==4.16.0 bitsandbytes==0.50.2
+	typing-extensions==4.16.0 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
 .PHONY: install run test serve demo bench clean-artifacts gpu-wheels image image-cuda
 

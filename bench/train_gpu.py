@@ -178,11 +178,20 @@ def release(device: str) -> None:
 
 
 def trl_arm(model_dir: Path, shape: dict, device: str, args) -> dict | str:
-    """TRL's SFTTrainer as its docs configure it for speed, on the same examples; a reason string where it cannot."""
+    """TRL's SFTTrainer as its docs configure it for speed, on the same examples; a reason string where it cannot
+    (a comparison arm that breaks, on a machine with other versions of TRL's dependencies, costs its line only)."""
     if importlib.util.find_spec("trl") is None:
         return "trl is not installed"
     if device != "cuda":
         return "the TRL arm runs on CUDA only"
+    try:
+        return run_trl(model_dir, shape, device, args)
+    except Exception as exc:  # noqa: BLE001 - reported as the arm's one line
+        release(device)
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def run_trl(model_dir: Path, shape: dict, device: str, args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from tokenizers import Tokenizer, models
@@ -212,7 +221,7 @@ def trl_arm(model_dir: Path, shape: dict, device: str, args) -> dict | str:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
     config = SFTConfig(
         output_dir=str(model_dir / "trl"), bf16=True, padding_free=True, use_liger_kernel=liger,
-        per_device_train_batch_size=args.batch * 4, max_length=args.max_len, completion_only_loss=True,
+        per_device_train_batch_size=args.batch * 4, max_length=None, completion_only_loss=True,  # capped already
         max_steps=args.warmup + args.steps, learning_rate=3e-4, logging_steps=1000, save_strategy="no",
         report_to="none", gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
     )
