@@ -60,6 +60,17 @@ def _prefect_would_start_one() -> bool:
     return not PREFECT_API_URL.value()
 
 
+def _drain_prefect_workers(timeout: float = 30) -> None:
+    """Send the log lines and events Prefect still queues to the server while it is up. Left to Prefect's exit
+    handlers they met a stopped server: "Error logging to API" at exit, after over a minute of retries on a large
+    input with PREFECT_LOGGING_LEVEL=INFO."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
 class EarlyServer:
     """Prefect's temporary API server, started on construction (before Prefect is imported); `use()` points Prefect
     at it once it answers, `stop()` ends it. Starts nothing when an API URL is in the environment or Prefect is
@@ -94,7 +105,10 @@ class EarlyServer:
         os.environ["PREFECT_API_URL"] = self.url
         try:
             with temporary_settings(updates={PREFECT_API_URL: self.url}):
-                yield
+                try:
+                    yield
+                finally:
+                    _drain_prefect_workers()
         finally:
             os.environ.pop("PREFECT_API_URL", None)
 

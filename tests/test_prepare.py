@@ -103,15 +103,18 @@ def test_abt_data_with_renamed_fields_via_config(tmp_path, capsys):
 
 
 EARLY_SERVER = """
+import json
 import sys
+import urllib.request
 from app.apiserver import EarlyServer
 server = EarlyServer()
 assert server.proc is not None and "prefect" not in sys.modules
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 
 @flow
 def hello() -> str:
+    get_run_logger().info("a line for the server")
     return "hi"
 
 try:
@@ -120,6 +123,11 @@ try:
         with get_client(sync_client=True) as client:
             assert client.api_url.host == "127.0.0.1" and str(client.api_url) == server.url + "/"
     assert "prefect.server.api.server" not in sys.modules, "Prefect started a server of its own"
+    # The run's log lines reached the server before use() returned, while it still runs.
+    request = urllib.request.Request(server.url + "/logs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert "a line for the server" in [log["message"] for log in json.load(response)]
 finally:
     proc = server.proc
     server.stop()
@@ -130,11 +138,13 @@ print("ok")
 
 def test_early_server_is_the_one_prefect_uses_and_is_stopped(tmp_path):
     """A fresh process (as `desctune prepare` is): the server starts before Prefect is imported, a real flow runs
-    against it, this process never imports Prefect's server package, and the server process is gone at the end."""
+    against it, its log lines reach the server before it is stopped, this process never imports Prefect's server
+    package, and the server process is gone at the end."""
     proc = subprocess.run([sys.executable, "-c", EARLY_SERVER], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
+    assert "Error logging to API" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_early_server_starts_nothing_where_prefect_is_loaded_or_an_api_is_set(monkeypatch):
