@@ -37,7 +37,7 @@ import torch
 from desctune.config import Config, TrainConfig
 from desctune.distributed import World, micro_batches_per_step, shard
 from desctune.files import atomic_dir, atomic_path, dir_sha256, start_stage
-from desctune.memory import GIB, ModelShape, memory_plan
+from desctune.memory import AUTO_TOKEN_BUDGET, GIB, ModelShape, memory_plan
 from desctune.tokenize import IGNORE
 from desctune.trainops import head_chunk_rows, head_cross_entropy, speed_up_lora
 
@@ -76,13 +76,35 @@ class Plan:
     reason: str
 
 
+# Where compiling the decoder layers starts to pay on CUDA, in tokens one process trains on. Measured on an NVIDIA
+# H200 with TinyLlama-1.1B's shapes (bench/train_gpu.py): compiled 54,063 tokens/s after an 88 s warm-up, eager with
+# the fused LoRA layers 36,668 tokens/s after 1.3 s: 86.7 s / (1/36,668 - 1/54,063 s per token) = 9.9M tokens.
+COMPILE_MIN_TOKENS = 10_000_000
+
+
+def planned_tokens(lengths: list[int], t: TrainConfig, world_size: int = 1) -> int:
+    """About how many tokens one process trains on: the epochs' worth of the training split or, with max_steps, that
+    many full micro-batches (padded: an upper estimate); shared between the processes."""
+    if t.max_steps:
+        if t.max_tokens_per_batch is None:
+            per_batch = t.batch_size * max(lengths, default=0)
+        else:
+            per_batch = t.max_tokens_per_batch if isinstance(t.max_tokens_per_batch, int) else AUTO_TOKEN_BUDGET
+        total = t.max_steps * t.grad_accum * per_batch
+    else:
+        total = sum(lengths) * t.epochs
+    return int(total / max(1, world_size))
+
+
 def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None = None,
-         free_bytes: int | None = None) -> Plan:
+         free_bytes: int | None = None, train_tokens: int | None = None) -> Plan:
     """CUDA: base dtype (bf16/fp16 or 4-bit NF4 with k-bit preparation), gradient checkpointing and token budget
     from `memory_plan` against the card's free memory (`free_bytes`, default: what CUDA reports), each decoder layer
-    compiled with dynamic shapes, the head chunked to the card. CPU: never 4-bit, bf16 weights for the frozen base
-    where the CPU has bf16, fp32 otherwise, eager, and LoRA layers whose training forward is one fused autograd
-    function with cheap host-drawn dropout masks (`desctune.trainops.speed_up_lora`). Explicit settings always win."""
+    compiled with dynamic shapes when the run trains on enough tokens (`train_tokens`, unknown: compiled) for the
+    compile's warm-up to pay (COMPILE_MIN_TOKENS), else eager with fused LoRA layers, the head chunked to the card.
+    CPU: never 4-bit, bf16 weights for the frozen base where the CPU has bf16, fp32 otherwise, eager, and LoRA layers
+    whose training forward is one fused autograd function with cheap host-drawn dropout masks
+    (`desctune.trainops.speed_up_lora`). Explicit settings always win."""
     name = str(dtype).removeprefix("torch.")
     cuda = device == "cuda"
     m, t = cfg.model, cfg.train
@@ -96,7 +118,8 @@ def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None 
                           min_tokens=m.max_seq_len)
         four_bit, ckpt = mem.base_dtype == "nf4", mem.gradient_checkpointing
         budget = None if t.max_tokens_per_batch is None else mem.max_tokens_per_batch
-        compiled = t.compile if isinstance(t.compile, bool) else True
+        short = train_tokens is not None and train_tokens < COMPILE_MIN_TOKENS
+        compiled = t.compile if isinstance(t.compile, bool) else not short
         rows = head_chunk_rows(device, shape.vocab, free)
         estimate, free_gib = round(mem.estimate_bytes / GIB, 1), round(free / GIB, 1)
         why = mem.reason if budget else mem.reason.replace(f"{worst}-token batches", f"batches of {t.batch_size}")
@@ -109,6 +132,8 @@ def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None 
             f"{budget}-token batches" if budget else f"batches of {t.batch_size} examples")
     masks = "device" if cuda else "numpy"
     layers = "compiled decoder layers" if compiled else f"eager, fused LoRA ({masks} dropout masks)"
+    if cuda and t.compile == "auto" and not compiled:
+        layers += f" (~{train_tokens / 1e6:.1f}M tokens to train: compiling pays from ~{COMPILE_MIN_TOKENS // 10**6}M)"
     why = f"{device}: {why}, {layers}"
     return Plan(
         device=device,
@@ -481,7 +506,9 @@ def train_adapter(
         from transformers import AutoConfig
 
         shape = ModelShape.from_config(AutoConfig.from_pretrained(base["path"]))
-    p = plan(cfg, device, dtype, shape)
+    train_ex, val_ex = load_examples(tokens["train"]["path"]), load_examples(tokens["val"]["path"])
+    lengths = [len(x) for x, _ in train_ex]
+    p = plan(cfg, device, dtype, shape, train_tokens=planned_tokens(lengths, t, world.size))
     logger.info("training plan: %s", p.reason)
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(base["path"])
@@ -490,8 +517,6 @@ def train_adapter(
     if world.rank:  # the same LoRA weights on every rank, but dropout masks of their own
         torch.manual_seed(t.seed + world.rank)
     trainable, total = model.get_nb_trainable_parameters()
-    train_ex, val_ex = load_examples(tokens["train"]["path"]), load_examples(tokens["val"]["path"])
-    lengths = [len(x) for x, _ in train_ex]
     steps = total_steps(len(epoch_batches(lengths, t, p.max_tokens_per_batch, t.seed)), t)
     # This rank's micro-batches (in one process: all of them), per_step of them per optimizer step.
     schedule = shard(micro_batches(lengths, t, steps, p.max_tokens_per_batch), t.grad_accum, world.rank, world.size,

@@ -93,11 +93,12 @@ def test_compiled_layers_keep_their_names_and_a_failed_compile_trains_eagerly(tm
 
 @pytest.fixture(scope="module")
 def cuda_run(tmp_path_factory, tiny_model_dir):
-    """A tiny model overfits four records on CUDA with the automatic plan (compiled layers, token budget)."""
+    """A tiny model overfits four records on CUDA with the automatic plan (token budget), its layers compiled as a
+    run of 10M tokens or more would have them (this one is far too short for compiling to pay on its own)."""
     tmp = tmp_path_factory.mktemp("cuda-run")
     cfg = tiny_config(tmp, tiny_model_dir, model={"device": "cuda", "max_seq_len": 160}, lora={"r": 16, "alpha": 32},
                       train={"max_steps": 60, "learning_rate": 1e-2, "warmup_ratio": 0.0, "logging_steps": 5,
-                             "save_steps": 1000})
+                             "save_steps": 1000, "compile": True})
     tokens = token_files(tmp, tiny_model_dir, 4, 2, max_chars=120)
     return cfg, tmp, train_adapter(tokens, provision(str(tiny_model_dir), tmp), cfg, tmp / "out")
 

@@ -18,10 +18,12 @@ from desctune.models import load_tokenizer, provision
 from desctune.tokenize import IGNORE, encode_example, tokenize_frame
 from desctune.tracking import mlflow_sink
 from desctune.train import (
+    COMPILE_MIN_TOKENS,
     collate,
     length_grouped_batches,
     micro_batches,
     plan,
+    planned_tokens,
     supervised_loss,
     token_budget_batches,
     total_steps,
@@ -158,6 +160,25 @@ def test_gpu_profile_plans_the_card_and_explicit_settings_win():
     assert gpu_plan(14.7, LLAMA_7B, torch.float16).load_in_4bit
     with pytest.raises(ValueError, match="shape"):
         plan(load_config(None), "cuda", torch.bfloat16)
+
+
+def test_cuda_plan_compiles_only_a_run_long_enough_for_the_warm_up_to_pay():
+    reference = load_config(ROOT / "configs" / "gpu-tinyllama.yaml")
+    lengths = [207] * 12_000  # the reference run's training split at the sample's mean length
+    assert planned_tokens(lengths, reference.train) == 4_968_000  # 2 epochs
+    assert planned_tokens(lengths, reference.train, world_size=2) == 2_484_000
+    short = plan(reference, "cuda", torch.bfloat16, TINYLLAMA, 79 * GB, train_tokens=4_968_000)
+    assert (short.compile, short.fast_lora, short.lora_masks) == (False, True, "device")
+    assert short.reason.endswith("eager, fused LoRA (device dropout masks) (~5.0M tokens to train: compiling pays "
+                                 "from ~10M)")
+    long = plan(reference, "cuda", torch.bfloat16, TINYLLAMA, 79 * GB, train_tokens=COMPILE_MIN_TOKENS)
+    assert long.compile and long.reason.endswith("compiled decoder layers")
+    forced = load_config(ROOT / "configs" / "gpu-tinyllama.yaml", ["train.compile=true"])
+    assert plan(forced, "cuda", torch.bfloat16, TINYLLAMA, 79 * GB, train_tokens=1000).compile  # explicit wins
+    steps = load_config(None, ["train.max_steps=60", "train.max_tokens_per_batch=1024", "train.grad_accum=2"]).train
+    assert planned_tokens(lengths, steps) == 60 * 2 * 1024
+    by_count = load_config(None, ["train.max_steps=10", "train.max_tokens_per_batch=null", "train.batch_size=4"])
+    assert planned_tokens([100, 300], by_count.train) == 10 * 4 * 300
 
 
 def test_cpu_plan_is_what_it_was_and_never_quantizes():
