@@ -101,7 +101,8 @@ def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None 
     """CUDA: base dtype (bf16/fp16 or 4-bit NF4 with k-bit preparation), gradient checkpointing and token budget
     from `memory_plan` against the card's free memory (`free_bytes`, default: what CUDA reports), each decoder layer
     compiled with dynamic shapes when the run trains on enough tokens (`train_tokens`, unknown: compiled) for the
-    compile's warm-up to pay (COMPILE_MIN_TOKENS), else eager with fused LoRA layers, the head chunked to the card.
+    compile's warm-up to pay (COMPILE_MIN_TOKENS), else eager with fused LoRA layers (PEFT's on a 4-bit base), the
+    head chunked to the card.
     CPU: never 4-bit, bf16 weights for the frozen base where the CPU has bf16, fp32 otherwise, eager, and LoRA layers
     whose training forward is one fused autograd function with cheap host-drawn dropout masks
     (`desctune.trainops.speed_up_lora`). Explicit settings always win."""
@@ -131,7 +132,10 @@ def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None 
         why = f"{name} base, {'with' if ckpt else 'no'} gradient checkpointing, " + (
             f"{budget}-token batches" if budget else f"batches of {t.batch_size} examples")
     masks = "device" if cuda else "numpy"
-    layers = "compiled decoder layers" if compiled else f"eager, fused LoRA ({masks} dropout masks)"
+    # The fused LoRA layers have not run on a 4-bit base on a card: there, eager means PEFT's own LoRA forward.
+    fused = not compiled and not four_bit
+    layers = ("compiled decoder layers" if compiled else f"eager, fused LoRA ({masks} dropout masks)" if fused
+              else "eager, PEFT LoRA")
     if cuda and t.compile == "auto" and not compiled:
         layers += f" (~{train_tokens / 1e6:.1f}M tokens to train: compiling pays from ~{COMPILE_MIN_TOKENS // 10**6}M)"
     why = f"{device}: {why}, {layers}"
@@ -147,7 +151,7 @@ def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None 
         fused_adamw=cuda,
         attn_implementation=m.attn_implementation,
         num_workers=dataloader_workers(t.num_workers, cuda),
-        fast_lora=not compiled,
+        fast_lora=fused,
         compile=compiled,
         lora_masks=masks,
         max_tokens_per_batch=budget,

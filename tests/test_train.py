@@ -171,6 +171,10 @@ def test_cuda_plan_compiles_only_a_run_long_enough_for_the_warm_up_to_pay():
     assert (short.compile, short.fast_lora, short.lora_masks) == (False, True, "device")
     assert short.reason.endswith("eager, fused LoRA (device dropout masks) (~5.0M tokens to train: compiling pays "
                                  "from ~10M)")
+    qlora = load_config(ROOT / "configs" / "gpu-tinyllama.yaml", ["model.quantization=nf4"])
+    short_nf4 = plan(qlora, "cuda", torch.bfloat16, TINYLLAMA, 79 * GB, train_tokens=4_968_000)
+    assert (short_nf4.load_in_4bit, short_nf4.compile, short_nf4.fast_lora) == (True, False, False)
+    assert "eager, PEFT LoRA (~5.0M tokens" in short_nf4.reason
     long = plan(reference, "cuda", torch.bfloat16, TINYLLAMA, 79 * GB, train_tokens=COMPILE_MIN_TOKENS)
     assert long.compile and long.reason.endswith("compiled decoder layers")
     forced = load_config(ROOT / "configs" / "gpu-tinyllama.yaml", ["train.compile=true"])
