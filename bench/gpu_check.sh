@@ -3,7 +3,7 @@
 # GPU training benchmark and the CUDA tests (training through desctune.train.train_adapter, and one rank under
 # torchrun), logs into $OUT.
 #
-#   make gpu-wheels                      # here, once: cp312 wheels into .whl/ (pydantic & co., bitsandbytes)
+#   make gpu-wheels                      # here, once: cp312 wheels into .whl/ (pydantic & co., bitsandbytes, trl)
 #   bash bench/gpu_check.sh .whl         # there; or DESCTUNE_WHEELS=DIR bash bench/gpu_check.sh
 #
 # Expects Python 3.12 with torch (CUDA), transformers, peft, accelerate, pandas, pyarrow, numpy, pyyaml, filelock,
