@@ -6,8 +6,9 @@ array, CSV (.csv/.tsv, optionally gzipped, with a header row), Parquet (.parquet
 (data.uid_field, data.title_field, data.content_field) and the same rejects-with-reasons. Without a uid the record's
 uid is derived from its title and content (`content_uid`), so it never depends on the record's position.
 
-JSON Lines are read in fixed-size byte chunks so memory stays bounded whatever the file or one line holds. Each chunk
-goes through pyarrow's multithreaded JSON reader; a chunk it cannot take whole (a bad line, invalid UTF-8, a blank line,
+JSON Lines are read in fixed-size byte chunks so memory stays bounded whatever the file or one line holds; a large
+plain file's chunks are parsed on one worker process per core, each reading its own byte range, while this process only
+finds where the chunks end and writes. Each chunk goes through pyarrow's multithreaded JSON reader; a chunk it cannot take whole (a bad line, invalid UTF-8, a blank line,
 a non-string field) is bisected down to small blocks and only those are parsed line by line, so one bad line costs
 little and every other record in the chunk is kept. Every line that is not a usable record becomes a reject row
 (line number, uid if known, reason, raw excerpt): nothing is dropped silently.
@@ -22,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import threading
 import zlib
@@ -30,6 +32,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +42,7 @@ import pyarrow.parquet as pq
 from desctune.config import DataConfig
 from desctune.errors import DataError
 from desctune.files import HashingSink, atomic_path, dir_sha256, file_sha256, start_stage
+from desctune.parallel import ordered_map, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ HF_PREFIX = "hf://"
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TABLE_BATCH_ROWS = 65_536
+# From this size on, a plain JSON Lines file is parsed on worker processes (one per core); below, starting them costs
+# more than it saves.
+PARALLEL_MIN_BYTES = 4 * CHUNK_BYTES
 
 
 # raw.parquet is an intermediate that clean reads once, in order: uncompressed, without dictionaries (the texts are
@@ -178,8 +185,9 @@ def _valid_utf8(block: bytes) -> bool:
     return True
 
 
-def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig) -> pa.Table | None:
-    """pyarrow's multithreaded JSON reader; None when the block needs the exact path."""
+def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig, threads: bool = True) -> pa.Table | None:
+    """pyarrow's JSON reader (multithreaded unless `threads` is false: in a worker process, one per core, more threads
+    only contend); None when the block needs the exact path."""
     if not block.isascii() and not _valid_utf8(block):
         return None
     for uid_type in (pa.string(), pa.int64()):
@@ -189,7 +197,7 @@ def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig) ->
         try:
             table = pj.read_json(
                 io.BytesIO(block),
-                read_options=pj.ReadOptions(block_size=max(1 << 20, len(block) // 8 + 1)),
+                read_options=pj.ReadOptions(use_threads=threads, block_size=max(1 << 20, len(block) // 8 + 1)),
                 parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
             )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -208,15 +216,18 @@ def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig) ->
 def _fast_to_batch(table: pa.Table, block: bytes, first_line: int, data: DataConfig) -> tuple[pa.Table, pa.Table]:
     """Split a parsed block into records and rejects (null fields, over-long fields) without a Python loop."""
     n = table.num_rows
-    lines = pa.array(range(first_line, first_line + n), pa.int64())
+    lines = pa.array(np.arange(first_line, first_line + n, dtype=np.int64))
     fields = (data.uid_field, data.title_field, data.content_field)
     uid, title, content = (table.column(c).combine_chunks() for c in fields)
+    bad = pc.or_(pc.is_null(title), pc.is_null(content))
     cap = data.max_field_chars
-    too_long = pc.or_(pc.greater(pc.utf8_length(title), cap), pc.greater(pc.utf8_length(content), cap))
-    bad = pc.or_kleene(pc.or_kleene(pc.is_null(title), pc.is_null(content)), pc.fill_null(too_long, False))
-    records = pa.table({"line": lines, "uid": uid, "title": title, "content": content}).filter(pc.invert(bad))
-    records = _fill_uids(records)
-    if not pc.any(bad).as_py():
+    for text in (title, content):  # a text within cap bytes is within cap characters: count characters only then
+        if text.null_count < len(text) and pc.max(pc.binary_length(text)).as_py() > cap:
+            bad = pc.or_(bad, pc.fill_null(pc.greater(pc.utf8_length(text), cap), False))
+    any_bad = pc.any(bad).as_py()
+    records = pa.table({"line": lines, "uid": uid, "title": title, "content": content})
+    records = _fill_uids(records.filter(pc.invert(bad)) if any_bad else records)
+    if not any_bad:
         return records, REJECT_SCHEMA.empty_table()
     idx = pc.indices_nonzero(bad).to_pylist()
     spans = _line_starts(block, idx)
@@ -243,11 +254,11 @@ def _fill_uids(records: pa.Table) -> pa.Table:
 
 
 def _parse_block(
-    block: bytes, first_line: int, data: DataConfig, nlines: int | None = None
+    block: bytes, first_line: int, data: DataConfig, nlines: int | None = None, threads: bool = True
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Parse a block of whole lines (ending in b'\\n'): fast path, else bisect, else line by line."""
     nlines = block.count(b"\n") if nlines is None else nlines
-    table = _parse_fast(block, first_line, nlines, data)
+    table = _parse_fast(block, first_line, nlines, data, threads)
     if table is not None:
         yield _fast_to_batch(table, block, first_line, data)
         return
@@ -260,8 +271,8 @@ def _parse_block(
     if mid < 0 or mid == len(block) - 1:
         mid = block.rfind(b"\n", 0, len(block) - 1)
     left, right = block[: mid + 1], block[mid + 1 :]
-    yield from _parse_block(left, first_line, data)
-    yield from _parse_block(right, first_line + left.count(b"\n"), data)
+    yield from _parse_block(left, first_line, data, threads=threads)
+    yield from _parse_block(right, first_line + left.count(b"\n"), data, threads=threads)
 
 
 def _open(path: Path):
@@ -549,6 +560,9 @@ def _iter_json(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Tabl
         if shape == "array":
             yield from _iter_array(f, buf, path, data)
             return
+        if _parallel(f, data):
+            yield from _iter_lines_parallel(path, f.tell() - len(buf), f.tell(), data)
+            return
         line_no, eof = 1, False
         while not eof:
             more = _read(f, read_size, path)
@@ -580,6 +594,84 @@ def _iter_json(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Tabl
             line_no += n
             if limit is not None and line_no - 1 >= limit:
                 return
+
+
+def _parallel(f, data: DataConfig) -> bool:
+    """Whether the JSON Lines file open as `f` (past `_first_bytes`) is parsed on worker processes: a plain file
+    (a gzipped one's offsets are not the file's) of at least PARALLEL_MIN_BYTES, read whole, on more than one core."""
+    if isinstance(f, gzip.GzipFile) or data.max_records is not None or usable_cores() < 2:
+        return False
+    return os.fstat(f.fileno()).st_size >= PARALLEL_MIN_BYTES
+
+
+def _line_spans(path: Path, start: int, read_end: int, data: DataConfig) -> Iterator[tuple[str, int, int]]:
+    """The chunks `_iter_json`'s serial loop makes, as byte spans found without reading the file through (mmap):
+    ("lines", begin, end) for a block of whole lines, ("long", begin, end) for a line longer than data.max_line_bytes.
+    The spans mirror that loop read by read (`start`: where its buffer begins, `read_end`: its file position), so both
+    paths write the same raw.parquet."""
+    window, limit, skip = min(CHUNK_BYTES, data.max_line_bytes), data.max_line_bytes, 1 << 20
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        size, pos = len(mm), start
+        while True:
+            eof, read_end = read_end >= size, min(read_end + window, size)
+            if eof and pos >= size:
+                return
+            cut = size if eof else mm.rfind(b"\n", pos, read_end) + 1
+            if cut <= pos:  # no whole line in the buffer yet
+                if read_end - pos > limit:
+                    yield "long", pos, pos
+                    nl = mm.find(b"\n", read_end)  # the serial loop skips on in 1 MiB reads
+                    if nl < 0:
+                        pos = read_end = size
+                    else:
+                        pos, read_end = nl + 1, min(read_end + ((nl - read_end) // skip + 1) * skip, size)
+                continue
+            first = mm.find(b"\n", pos, cut)
+            first = cut if first < 0 else first
+            if first - pos > limit:
+                yield "long", pos, pos
+                pos = first + 1
+                continue
+            yield "lines", pos, cut
+            pos = cut
+
+
+def _parse_span(path: str, kind: str, begin: int, end: int, data: DataConfig) -> tuple[list, int]:
+    """What a worker process does with one span of `_line_spans`: read it and parse it, numbering its lines from 1;
+    returns the (records, rejects) pairs and the number of lines."""
+    with open(path, "rb") as f:
+        if kind == "long":
+            out = _Batch()
+            out.reject(1, None, "line_too_long", os.pread(f.fileno(), 4 * EXCERPT_CHARS, begin))
+            return [(RAW_SCHEMA.empty_table(), pa.table(out.rej, schema=REJECT_SCHEMA))], 1
+        parts = []
+        while begin < end:
+            parts.append(os.pread(f.fileno(), min(end - begin, 1 << 30), begin))
+            begin += len(parts[-1])
+    block = b"".join(parts) if len(parts) > 1 else parts[0]
+    if not block.endswith(b"\n"):  # the last line of a file without a final newline
+        block += b"\n"
+    n = block.count(b"\n")
+    return list(_parse_block(block, 1, data, n, threads=False)), n
+
+
+def _shift_lines(table: pa.Table, by: int) -> pa.Table:
+    if not table.num_rows or not by:
+        return table
+    i = table.schema.get_field_index("line")
+    return table.set_column(i, "line", pc.add(table.column(i), pa.scalar(by, pa.int64())))
+
+
+def _iter_lines_parallel(
+    path: Path, start: int, read_end: int, data: DataConfig
+) -> Iterator[tuple[pa.Table, pa.Table, int]]:
+    """JSON Lines from `start` on, parsed on worker processes in file order; this process numbers the lines."""
+    spans = ((str(path), kind, begin, end, data) for kind, begin, end in _line_spans(path, start, read_end, data))
+    before = 0
+    for pairs, n in ordered_map(_parse_span, spans, usable_cores()):
+        for records, rejects in pairs:
+            yield _shift_lines(records, before), _shift_lines(rejects, before), before + n
+        before += n
 
 
 def _first_lines(block: bytes, n: int) -> bytes:

@@ -22,7 +22,7 @@ COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desct
 _EVALUATE = ("desctune.evaluate", "desctune.significance", "desctune.inference", "desctune.models", "desctune.tokenize",
              "desctune.ingest", "desctune.clean", "desctune.parallel", "desctune.progress")
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("desctune.ingest",),
+    "ingest": ("desctune.ingest", "desctune.parallel"),
     "clean": ("desctune.clean", "desctune.ingest", "desctune.parallel"),
     "sample": ("desctune.sample",),
     "tokenize": ("desctune.tokenize", "desctune.models"),

@@ -121,6 +121,55 @@ def test_over_long_line_is_rejected_without_reading_it_whole(tmp_path, monkeypat
     assert len(rejects[0]["excerpt"]) <= ingest_mod.EXCERPT_CHARS
 
 
+def _mixed_lines(n: int = 400) -> list[bytes]:
+    """Records with every kind of line the reader meets, and lines around the chunk size of the tests below."""
+    lines = [rec(f"u{i}", content=f"content {i} " + "z" * (i % 97)) for i in range(n)]
+    lines[3] = b'{"uid": "m1", "title": "broken"'
+    lines[40] = b'{"uid": "u1", "title": "bad \xff byte", "content": "x"}'
+    lines[41] = b""
+    lines[90] = b'{"uid": "n90", "title": null, "content": "c"}'
+    lines[120] = rec("wide", content="w" * 3000)  # longer than the 1 KiB chunk, within max_line_bytes
+    lines[350] = rec("huge", content="h" * 10_000)  # longer than max_line_bytes (the serial reader then skips 1 MiB)
+    lines[200] = b"   "
+    lines[300] = b"[1, 2]"
+    return lines
+
+
+@pytest.mark.parametrize("shape", ["lf", "crlf-bom", "no-final-newline", "huge-last", "huge-first"])
+def test_parallel_reader_writes_what_the_serial_one_does(tmp_path, monkeypatch, shape):
+    """A large plain file is parsed on worker processes, each reading its own byte range: the same raw.parquet and
+    rejects, byte for byte, as one process reading it through, whatever lines straddle the chunks."""
+    lines = _mixed_lines()
+    if shape == "huge-last":
+        lines[-1] = rec("huge-last", content="h" * 10_000)
+    if shape == "huge-first":
+        lines[0] = rec("huge-first", content="h" * 10_000)
+    payload = b"\n".join(lines) + b"\n"
+    if shape == "crlf-bom":
+        payload = b"\xef\xbb\xbf" + payload.replace(b"\n", b"\r\n")
+    elif shape in ("no-final-newline", "huge-last"):
+        payload = payload.rstrip(b"\n")
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(payload)
+    data = DataConfig(path=str(src), max_line_bytes=8192)
+    monkeypatch.setattr(ingest_mod, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(ingest_mod, "usable_cores", lambda: 2)
+    results = {}
+    for mode, min_bytes in (("serial", 1 << 60), ("parallel", 0)):
+        monkeypatch.setattr(ingest_mod, "PARALLEL_MIN_BYTES", min_bytes)
+        with open(src, "rb") as f:
+            ingest_mod._first_bytes(f, src)
+            assert ingest_mod._parallel(f, data) == (mode == "parallel")
+        results[mode] = ingest_file(data, tmp_path / mode)
+    serial, parallel = results["serial"], results["parallel"]
+    keys = ("sha256", "rejects_sha256", "lines_read", "records", "by_reason")
+    assert {k: parallel[k] for k in keys} == {k: serial[k] for k in keys}
+    assert serial["by_reason"]["line_too_long"] >= 1 and serial["lines_read"] == len(lines)
+    start = 3 if shape == "crlf-bom" else 0
+    spans = list(ingest_mod._line_spans(src, start, start + 4096, data))
+    assert len(spans) > (1 if shape == "huge-first" else 20)  # lines did straddle chunks
+
+
 def test_max_records_stops_early(tmp_path):
     payload = b"\n".join(rec(f"u{i}") for i in range(100)) + b"\n"
     result, records, _ = run(tmp_path, payload, max_records=10)
