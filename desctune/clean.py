@@ -2,8 +2,9 @@
 
 `clean_text` is the reference cleaner for one string: HTML entities (named, numeric, hex, double-escaped), tags and
 <br>, mojibake (ftfy, then the remnants it leaves where a text shows mis-decoding), NFC, control and zero-width
-characters, boilerplate stubs, whitespace runs. `clean_column` gives the same result for a whole Arrow column: rows that are plain ASCII with no '&', '<' or control character
-(most of trn.json) are cleaned with vectorised RE2 regexes, and only the rest go through `clean_text` in Python.
+characters, boilerplate stubs, whitespace runs. `clean_column` gives the same result for a whole Arrow column: rows
+that are plain ASCII with no '&', '<', control character or extra whitespace (most of trn.json) are left as they are,
+and each repair of `clean_text` runs only on the rows a cheap test (RE2, or numpy over the bytes) picks for it.
 `clean_file` streams raw.parquet a row group at a time, on one worker process per core for a large input (threads in
 this process for a small one); this process keeps the file's order, finds duplicates by 64-bit hashes the workers
 made, and writes. Memory stays bounded by a few row groups in flight plus 16 bytes a kept record for the hashes.
@@ -11,6 +12,7 @@ made, and writes. Memory stays bounded by a few row groups in flight plus 16 byt
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import re
@@ -168,9 +170,13 @@ def is_blurb(content: str) -> bool:
     return attributions >= 3 and len(s.split()) <= 50 * attributions
 
 
-def _apply(arr: pa.Array, mask: pa.Array, fn) -> pa.Array:
+def _apply(arr: pa.Array, mask: pa.Array | np.ndarray, fn) -> pa.Array:
     """Replace the masked rows of `arr` with fn(those rows); fn takes and returns an Arrow array."""
-    if not pc.any(mask).as_py():
+    if isinstance(mask, np.ndarray):
+        if not mask.any():
+            return arr
+        mask = pa.array(mask)
+    elif not pc.any(mask).as_py():
         return arr
     return pc.replace_with_mask(arr, mask, fn(pc.filter(arr, mask)))
 
@@ -188,6 +194,14 @@ def _nfc(s: str) -> str:
     return unicodedata.normalize("NFC", s)
 
 
+# Row tests on the bytes. Each finder takes the UTF-8 bytes of all rows of an array (a uint8 numpy array over its data
+# buffer) and returns the positions where what it looks for begins; `_rows_where` turns them into rows. A comparison
+# or two over the buffer finds the few candidates, which are then tested further, so a repair runs on the rows that
+# may need it instead of on every row a broader test picks. A match that would run from one row into the next can
+# mark the first row too: every repair leaves a row that has nothing to repair as it is. (For tests that many bytes
+# pass, a single RE2 pass costs less than several numpy ones: the whitespace and control tests stay regexes.)
+
+
 def _offsets(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
     """The row end offsets (n + 1) and the data buffer of a string array."""
     _, offsets, data = arr.buffers()
@@ -195,63 +209,128 @@ def _offsets(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
     return np.frombuffer(offsets, width, len(arr) + 1, arr.offset * width.itemsize), data
 
 
-def _rows_at(ends: np.ndarray, positions: np.ndarray, n: int) -> pa.Array:
+def _rows_at(ends: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
     mask = np.zeros(n, bool)
     mask[np.searchsorted(ends, positions, side="right") - 1] = True
-    return pa.array(mask)
+    return mask
 
 
-def _rows_with_bytes(arr: pa.Array, test) -> pa.Array:
-    """Rows holding a byte for which `test` (on a uint8 numpy array) is true: one numpy pass over the data buffer,
-    several times cheaper than Arrow's substring kernels, which look at each row in turn."""
+def _rows_where(arr: pa.Array, find) -> np.ndarray:
+    """Rows (a numpy mask) where `find`, on the bytes of all rows, finds something."""
     ends, data = _offsets(arr)
     if data is None or len(arr) == 0 or ends[-1] == ends[0]:
-        return pa.array(np.zeros(len(arr), bool))
+        return np.zeros(len(arr), bool)
     raw = np.frombuffer(data, np.uint8, int(ends[-1] - ends[0]), int(ends[0]))
-    return _rows_at(ends, np.flatnonzero(test(raw)) + ends[0], len(arr))
+    return _rows_at(ends, find(raw) + ends[0], len(arr))
 
 
-def _rows_with(arr: pa.Array, needle: str) -> pa.Array:
-    """Rows that may hold `needle` (a rare one: bytes.find over the data buffer). A match across two rows marks the
-    first one too; the callers then run a replacement that leaves such a row as it is."""
-    ends, data = _offsets(arr)
-    if data is None or len(arr) == 0:
-        return pa.array(np.zeros(len(arr), bool))
-    buf, key, found = data.to_pybytes()[: int(ends[-1])], needle.encode(), []
-    pos = buf.find(key, int(ends[0]))
-    while pos >= 0:
-        found.append(pos)
-        pos = buf.find(key, pos + 1)
-    return _rows_at(ends, np.array(found, np.int64), len(arr))
+def _followed_by(raw: np.ndarray, starts: np.ndarray, *nexts: np.ndarray) -> np.ndarray:
+    """The `starts` whose following bytes are in the given 256-entry tables, one table a byte."""
+    for j, table in enumerate(nexts, 1):
+        starts = starts[starts + j < len(raw)]
+        starts = starts[table[raw[starts + j]]]
+    return starts
 
 
-def _markup_bytes(b: np.ndarray) -> np.ndarray:
-    return (b == ord("&")) | (b == ord("<"))
+def _table(*values: int) -> np.ndarray:
+    t = np.zeros(256, bool)
+    t[list(values)] = True
+    return t
 
 
-def _composable_bytes(b: np.ndarray) -> np.ndarray:
-    """UTF-8 lead bytes of code points from U+0300 on: a text without them is already NFC (every code point below
-    U+0300 is NFC and none of them composes with another; checked for all of them and all their pairs)."""
-    return b >= 0xCC
+def _needle_finder(needle: bytes):
+    """A finder for one byte string (two bytes or more): its first two bytes compared over the whole buffer, then the
+    few candidates narrowed a byte at a time."""
+    def find(raw: np.ndarray) -> np.ndarray:
+        n = len(raw) - len(needle) + 1
+        if n <= 0:
+            return np.empty(0, np.int64)
+        starts = np.flatnonzero((raw[:n] == needle[0]) & (raw[1 : n + 1] == needle[1]))
+        for j in range(2, len(needle)):
+            starts = starts[raw[starts + j] == needle[j]]
+        return starts
+
+    return find
+
+
+def _markup_positions(raw: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((raw == ord("&")) | (raw == ord("<")))
+
+
+@functools.cache
+def _nfc_unstable() -> np.ndarray:
+    """A table over all code points: True where a character can change under NFC, alone or beside another: it is not
+    NFC by itself (NFC_Quick_Check=No), has a non-zero combining class (canonical reordering), or is the second of a
+    canonical pair (it may compose with the one before: the Quick_Check=Maybe ones, and a few more), plus the Hangul
+    vowel and trailing jamo, which compose by rule. A text with none of them is NFC (the quick check says yes).
+    Nothing below U+0300 and nothing assigned from U+30000 on is one of them (a test checks every code point)."""
+    table = np.zeros(0x110000, bool)
+    for c in range(0x300, 0x30000):
+        ch = chr(c)
+        if unicodedata.combining(ch) or not unicodedata.is_normalized("NFC", ch):
+            table[c] = True
+        mapping = unicodedata.decomposition(ch)
+        if mapping and not mapping.startswith("<") and len(mapping.split()) == 2:
+            table[int(mapping.split()[1], 16)] = True
+    table[0x1161:0x1176] = table[0x11A8:0x11C3] = True
+    return table
+
+
+def _nfc_positions(raw: np.ndarray) -> np.ndarray:
+    """Lead bytes of characters NFC may change (`_nfc_unstable`), decoded only from lead byte 0xCC on (U+0300 and
+    up; the text is valid UTF-8, so every lead byte has its continuation bytes)."""
+    starts = np.flatnonzero(raw >= 0xCC)
+    lead = raw[starts].astype(np.int64)
+    width = 2 + (lead >= 0xE0) + (lead >= 0xF0)
+    cp = lead & np.where(width == 2, 0x1F, np.where(width == 3, 0x0F, 0x07))
+    for j in (1, 2, 3):
+        cp = np.where(width > j, (cp << 6) | (raw[np.minimum(starts + j, len(raw) - 1)] & 0x3F), cp)
+    return starts[_nfc_unstable()[cp]]
+
+
+# Where mojibake may be (the _MOJIBAKE regex then decides, on those rows only): a C1 control (C2 80-9F), or one of
+# Â..ô (C3 82-B4) followed by a byte that starts one of the characters the regex allows second (U+0080-U+00BF and
+# the cp1252 punctuation).
+_C1_SECOND = _table(*range(0x80, 0xA0))
+_MOJI_LETTER_SECOND = _table(*range(0x82, 0xB5))
+_MOJI_NEXT_LEAD = _table(*{c.encode()[0] for c in "".join(map(chr, range(0x80, 0xC0))) + _CP1252_HIGH})
+
+
+def _mojibake_positions(raw: np.ndarray) -> np.ndarray:
+    c1 = _followed_by(raw, np.flatnonzero(raw == 0xC2), _C1_SECOND)
+    pair = _followed_by(raw, np.flatnonzero(raw == 0xC3), _MOJI_LETTER_SECOND, _MOJI_NEXT_LEAD)
+    return np.concatenate([c1, pair])
+
+
+_stub_positions = _needle_finder(STUB_MARK.encode())
+
+
+def _matching(arr: pa.Array, rows: np.ndarray, pattern: str) -> np.ndarray:
+    """The `rows` (a numpy mask) whose text matches the RE2 `pattern`, which is run on those rows only."""
+    idx = np.flatnonzero(rows)
+    out = np.zeros(len(arr), bool)
+    if len(idx):
+        out[idx[pc.match_substring_regex(arr.take(idx), pattern).to_numpy(zero_copy_only=False)]] = True
+    return out
 
 
 def _clean_special(arr: pa.Array, strip_stubs: bool) -> pa.Array:
-    # Cheap tests on the bytes pick the rows each repair looks at: markup needs '&' or '<', mojibake can only be in
-    # non-ASCII rows, NFC only changes rows with a code point from U+0300 on, a stub needs its marker.
-    arr = _apply(arr, _rows_with_bytes(arr, _markup_bytes), _py(_markup))
-    non_ascii = pc.invert(pc.string_is_ascii(arr))
-    if pc.any(non_ascii).as_py():
-        arr = _apply(arr, non_ascii, lambda a: _apply(a, pc.match_substring_regex(a, _MOJIBAKE), _py(_mojibake)))
+    # Cheap tests pick the rows each repair looks at: markup needs '&' or '<', mojibake a C1 control or a Latin-1
+    # letter before a character that may be the rest of its UTF-8 bytes, NFC a character that may change under it, a
+    # stub its marker.
+    arr = _apply(arr, _rows_where(arr, _markup_positions), _py(_markup))
+    arr = _apply(arr, _matching(arr, _rows_where(arr, _mojibake_positions), _MOJIBAKE), _py(_mojibake))
     arr = _apply(arr, pc.match_substring_regex(arr, _CONTROL), lambda a: pc.replace_substring_regex(a, _CONTROL, ""))
-    arr = _apply(arr, _rows_with_bytes(arr, _composable_bytes), _py(_nfc))
+    arr = _apply(arr, _rows_where(arr, _nfc_positions), _py(_nfc))
     if strip_stubs:
-        arr = _apply(arr, _rows_with(arr, STUB_MARK), lambda a: pc.replace_substring_regex(a, _STUB_RE2, " "))
+        arr = _apply(arr, _rows_where(arr, _stub_positions), lambda a: pc.replace_substring_regex(a, _STUB_RE2, " "))
     arr = pc.replace_substring_regex(arr, _WS_RUN_RE2, " ")
     return pc.ascii_trim(arr, " ")
 
 
 def clean_column(arr: pa.Array, strip_stubs: bool = True) -> pa.Array:
-    """`clean_text` for every string of an Arrow array: RE2 kernels, with Python only for entities, tags, mojibake.
+    """`clean_text` for every string of an Arrow array: RE2 kernels, with Python only for entities, tags, mojibake
+    and NFC, each on the rows that may need it.
 
     One RE2 pass finds the rows `clean_text` would change at all (ASCII rows with no markup, control character,
     stub, whitespace run or edge whitespace stay as they are); only those go through the cleaning passes.
@@ -270,7 +349,10 @@ def _excerpt(title: pa.Array, content: pa.Array) -> pa.Array:
 
 
 class _HashSet:
-    """A set of 64-bit hashes as a few sorted numpy runs: 8 bytes a member, membership tested for a whole array."""
+    """A set of 64-bit hashes as a few sorted numpy runs: 8 bytes a member, membership tested for a whole array.
+    Runs are merged like a binary counter (a new run is merged into the one before while that is at most twice its
+    size), so there are O(log n) runs and each hash is merged O(log n) times; re-sorting everything every few batches
+    cost as much as the rest of the deduplication."""
 
     def __init__(self) -> None:
         self.runs: list[np.ndarray] = []
@@ -291,8 +373,9 @@ class _HashSet:
         if not len(h):
             return
         self.runs.append(np.sort(h))
-        if len(self.runs) > 8:
-            self.runs = [np.sort(np.concatenate(self.runs))]
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")  # merges the two runs
 
 
 def _repeated(h: np.ndarray) -> np.ndarray:
