@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import threading
 from pathlib import Path
 
 
@@ -26,13 +25,18 @@ def _publish(src: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _prefetch_fingerprint(path: str) -> None:
-    from desctune.ingest import source_fingerprint
+def _start_ingest(data, out: Path) -> None:
+    """Hash the input and ingest it on a thread now, while Prefect's server starts; the flow's fingerprint and ingest
+    tasks take what it computed (`desctune.ingest.ingest_early`). Nothing is ingested when the stage folder holds its
+    output already: then the task's cache answers."""
+    from desctune.ingest import INGEST_FIELDS, ingest_early
+    from desctune.stages import stage_folder
 
-    try:
-        source_fingerprint(path)
-    except Exception:  # the fingerprint task hashes again and reports the error
-        pass
+    def folder_for(input_sha256: str) -> Path | None:
+        folder = stage_folder(str(out), "ingest", input_sha256, data.subset(INGEST_FIELDS))
+        return None if (folder / "raw.parquet").exists() else folder
+
+    ingest_early(data, folder_for)
 
 
 def summary(raw: dict, cleaned: dict) -> str:
@@ -57,11 +61,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))
-    # Prefect's temporary server starts now, in its own process, while this one hashes the input on a thread
-    # (hashlib lets go of the GIL) and imports Prefect and the flow; the fingerprint task then takes that hash.
+    # Prefect's temporary server starts now, in its own process, while this one imports Prefect and the flow and a
+    # thread hashes and ingests the input (on worker processes for a large file); the fingerprint and ingest tasks
+    # then take what it computed.
     server = EarlyServer()
     try:
-        threading.Thread(target=_prefetch_fingerprint, args=(data.path,), daemon=True).start()
+        _start_ingest(data, out)
         from flows.prepare import prepare
 
         quiet_user_errors()

@@ -30,7 +30,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -743,8 +743,45 @@ def _iter_array(f, head: bytes, path: Path, data: DataConfig) -> Iterator[tuple[
     yield pa.table(out.rec, schema=RAW_SCHEMA), pa.table(out.rej, schema=REJECT_SCHEMA), element
 
 
+# `desctune prepare` starts ingest on a thread as soon as it has read its arguments, while Prefect's server starts (a
+# few seconds in which the command would otherwise only wait); the flow's ingest task then takes that run's result
+# instead of reading the input again. Entries are keyed by the data settings and taken once.
+_EARLY: dict[str, Future] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def ingest_early(data: DataConfig, folder_for: Callable[[str], Path | None]) -> None:
+    """Start ingesting `data` on a thread now. `folder_for(input sha256)` names the stage folder, or None when there
+    is nothing to do (the stage is there already). The next `ingest_file` call for the same settings in this process
+    waits for this run and takes its result (or its error) when it wrote the folder that call asks for."""
+    future: Future = Future()
+    with _EARLY_LOCK:
+        _EARLY[data.model_dump_json()] = future
+
+    def run() -> None:
+        try:
+            folder = folder_for(source_fingerprint(data.path))
+            future.set_result(None if folder is None else (Path(folder), _ingest(data, Path(folder))))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller that takes the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="desctune-early-ingest", daemon=True).start()
+
+
 def ingest_file(data: DataConfig, out_dir: Path) -> dict:
-    """Stream `data.path` into out_dir/raw.parquet and out_dir/ingest_rejects.parquet; return counts and hashes."""
+    """Stream `data.path` into out_dir/raw.parquet and out_dir/ingest_rejects.parquet; return counts and hashes.
+    Takes the result of an `ingest_early` run of the same settings into the same folder when there is one."""
+    with _EARLY_LOCK:
+        early = _EARLY.pop(data.model_dump_json(), None)
+    if early is not None:
+        done = early.result()
+        if done is not None and done[0] == Path(out_dir):
+            log.info("ingest: took the run started before the flow (%s)", out_dir)
+            return done[1]
+    return _ingest(data, Path(out_dir))
+
+
+def _ingest(data: DataConfig, out_dir: Path) -> dict:
     check_source(data.path)
     path = data.path if source_kind(data.path) == "hf" else Path(data.path)
     out_dir = start_stage(out_dir, log)
