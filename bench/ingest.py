@@ -82,6 +82,9 @@ print(json.dumps({"seconds": time.perf_counter() - t, "kept": kept,
 
 
 def _run(code_or_cmd: list[str], env: dict) -> tuple[dict | None, float, str]:
+    # The files the step before wrote go to the disk now, not while this step runs on the clock: each step writes
+    # hundreds of megabytes, and their writeback fell on the next step's time.
+    os.sync()
     t = time.perf_counter()
     proc = subprocess.run(code_or_cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
