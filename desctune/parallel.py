@@ -1,7 +1,8 @@
 """One helper: a function over a stream of work items on a few worker processes, results in the items' order.
 
 Threads are enough for Arrow's kernels, which let go of the GIL, but not for the Python repairs the cleaner runs on
-some rows; worker processes run those on every core. At most `in_flight` items are submitted ahead of the one being
+some rows, nor for the Python around ingest's JSON parse; worker processes run those on every core (clean: a row group
+a task; ingest: a byte range of the input a task). At most `in_flight` items are submitted ahead of the one being
 consumed, so memory stays bounded whatever the input's size.
 
 Workers are forked where the platform can: a spawned worker would import the caller's main module again, which breaks
