@@ -7,11 +7,12 @@ array, CSV (.csv/.tsv, optionally gzipped, with a header row), Parquet (.parquet
 uid is derived from its title and content (`content_uid`), so it never depends on the record's position.
 
 JSON Lines are read in fixed-size byte chunks so memory stays bounded whatever the file or one line holds; a large
-plain file's chunks are parsed on one worker process per core, each reading its own byte range, while this process only
-finds where the chunks end and writes. Each chunk goes through pyarrow's multithreaded JSON reader; a chunk it cannot take whole (a bad line, invalid UTF-8, a blank line,
-a non-string field) is bisected down to small blocks and only those are parsed line by line, so one bad line costs
-little and every other record in the chunk is kept. Every line that is not a usable record becomes a reject row
-(line number, uid if known, reason, raw excerpt): nothing is dropped silently.
+plain file's chunks are parsed on one worker process per core, each reading its own byte range, while this process
+only finds where the chunks end and writes. Each chunk goes through pyarrow's JSON reader; a chunk it cannot take
+whole (a bad line, invalid UTF-8, a blank line, a non-string field) is bisected down to small blocks and only those
+are parsed line by line, so one bad line costs little and every other record in the chunk is kept. Every line that
+is not a usable record becomes a reject row (line number, uid if known, reason, raw excerpt): nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -606,7 +607,8 @@ def _parallel(f, data: DataConfig) -> bool:
 
 def _line_spans(path: Path, start: int, read_end: int, data: DataConfig) -> Iterator[tuple[str, int, int]]:
     """The chunks `_iter_json`'s serial loop makes, as byte spans found without reading the file through (mmap):
-    ("lines", begin, end) for a block of whole lines, ("long", begin, end) for a line longer than data.max_line_bytes.
+    ("lines", begin, end) for a block of whole lines, ("long", begin, begin) for a line longer than
+    data.max_line_bytes (only its start is read, for the excerpt).
     The spans mirror that loop read by read (`start`: where its buffer begins, `read_end`: its file position), so both
     paths write the same raw.parquet."""
     window, limit, skip = min(CHUNK_BYTES, data.max_line_bytes), data.max_line_bytes, 1 << 20
