@@ -29,11 +29,10 @@ def _start_ingest(data, out: Path) -> None:
     """Hash the input and ingest it on a thread now, while Prefect's server starts; the flow's fingerprint and ingest
     tasks take what it computed (`desctune.ingest.ingest_early`). Nothing is ingested when the stage folder holds its
     output already: then the task's cache answers."""
-    from desctune.ingest import INGEST_FIELDS, ingest_early
-    from desctune.stages import stage_folder
+    from desctune.ingest import ingest_early, ingest_folder
 
     def folder_for(input_sha256: str) -> Path | None:
-        folder = stage_folder(str(out), "ingest", input_sha256, data.subset(INGEST_FIELDS))
+        folder = ingest_folder(str(out), data, input_sha256)
         return None if (folder / "raw.parquet").exists() else folder
 
     ingest_early(data, folder_for)

@@ -44,6 +44,7 @@ from desctune.config import DataConfig
 from desctune.errors import DataError
 from desctune.files import HashingSink, atomic_path, dir_sha256, file_sha256, start_stage
 from desctune.parallel import ordered_map, usable_cores
+from desctune.stages import stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -743,6 +744,11 @@ def _iter_array(f, head: bytes, path: Path, data: DataConfig) -> Iterator[tuple[
         if limit is not None and element >= limit:
             break
     yield pa.table(out.rec, schema=RAW_SCHEMA), pa.table(out.rej, schema=REJECT_SCHEMA), element
+
+
+def ingest_folder(artifacts_dir: str | Path, data: DataConfig, input_sha256: str) -> Path:
+    """The ingest stage's folder for this input and these settings (what the ingest task and `ingest_early` use)."""
+    return stage_folder(artifacts_dir, "ingest", input_sha256, data.subset(INGEST_FIELDS))
 
 
 # `desctune prepare` starts ingest on a thread as soon as it has read its arguments, while Prefect's server starts (a

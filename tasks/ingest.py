@@ -6,8 +6,8 @@ from __future__ import annotations
 from prefect import task
 
 from desctune.config import DataConfig
-from desctune.ingest import INGEST_FIELDS, ingest_file, source_fingerprint
-from desctune.stages import code_version, stage_folder
+from desctune.ingest import ingest_file, ingest_folder, source_fingerprint
+from desctune.stages import code_version
 from desctune.store import publish
 from tasks.stage import STAGE_CACHE, report_counts, run_logger
 
@@ -22,7 +22,7 @@ def fingerprint(path: str) -> str:
 
 @task(name="ingest", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def ingest(data: DataConfig, artifacts_dir: str, input_sha256: str, code: str = CODE) -> dict:
-    out_dir = stage_folder(artifacts_dir, "ingest", input_sha256, data.subset(INGEST_FIELDS))
+    out_dir = ingest_folder(artifacts_dir, data, input_sha256)
     result = ingest_file(data, out_dir) | {"input_sha256": input_sha256}
     run_logger().info(
         "ingested %s: %d lines read, %d records, %d rejected", data.path, result["lines_read"], result["records"],
