@@ -289,8 +289,8 @@ def _nfc_positions(raw: np.ndarray) -> np.ndarray:
 
 
 # Where mojibake may be (the _MOJIBAKE regex then decides, on those rows only): a C1 control (C2 80-9F), or one of
-# Â..ô (C3 82-B4) followed by a byte that starts one of the characters the regex allows second (U+0080-U+00BF and
-# the cp1252 punctuation).
+# Â..ô (C3 82-B4) followed by a byte that starts one of the characters the regex allows second (U+0080-U+00BF, and
+# what cp1252 puts at 0x80-0x9F: € ‚ ƒ „ … † ‡ ˆ ‰ Š ‹ Œ Ž ‘ ’ “ ” • – — ˜ ™ š › œ ž Ÿ).
 _C1_SECOND = _table(*range(0x80, 0xA0))
 _MOJI_LETTER_SECOND = _table(*range(0x82, 0xB5))
 _MOJI_NEXT_LEAD = _table(*{c.encode()[0] for c in "".join(map(chr, range(0x80, 0xC0))) + _CP1252_HIGH})
