@@ -31,7 +31,7 @@ import xxhash
 
 from desctune.config import DataConfig
 from desctune.files import HashingSink, atomic_path, start_stage
-from desctune.ingest import EXCERPT_CHARS, REJECT_SCHEMA
+from desctune.ingest import EXCERPT_CHARS, REJECT_PARQUET, REJECT_SCHEMA
 from desctune.parallel import ordered_map, usable_cores
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ CLEAN_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("conten
 BATCH_ROWS = 65_536
 # From this many records on, cleaning runs in worker processes (one per core); below, starting them costs more.
 PARALLEL_MIN_ROWS = 200_000
-PARQUET = {"compression": "zstd"}
+# clean.parquet: zstd, no dictionary (titles and contents are nearly all distinct: building one only to give it up
+# was 40% of the writer's time), statistics only on the uid.
+CLEAN_PARQUET = {"compression": "zstd", "use_dictionary": False, "write_statistics": ["uid"]}
 
 ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
 TAG = r"</?[A-Za-z][^<>]{0,1000}>"
@@ -342,8 +344,12 @@ def clean_column(arr: pa.Array, strip_stubs: bool = True) -> pa.Array:
     return _apply(arr, special, lambda a: _clean_special(a, strip_stubs))
 
 
-def _excerpt(title: pa.Array, content: pa.Array) -> pa.Array:
-    """The start of "title | content", each cut first so that no whole text is copied to make it."""
+def _excerpt(title: pa.Array, content: pa.Array, where: pa.Array | None = None) -> pa.Array:
+    """The start of "title | content", each cut first so that no whole text is copied to make it; with a mask
+    `where`, only for those rows (null for the others)."""
+    if where is not None:
+        return pc.replace_with_mask(pa.nulls(len(title), pa.string()), where,
+                                    _excerpt(title.filter(where), content.filter(where)))
     title, content = (pc.utf8_slice_codeunits(a, 0, EXCERPT_CHARS) for a in (title, content))
     return pc.utf8_slice_codeunits(pc.binary_join_element_wise(title, content, " | "), 0, EXCERPT_CHARS)
 
@@ -459,10 +465,16 @@ def _clean_group(group: pa.RecordBatch | pa.Table, data: DataConfig) -> dict:
     col = {k: v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v for k, v in col.items()}
     title, content, reason = _clean_fields(col["title"], col["content"], data)
     ok = pc.is_null(reason)
+    # A reject's excerpt is of its raw texts. A row that passes the filters is rejected only as a duplicate (a few in a
+    # million), and when cleaning left its texts as they were, the writer makes its excerpt from the cleaned texts it
+    # holds: so only rejects and changed rows carry one here (null elsewhere), half the bytes that cross to the writer.
+    changed = pc.or_(pc.not_equal(col["title"], title), pc.not_equal(col["content"], content))
+    title, content = title.filter(ok), content.filter(ok)
     return {
-        "line": col["line"], "uid": col["uid"], "reason": reason, "excerpt": _excerpt(col["title"], col["content"]),
-        "title": title.filter(ok), "content": content.filter(ok),
-        "uid_hash": _hashes(col["uid"].filter(ok)), "pair_hash": _pair_hashes(title.filter(ok), content.filter(ok)),
+        "line": col["line"], "uid": col["uid"], "reason": reason,
+        "excerpt": _excerpt(col["title"], col["content"], where=pc.or_(pc.invert(ok), changed)),
+        "title": title, "content": content,
+        "uid_hash": _hashes(col["uid"].filter(ok)), "pair_hash": _pair_hashes(title, content),
     }
 
 
@@ -471,20 +483,38 @@ def _clean_row_group(path: str, index: int, data: DataConfig) -> dict:
     return _clean_group(pq.ParquetFile(path, pre_buffer=False).read_row_group(index), data)
 
 
+def _without_rows(table: pa.Table, rows: list[int]) -> pa.Table:
+    """`table` less the given rows (ascending, few: the duplicates of a group), as zero-copy slices between them:
+    filtering copied every kept title and content of nearly every group, where a duplicate or two turns up."""
+    pieces, start = [], 0
+    for i in rows:
+        pieces.append(table.slice(start, i - start))
+        start = i + 1
+    pieces.append(table.slice(start))
+    return pa.concat_tables(pieces)
+
+
 def _split_batch(group: dict, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
     """Records kept and rejects of one cleaned group; runs in file order so the first of duplicates is kept."""
-    reason, uid = group["reason"], group["uid"]
+    reason, uid, excerpt = group["reason"], group["uid"], group["excerpt"]
     ok = pc.is_null(reason)
     dup = dedup.reasons(group["uid_hash"], group["pair_hash"])
     kept = pa.table({"uid": uid.filter(ok), "title": group["title"], "content": group["content"]})
     if any(dup):
-        kept = kept.filter(pa.array([d is None for d in dup]))
+        dups = [i for i, d in enumerate(dup) if d is not None]
+        # A duplicate whose texts cleaning left as they were has no excerpt yet: its cleaned texts are its raw ones.
+        rows = np.zeros(len(reason), bool)
+        rows[np.flatnonzero(ok.to_numpy(zero_copy_only=False))[dups]] = True
+        rows = pa.array(rows)
+        mine = _excerpt(group["title"].take(dups), group["content"].take(dups))
+        excerpt = pc.replace_with_mask(excerpt, rows, pc.coalesce(excerpt.filter(rows), mine))
+        kept = _without_rows(kept, dups)
         reason = pc.replace_with_mask(reason, ok, pa.array(dup, pa.string()))
         ok = pc.is_null(reason)
     bad = pc.invert(ok)
     rejects = pa.table(
         {"line": group["line"].filter(bad), "uid": uid.filter(bad), "reason": reason.filter(bad),
-         "excerpt": group["excerpt"].filter(bad)},
+         "excerpt": excerpt.filter(bad)},
         schema=REJECT_SCHEMA,
     )
     return kept, rejects
@@ -537,8 +567,8 @@ def clean_file(raw: dict, data: DataConfig, out_dir: Path, workers: int | None =
 
     with atomic_path(clean_path) as clean_tmp, atomic_path(rej_path) as rej_tmp:
         clean_sink, rej_sink = HashingSink(clean_tmp), HashingSink(rej_tmp)
-        with clean_sink, rej_sink, pq.ParquetWriter(clean_sink, CLEAN_SCHEMA, **PARQUET) as cw, pq.ParquetWriter(
-            rej_sink, REJECT_SCHEMA, **PARQUET
+        with clean_sink, rej_sink, pq.ParquetWriter(clean_sink, CLEAN_SCHEMA, **CLEAN_PARQUET) as cw, pq.ParquetWriter(
+            rej_sink, REJECT_SCHEMA, **REJECT_PARQUET
         ) as rw:
             for rej in _batches(raw["rejects_path"]):
                 write_rejects(pa.Table.from_batches([rej]).cast(REJECT_SCHEMA))

@@ -84,6 +84,10 @@ PARALLEL_MIN_BYTES = 4 * CHUNK_BYTES
 # nearly all distinct) or statistics it writes and reads several times faster than with zstd (its size is then close
 # to the text's); the outputs users keep (clean.parquet, rejects) stay zstd.
 RAW_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+# Rejects (here and in clean): zstd; a dictionary only for the reason, the one column whose values repeat (trying one
+# on the uids and excerpts, nearly all distinct, cost more than the rest of the write); statistics on the short
+# columns a reader may filter on.
+REJECT_PARQUET = {"compression": "zstd", "use_dictionary": ["reason"], "write_statistics": ["line", "uid", "reason"]}
 
 
 
@@ -800,7 +804,7 @@ def _ingest(data: DataConfig, out_dir: Path) -> dict:
     with atomic_path(raw_path) as raw_tmp, atomic_path(rej_path) as rej_tmp:
         raw_sink, rej_sink = HashingSink(raw_tmp), HashingSink(rej_tmp)
         with raw_sink, rej_sink, pq.ParquetWriter(raw_sink, RAW_SCHEMA, **RAW_PARQUET) as raw_w, pq.ParquetWriter(
-            rej_sink, REJECT_SCHEMA, compression="zstd"
+            rej_sink, REJECT_SCHEMA, **REJECT_PARQUET
         ) as rej_w:
             for recs, rejs, lines_read in iter_chunks(path, data):
                 if recs.num_rows:

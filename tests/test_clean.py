@@ -14,7 +14,7 @@ import pytest
 from desctune import clean as clean_mod
 from desctune.clean import clean_column, clean_file, clean_text
 from desctune.config import DataConfig
-from desctune.ingest import ingest_file
+from desctune.ingest import EXCERPT_CHARS, ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"
@@ -128,6 +128,9 @@ def test_filters_duplicates_and_every_reason(tmp_path):
     }
     assert set(clean_mod.REASONS) - {"review_blurb"} <= set(out["by_reason"])  # blurbs: their own test below
     assert rejects["e"]["line"] == 5 and rejects["e"]["excerpt"].startswith("Title for short content | too short")
+    # Excerpts are of the raw texts, for a duplicate that cleaning left as it was ("a") and one it changed ("f").
+    assert rejects["a"]["excerpt"] == f"Same uid again | {LONG}a2"[:EXCERPT_CHARS]
+    assert rejects["f"]["excerpt"] == f"A proper  title | {LONG.replace(' ', '  ')}"[:EXCERPT_CHARS]
     assert out["duplicates"] == 2 and out["kept"] + out["rejected"] == len(rows)
 
     loose = clean_file(raw, DataConfig(filters=False), tmp_path / "loose")
@@ -137,11 +140,16 @@ def test_filters_duplicates_and_every_reason(tmp_path):
 
 def test_batches_and_threads_keep_order_and_first_duplicate(tmp_path, monkeypatch):
     monkeypatch.setattr(clean_mod, "BATCH_ROWS", 7)
-    rows = [{"uid": f"u{i % 40}", "title": f"Title number {i % 25}", "content": f"{LONG} {i % 25}"} for i in range(60)]
+    # A third of the contents have an entity, so some duplicates were changed by cleaning and some were not.
+    rows = [{"uid": f"u{i % 40}", "title": f"Title number {i % 25}",
+             "content": f"{LONG}{'&amp; ' * (i % 25 % 3 == 0)}{i % 25}"} for i in range(60)]
     out = clean_file(_raw(tmp_path, rows), DataConfig(), tmp_path / "clean")
     kept = pq.read_table(out["path"]).column("uid").to_pylist()
     assert kept == [f"u{i}" for i in range(25)]
     assert out["by_reason"] == {"duplicate_record": 15, "duplicate_uid": 20}
+    rejects = pq.read_table(out["rejects_path"]).to_pylist()
+    assert [r["excerpt"] for r in rejects] == [
+        f"{rows[r['line'] - 1]['title']} | {rows[r['line'] - 1]['content']}"[:EXCERPT_CHARS] for r in rejects]
 
 
 @pytest.mark.parametrize("content, blurb", [
