@@ -1,17 +1,23 @@
-"""`desctune prepare`: run the flow's own ingest and clean tasks on a file and leave clean.parquet and rejects.parquet.
+"""`desctune prepare`: run the ingest and clean stages on a file and leave clean.parquet and rejects.parquet.
 
-    desctune prepare --data trn.json --out prepared/ [--config FILE] [--no-filters]
+    desctune prepare --data trn.json --out prepared/ [--config FILE] [--no-filters] [--prefect]
 
-Stage outputs and Prefect's cached results live under DIR, so a rerun on the same content is instant and deleting
-DIR forgets both. Exit 0 when the input was usable (even with rejects), 2 with one line when it was not.
+With a Prefect API configured (PREFECT_API_URL or a Prefect profile), or with --prefect (a temporary server where none
+is configured), the stages run as the prepare flow's tasks, so the run shows in Prefect's UI. Otherwise they run in
+this process: the same functions and stage folders, without the 5-6 s of CPU a temporary Prefect server and its
+client cost, a server whose record of the run no one would look at. Stage outputs and cached results live under DIR
+(Prefect's results, or each stage folder's result.json), so a rerun on the same content is instant and deleting DIR
+forgets both. Exit 0 when the input was usable (even with rejects), 2 with one line when it was not.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 
 def _publish(src: str, dest: Path) -> None:
@@ -26,9 +32,9 @@ def _publish(src: str, dest: Path) -> None:
 
 
 def _start_ingest(data, out: Path) -> None:
-    """Hash the input and ingest it on a thread now, while Prefect's server starts; the flow's fingerprint and ingest
-    tasks take what it computed (`desctune.ingest.ingest_early`). Nothing is ingested when the stage folder holds its
-    output already: then the task's cache answers."""
+    """Hash the input and ingest it on a thread now, while Prefect is imported (and its server starts); the flow's
+    fingerprint and ingest tasks, or `run_stages`, take what it computed (`desctune.ingest.ingest_early`). Nothing is
+    ingested when the stage folder holds its output already: then the task's cache or the folder's result answers."""
     from desctune.ingest import ingest_early, ingest_folder
 
     def folder_for(input_sha256: str) -> Path | None:
@@ -36,6 +42,52 @@ def _start_ingest(data, out: Path) -> None:
         return None if (folder / "raw.parquet").exists() else folder
 
     ingest_early(data, folder_for)
+
+
+# What a stage run in this process keeps in its folder, written last: its result, as Prefect's task cache keeps it.
+STAGE_RESULT = "result.json"
+
+
+def kept_or_run(folder: Path, run: Callable[[], dict]) -> dict:
+    """The result an earlier run in this mode kept in this stage folder, when every file it names is still there; else
+    run() (which writes the folder) and keep its result there. The folder is named by the stage's inputs and code
+    version (`desctune.stages.stage_folder`), so a result found there is this run's."""
+    from desctune.files import atomic_path
+
+    marker = folder / STAGE_RESULT
+    try:
+        result = json.loads(marker.read_text(encoding="utf-8"))
+        named = [Path(v) for k, v in result.items() if k == "path" or k.endswith("_path")]
+        if named and all(p.is_file() for p in named):
+            return result
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    result = run()
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=True), encoding="utf-8")
+    return result
+
+
+def run_stages(data, out: Path) -> tuple[dict, dict]:
+    """Ingest and clean in this process, into the folders the prepare flow's tasks use; ingest takes the run
+    `_start_ingest` began."""
+    from desctune.clean import clean_file, clean_folder
+    from desctune.ingest import ingest_file, ingest_folder, source_fingerprint
+
+    sha = source_fingerprint(data.path)
+    raw_dir = ingest_folder(str(out), data, sha)
+    raw = kept_or_run(raw_dir, lambda: ingest_file(data, raw_dir) | {"input_sha256": sha})
+    clean_dir = clean_folder(str(out), raw, data)
+    return raw, kept_or_run(clean_dir, lambda: clean_file(raw, data, clean_dir))
+
+
+def prefect_api_configured() -> bool:
+    """Whether Prefect has an API to report to: PREFECT_API_URL, or a profile or settings file that sets it."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def summary(raw: dict, cleaned: dict) -> str:
@@ -60,19 +112,24 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))
-    # Prefect's temporary server starts now, in its own process, while this one imports Prefect and the flow and a
-    # thread hashes and ingests the input (on worker processes for a large file); the fingerprint and ingest tasks
-    # then take what it computed.
-    server = EarlyServer()
+    # With --prefect, Prefect's temporary server starts now, in its own process, while this one imports Prefect and
+    # the flow. Either way a thread hashes and ingests the input from here on (on worker processes for a large file):
+    # the fingerprint and ingest tasks, or `run_stages`, take what it computed.
+    server = EarlyServer() if args.prefect else None
     try:
         _start_ingest(data, out)
-        from flows.prepare import prepare
+        if server is None and not prefect_api_configured():
+            raw, cleaned = run_stages(data, out)
+        else:
+            from flows.prepare import prepare
 
-        quiet_user_errors()
-        with server.use():
-            raw, cleaned = prepare(data, str(out))
+            quiet_user_errors()
+            server = server or EarlyServer()  # Prefect is loaded: starts nothing, use() keeps the configured API
+            with server.use():
+                raw, cleaned = prepare(data, str(out))
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     _publish(cleaned["path"], out / "clean.parquet")
     _publish(cleaned["rejects_path"], out / "rejects.parquet")
     print(summary(raw, cleaned))
@@ -88,4 +145,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="YAML profile whose data section applies (field names, caps, filters)")
     p.add_argument("--no-filters", action="store_true", help="turn off the length filters, nothing else")
+    p.add_argument("--prefect", action="store_true",
+                   help="run as the prepare flow on Prefect even with no API configured (a temporary server, in "
+                   "Prefect's local database); with one configured it always does")
     p.set_defaults(func=main)

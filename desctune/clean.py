@@ -33,6 +33,7 @@ from desctune.config import DataConfig
 from desctune.files import HashingSink, atomic_path, start_stage
 from desctune.ingest import EXCERPT_CHARS, REJECT_PARQUET, REJECT_SCHEMA
 from desctune.parallel import ordered_map, usable_cores
+from desctune.stages import stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +549,12 @@ def clean_workers(records: int) -> int:
     """Worker processes for cleaning `records` rows: one per core, or none (threads in this process) for an input so
     small that starting processes would cost more than it saves."""
     return usable_cores() if records >= PARALLEL_MIN_ROWS else 1
+
+
+def clean_folder(artifacts_dir: str | Path, raw: dict, data: DataConfig) -> Path:
+    """The clean stage's folder for this raw.parquet and these settings (what the clean task and `desctune prepare`
+    use)."""
+    return stage_folder(artifacts_dir, "clean", raw["sha256"], raw["rejects_sha256"], data.subset(CLEAN_FIELDS))
 
 
 def clean_file(raw: dict, data: DataConfig, out_dir: Path, workers: int | None = None) -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from desctune.clean import CLEAN_FIELDS, clean_file
+from desctune.clean import clean_file, clean_folder
 from desctune.config import DataConfig
-from desctune.stages import code_version, stage_folder
+from desctune.stages import code_version
 from desctune.store import localize, publish
 from tasks.stage import STAGE_CACHE, report_counts, run_logger
 
@@ -15,7 +15,7 @@ CODE = code_version("clean")
 
 @task(name="clean", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def clean(raw: dict, data: DataConfig, artifacts_dir: str, code: str = CODE) -> dict:
-    out_dir = stage_folder(artifacts_dir, "clean", raw["sha256"], raw["rejects_sha256"], data.subset(CLEAN_FIELDS))
+    out_dir = clean_folder(artifacts_dir, raw, data)
     result = clean_file(localize(artifacts_dir, raw), data, out_dir)
     run_logger().info(
         "cleaned: %d kept, %d rejected (%d duplicates)", result["kept"], result["rejected"], result["duplicates"]

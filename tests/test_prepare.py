@@ -1,4 +1,5 @@
-"""`desctune prepare`: real Prefect runs of the flow's tasks, exit codes and messages, cache keyed on file content."""
+"""`desctune prepare`: in this process without a Prefect API, real Prefect runs of the flow's tasks with one or with
+--prefect; exit codes and messages; cache keyed on file content."""
 
 from __future__ import annotations
 
@@ -156,12 +157,63 @@ def test_early_server_starts_nothing_where_prefect_is_loaded_or_an_api_is_set(mo
     assert EarlyServer().proc is None
 
 
-def test_cli_process_prepares_a_file(tmp_path):
-    """The whole command in its own process: early server, the flow, clean.parquet and rejects.parquet."""
+@pytest.mark.parametrize("flags", [[], ["--prefect"]])
+def test_cli_process_prepares_a_file(tmp_path, flags):
+    """The whole command in its own process, with no Prefect API configured: in this process by default; with
+    --prefect, the early server and the flow, whose run is logged."""
     out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "prepare", "--data", str(SAMPLE), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          timeout=300)
+    command = [sys.executable, "-m", "app.cli", "prepare", "--data", str(SAMPLE), "--out", str(out), *flags]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lines read 500" in proc.stdout
     assert pq.read_table(out / "clean.parquet").num_rows + pq.read_table(out / "rejects.parquet").num_rows == 500
+    assert ("Flow run" in proc.stderr and "Finished in state Completed" in proc.stderr) == bool(flags), proc.stderr
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("not expected to run")
+
+
+def test_without_a_prefect_api_stages_run_here_and_a_rerun_takes_their_kept_results(tmp_path, capsys, monkeypatch):
+    import desctune.clean
+    import desctune.ingest
+    import flows.prepare
+
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        m.setattr(flows.prepare, "prepare", _fail)
+        assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    kept = pq.read_table(out / "clean.parquet")
+    stage_dirs = sorted((out / "stages").iterdir())
+    assert [d.name.split("-")[0] for d in stage_dirs] == ["clean", "ingest"]
+    assert all((d / "result.json").is_file() for d in stage_dirs)
+
+    with monkeypatch.context() as m:  # a rerun reads nothing: both stages' kept results answer
+        m.setattr(desctune.ingest, "_ingest", _fail)
+        m.setattr(desctune.clean, "clean_file", _fail)
+        assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == first
+    assert pq.read_table(out / "clean.parquet").equals(kept)
+
+    raw = next((out / "stages").glob("ingest-*/raw.parquet"))
+    raw.unlink()  # a kept result whose file is gone is not taken: the stage runs again
+    assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
+    assert raw.is_file() and capsys.readouterr().out == first
+
+
+def test_prefect_flag_or_a_configured_api_runs_the_flow(tmp_path, capsys, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import app.prepare
+
+    monkeypatch.setattr(app.prepare, "run_stages", _fail)
+    assert main(["prepare", "--data", str(SAMPLE), "--out", str(tmp_path / "o"), "--prefect"]) == 0
+    assert "lines read 500" in capsys.readouterr().out
+
+    assert not app.prepare.prefect_api_configured()
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as a profile would set it
+        assert app.prepare.prefect_api_configured()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert app.prepare.prefect_api_configured()
