@@ -1,16 +1,17 @@
 """Data-stage benchmark: `desctune prepare` against DuckDB's floor and a pandas baseline on the same trn.json.
 
-Each side runs in its own process so peak RSS is its own. desctune is timed twice: the whole `desctune prepare`
-command (Prefect's temporary server start included) and its ingest + clean stages alone (the pure functions the
-tasks run). Two baselines, in the same run:
+Each side runs in its own process so peak RSS is its own. desctune is timed three times: the whole `desctune prepare`
+command (with no Prefect API configured, the stages in its own process), the same with --prefect (the prepare flow on
+Prefect's temporary server, its start included), and the ingest + clean stages alone (the pure functions the tasks
+run). Two baselines, in the same run:
 - DuckDB (`pip install -e .[bench]`): `read_json` of the three fields as VARCHAR, the length filters and DISTINCT, on
   2 threads, written to Parquet. It decodes no entity, strips no tag, repairs no mojibake and gives no reason for a
   reject, so it is a floor, not a peer: the target is `desctune prepare` within 3x of it.
 - pandas, what notebooks do: `pd.read_json(lines=True)`, `html.unescape` per row, the same filters and duplicate rule.
 Ends with one key=value line, the ratio (pandas' time over desctune's stage time) first, then
-`duckdb_ratio` (desctune prepare's time over DuckDB's) and `stages_duckdb_ratio`.
+`duckdb_ratio` (desctune prepare's time over DuckDB's), `stages_duckdb_ratio` and `prefect_duckdb_ratio`.
 
-    python -m bench.ingest [--records N] [--data trn.json] [--skip-pandas] [--skip-duckdb]
+    python -m bench.ingest [--records N] [--data trn.json] [--skip-pandas] [--skip-duckdb] [--skip-prefect]
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="an existing trn.json to use instead of a synthetic one")
     p.add_argument("--skip-pandas", "--skip-baseline", action="store_true", help="no pandas baseline (15 GB RSS)")
     p.add_argument("--skip-duckdb", action="store_true", help="no DuckDB floor")
+    p.add_argument("--skip-prefect", action="store_true", help="no run of `desctune prepare --prefect`")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="desctune-bench-") as tmp:
@@ -114,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         duck = None
         if not args.skip_duckdb:  # right before desctune, so both meet the same load and a warm page cache
             duck, _, _ = _run([sys.executable, "-c", DUCKDB, str(data), str(tmp)], env)
-        prepare, prepare_wall, _ = _run([sys.executable, "-c", PEAK, sys.executable, "-m", "app.cli", "prepare",
-                                         "--data", str(data), "--out", str(tmp / "prepare")], env)
+        command = [sys.executable, "-c", PEAK, sys.executable, "-m", "app.cli", "prepare", "--data", str(data)]
+        prepare, prepare_wall, _ = _run([*command, "--out", str(tmp / "prepare")], env)
         prepare_rss = prepare["rss_mb"]
+        flow = None
+        if not args.skip_prefect:
+            flow, flow_wall, _ = _run([*command, "--out", str(tmp / "prepare-flow"), "--prefect"], env)
         stages, _, _ = _run([sys.executable, "-c", STAGES, str(data), str(tmp / "stages")], env)
         if duck:  # again after desctune: on a shared machine the load drifts, so the floor is the mean of both runs
             again, _, _ = _run([sys.executable, "-c", DUCKDB, str(data), str(tmp)], env)
@@ -132,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
               f"load average before: {load:.2f}")
         print(f"desctune stages: {stages['seconds']:.1f} s (ingest {stages['ingest_s']:.1f} s), "
               f"{ours:,.0f} records/s, kept {stages['kept']}, peak RSS {stages['rss_mb']:.0f} MB")
-        print(f"desctune prepare (whole command, Prefect server start included): {prepare_wall:.1f} s, "
-              f"peak RSS {prepare_rss:.0f} MB")
+        print(f"desctune prepare (whole command; no Prefect API configured, so the stages run in its process): "
+              f"{prepare_wall:.1f} s, peak RSS {prepare_rss:.0f} MB")
+        if flow:
+            print(f"desctune prepare --prefect (the prepare flow, Prefect's temporary server start included): "
+                  f"{flow_wall:.1f} s, peak RSS {flow['rss_mb']:.0f} MB")
         fields = {}
         if duck:
             floor = duck["seconds"]
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"DuckDB floor (read_json + length filters + DISTINCT, 2 threads): {duck['seconds']:.1f} s "
                   f"(mean of {runs} s, before and after desctune), "
                   f"kept {duck['kept']}, peak RSS {duck['rss_mb']:.0f} MB; desctune prepare is "
-                  f"{prepare_wall / floor:.2f}x it, the stages alone {stages['seconds'] / floor:.2f}x")
+                  f"{prepare_wall / floor:.2f}x it, the stages alone {stages['seconds'] / floor:.2f}x"
+                  + (f", with --prefect {flow_wall / floor:.2f}x" if flow else ""))
         if base:
             theirs = base["lines"] / base["seconds"]
             print(f"pandas baseline: {base['seconds']:.1f} s, {theirs:,.0f} records/s, kept {base['kept']}, "
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if duck:
             fields |= {"duckdb_ratio": f"{prepare_wall / duck['seconds']:.2f}",
                        "stages_duckdb_ratio": f"{stages['seconds'] / duck['seconds']:.2f}",
+                       **({"prefect_duckdb_ratio": f"{flow_wall / duck['seconds']:.2f}"} if flow else {}),
                        "duckdb_seconds": f"{duck['seconds']:.1f}", "duckdb_peak_rss_mb": f"{duck['rss_mb']:.0f}"}
         fields |= {
             "desctune_records_per_s": f"{ours:.0f}",
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mb": f"{stages['rss_mb']:.0f}",
             "prepare_peak_rss_mb": f"{prepare_rss:.0f}",
         }
+        if flow:
+            fields |= {"prefect_prepare_seconds": f"{flow_wall:.1f}", "prefect_peak_rss_mb": f"{flow['rss_mb']:.0f}"}
         if base:
             fields |= {"baseline_records_per_s": f"{base['lines'] / base['seconds']:.0f}",
                        "baseline_seconds": f"{base['seconds']:.1f}", "baseline_peak_rss_mb": f"{base['rss_mb']:.0f}"}
