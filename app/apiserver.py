@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from desctune.errors import ServeError
+
 # What Prefect's own SubprocessASGIServer sets for its server process (no UI, the temporary server's services).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
@@ -117,11 +119,14 @@ class EarlyServer:
         while not _healthy(self.url):
             if self.proc.poll() is not None:
                 if retried:
-                    raise RuntimeError(f"Prefect's temporary API server exited with code {self.proc.returncode}")
+                    raise ServeError(f"Prefect's temporary API server exited with code {self.proc.returncode}; "
+                                     "`prefect server start` shows why, or set PREFECT_API_URL to a running server")
                 self._start()  # most likely the port was taken between choosing it and binding it: once more
                 retried = True
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect's temporary API server did not answer within {timeout:.0f} s")
+                raise ServeError(f"Prefect's temporary API server did not answer within {timeout:g} s; on a busy "
+                                 "machine raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set "
+                                 "PREFECT_API_URL to a running server")
             time.sleep(0.05)
 
     def stop(self) -> None:

@@ -171,6 +171,17 @@ def test_cli_process_prepares_a_file(tmp_path, flags):
     assert ("Flow run" in proc.stderr and "Finished in state Completed" in proc.stderr) == bool(flags), proc.stderr
 
 
+def test_a_temporary_server_that_does_not_come_up_is_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    command = [sys.executable, "-m", "app.cli", "prepare", "--data", str(SAMPLE), "--out", str(tmp_path / "o"),
+               "--prefect"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "desctune: Prefect's temporary API server did not answer within 1 s; on a busy machine raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a running server"]
+
+
 def _fail(*args, **kwargs):
     raise AssertionError("not expected to run")
 
