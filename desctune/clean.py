@@ -468,7 +468,7 @@ def _clean_group(group: pa.RecordBatch | pa.Table, data: DataConfig) -> dict:
     ok = pc.is_null(reason)
     # A reject's excerpt is of its raw texts. A row that passes the filters is rejected only as a duplicate (a few in a
     # million), and when cleaning left its texts as they were, the writer makes its excerpt from the cleaned texts it
-    # holds: so only rejects and changed rows carry one here (null elsewhere), half the bytes that cross to the writer.
+    # holds: so only rejects and changed rows carry one here (null elsewhere): a third less excerpt text to send.
     changed = pc.or_(pc.not_equal(col["title"], title), pc.not_equal(col["content"], content))
     title, content = title.filter(ok), content.filter(ok)
     return {
