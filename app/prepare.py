@@ -48,19 +48,20 @@ def _start_ingest(data, out: Path) -> None:
 STAGE_RESULT = "result.json"
 
 
-def kept_or_run(folder: Path, run: Callable[[], dict]) -> dict:
-    """The result an earlier run in this mode kept in this stage folder, when every file it names is still there; else
-    run() (which writes the folder) and keep its result there. The folder is named by the stage's inputs and code
-    version (`desctune.stages.stage_folder`), so a result found there is this run's."""
+def kept_or_run(folder: Path, out: Path, run: Callable[[], dict]) -> dict:
+    """The result an earlier run in this mode kept in this stage folder, unless a file it names is gone (the rule
+    the flow's stage cache follows, `tasks.stage.missing_outputs`); else run() (which writes the folder) and keep its
+    result there. The folder is named by the stage's inputs and code version (`desctune.stages.stage_folder`), so a
+    result found there is this run's."""
     from desctune.files import atomic_path
+    from tasks.stage import missing_outputs
 
     marker = folder / STAGE_RESULT
     try:
         result = json.loads(marker.read_text(encoding="utf-8"))
-        named = [Path(v) for k, v in result.items() if k == "path" or k.endswith("_path")]
-        if named and all(p.is_file() for p in named):
+        if isinstance(result, dict) and not missing_outputs(result, str(out)):
             return result
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError):
         pass
     result = run()
     with atomic_path(marker) as tmp:
@@ -76,9 +77,9 @@ def run_stages(data, out: Path) -> tuple[dict, dict]:
 
     sha = source_fingerprint(data.path)
     raw_dir = ingest_folder(str(out), data, sha)
-    raw = kept_or_run(raw_dir, lambda: ingest_file(data, raw_dir) | {"input_sha256": sha})
+    raw = kept_or_run(raw_dir, out, lambda: ingest_file(data, raw_dir) | {"input_sha256": sha})
     clean_dir = clean_folder(str(out), raw, data)
-    return raw, kept_or_run(clean_dir, lambda: clean_file(raw, data, clean_dir))
+    return raw, kept_or_run(clean_dir, out, lambda: clean_file(raw, data, clean_dir))
 
 
 def prefect_api_configured() -> bool:
