@@ -755,9 +755,9 @@ def ingest_folder(artifacts_dir: str | Path, data: DataConfig, input_sha256: str
     return stage_folder(artifacts_dir, "ingest", input_sha256, data.subset(INGEST_FIELDS))
 
 
-# `desctune prepare` starts ingest on a thread as soon as it has read its arguments, while Prefect's server starts (a
-# few seconds in which the command would otherwise only wait); the flow's ingest task then takes that run's result
-# instead of reading the input again. Entries are keyed by the data settings and taken once.
+# `desctune prepare` starts ingest on a thread as soon as it has read its arguments, while it imports Prefect (and,
+# for a flow run, Prefect's server starts); the flow's ingest task, or the command's own call, then takes that run's
+# result instead of reading the input again. Entries are keyed by the data settings and taken once.
 _EARLY: dict[str, Future] = {}
 _EARLY_LOCK = threading.Lock()
 
@@ -788,7 +788,7 @@ def ingest_file(data: DataConfig, out_dir: Path) -> dict:
     if early is not None:
         done = early.result()
         if done is not None and done[0] == Path(out_dir):
-            log.info("ingest: took the run started before the flow (%s)", out_dir)
+            log.info("ingest: took the run started early (%s)", out_dir)
             return done[1]
     return _ingest(data, Path(out_dir))
 
