@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -205,6 +206,21 @@ def test_hashed_dedup_equals_the_rule_with_sets_of_strings():
     assert {"duplicate_uid", "duplicate_record", None} == set(got)
 
 
+def test_hash_set_answers_as_a_set_of_ints():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    edges = np.array([0, 1, 2**63, 2**64 - 1], np.uint64)
+    seen, ours = set(), clean_mod._HashSet()
+    for _ in range(20):
+        h = np.concatenate([rng.integers(0, 2**64, 500, np.uint64, endpoint=False) % np.uint64(5000), edges[:2]])
+        assert ours.contains(h).tolist() == [int(x) in seen for x in h]
+        ours.add(h[: len(h) // 2])
+        seen.update(int(x) for x in h[: len(h) // 2])
+        edges = edges[::-1]
+    assert ours.contains(np.array([2**64 - 1, 2**63], np.uint64)).tolist() == [2**64 - 1 in seen, 2**63 in seen]
+
+
 def test_output_hashes_are_those_of_the_files_written(tmp_path):
     from desctune.files import file_sha256
 
@@ -247,7 +263,8 @@ def test_hashes_are_xxh3_of_the_utf8_bytes_whatever_the_array_offset():
 
 def test_byte_tests_pick_the_rows_their_substring_would():
     texts = ["a & b", "none", "x<y", "", "caf\u00e9", "e\u0301", "\u2019", "ends with &", "This text refers", "T",
-             "\u1100\u1161", "\u2126", "Caf\u00c3\u00a9", "\x9d", "\u00c3 x", "Th"]
+             "\u1100\u1161", "\u2126", "Caf\u00c3\u00a9", "\x9d", "\u00c3 x", "Th", "a\x00", "\x1b", "\x7f", "\xad",
+             "tab\tnew\nline\x1c", "\u200b", "\u200e", "\u2060", "\u206f", "\ufeff", "\ufffc", "\ufffd", "\U0001f600"]
     arr = pa.array(["<&", *texts]).slice(1)
     rows = lambda find: clean_mod._rows_where(arr, find).tolist()  # noqa: E731
     assert rows(clean_mod._markup_positions) == ["&" in t or "<" in t for t in texts]
@@ -255,6 +272,7 @@ def test_byte_tests_pick_the_rows_their_substring_would():
     unstable = clean_mod._nfc_unstable()
     assert rows(clean_mod._nfc_positions) == [any(unstable[ord(c)] for c in t) for t in texts]
     assert rows(clean_mod._mojibake_positions) == [bool(clean_mod._MOJIBAKE_RE.search(t)) for t in texts]
+    assert rows(clean_mod._control_positions) == [bool(clean_mod._CONTROL_RE.search(t)) for t in texts]
 
 
 def test_nfc_table_has_every_character_nfc_may_change():
@@ -276,6 +294,14 @@ def test_nfc_table_has_every_character_nfc_may_change():
     firsts = [chr(c) for c in range(0x20, 0x3000) if not table[c]]
     others = [chr(c) for c in range(0x300, 0x110000, 7) if not table[c]]
     assert all(unicodedata.is_normalized("NFC", a + b) for a in firsts[::3] for b in others[::50])
+
+
+def test_control_byte_test_finds_exactly_the_characters_of_the_regex_on_every_code_point():
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    arr = pa.array(chars)
+    found = clean_mod._rows_where(arr, clean_mod._control_positions)
+    assert [c for c, f in zip(chars, found) if f] == [c for c in chars if clean_mod._CONTROL_RE.search(c)]
+    assert found.tolist() == pc.match_substring_regex(arr, clean_mod._CONTROL).to_pylist()
 
 
 def test_worker_processes_give_the_same_output_as_one_process(tmp_path):
