@@ -27,11 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.serve_auth import Credentials, check_exposure, client_env, credentials, mlflow_server_env, prefect_server_env
-from deployments.deploy import POOL
 from desctune.errors import ServeError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_MIN_UPTIME = 60  # seconds: a restarted worker that dies sooner would only die again, so serve stops instead
+
+
+def _pool() -> str:
+    """The local work pool's name. Imported when used: `deployments.deploy` brings pandas and the stage store along,
+    and every `desctune` command imports this module (that import was 90% of the command line's start)."""
+    from deployments.deploy import POOL
+
+    return POOL
 
 
 @dataclass(frozen=True)
@@ -104,8 +111,8 @@ def commands(plan: ServePlan, env: dict) -> dict[str, tuple[list[str], dict]]:
                             str(plan.prefect_port)], prefect_server_env(env, plan.creds, plan.host, plan.prefect_port)),
         "mlflow-server": ([py, "-m", "mlflow", "server", "--host", plan.host, "--port", str(plan.mlflow_port),
                            "--workers", "1", *auth_app], mlflow_env),
-        "worker": ([py, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-                    "--name", f"{POOL}-{socket.gethostname()}-{os.getpid()}"], worker_env),
+        "worker": ([py, "-m", "prefect", "worker", "start", "--pool", _pool(), "--type", "process",
+                    "--name", f"{_pool()}-{socket.gethostname()}-{os.getpid()}"], worker_env),
     }
 
 
@@ -216,7 +223,7 @@ def http_ok(url: str, creds: Credentials | None = None) -> bool:
 def pool_ready(api_url: str, creds: Credentials | None = None) -> bool:
     """True once a worker has polled the pool (Prefect then marks it READY)."""
     try:
-        with _get(f"{api_url}/work_pools/{POOL}", creds) as r:
+        with _get(f"{api_url}/work_pools/{_pool()}", creds) as r:
             return json.load(r).get("status") == "READY"
     except Exception:
         return False
@@ -284,7 +291,7 @@ def banner(plan: ServePlan, deployed: list[str], paused: list[str] = ()) -> str:
         f"  MLflow UI     {plan.mlflow_url}   (backend: {hide_password(plan.mlflow_backend)}, "
         f"artifacts: {plan.mlflow_artifacts})",
         login,
-        f"  worker        on work pool {POOL}",
+        f"  worker        on work pool {_pool()}",
         f"  deployments   {', '.join(deployed) or 'none'}",
         *(f"  {line}" for line in paused),
         f"  logs          {plan.artifacts / 'serve-logs'}",
@@ -348,7 +355,7 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
             raise ServeError(str(exc)) from None
         mark_crashed_runs(plan, cmds["worker"][1])
         procs.start("worker", *cmds["worker"])
-        wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {POOL}", procs, timeout)
+        wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {_pool()}", procs, timeout)
         print(banner(plan, deployed.names, paused_lines(deployed)), flush=True)
         while True:
             procs.revive("worker", *cmds["worker"], min_uptime=WORKER_MIN_UPTIME)
