@@ -354,6 +354,17 @@ _FINGERPRINTS: dict[tuple, Future] = {}
 _FINGERPRINTS_LOCK = threading.Lock()
 
 
+def _file_key(path: str | Path, st: os.stat_result) -> tuple:
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+def fingerprint_under_way(path: str | Path, st: os.stat_result, sha256: Future) -> None:
+    """Let `source_fingerprint` take a file's sha256 that a caller started computing when the file was as `st` says
+    (`desctune prepare` starts it before its imports)."""
+    with _FINGERPRINTS_LOCK:
+        _FINGERPRINTS.setdefault(_file_key(path, st), sha256)
+
+
 def source_fingerprint(path: str | Path) -> str:
     """A hash of the input's content: the file's sha256, a folder's files, or a hub dataset's own fingerprint.
 
@@ -366,8 +377,7 @@ def source_fingerprint(path: str | Path) -> str:
         return hashlib.sha256(f"{path}\x1f{ds._fingerprint}".encode()).hexdigest()
     if kind == "hf-folder":
         return dir_sha256(path)
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    key = _file_key(path, os.stat(path))
     with _FINGERPRINTS_LOCK:
         future, owner = _FINGERPRINTS.get(key), False
         if future is None:

@@ -228,3 +228,19 @@ def test_prefect_flag_or_a_configured_api_runs_the_flow(tmp_path, capsys, monkey
         assert app.prepare.prefect_api_configured()
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert app.prepare.prefect_api_configured()
+
+
+def test_the_input_hash_started_first_is_the_one_ingest_takes(tmp_path, capsys, monkeypatch):
+    """`desctune prepare` hashes a plain file on a thread before its imports; ingest's fingerprint takes that hash
+    (the file is read for it once) and it is the file's sha256."""
+    import hashlib
+    import shutil
+
+    import desctune.ingest
+
+    data = tmp_path / "copy.jsonl"  # a path no earlier test hashed in this process
+    shutil.copyfile(SAMPLE, data)
+    monkeypatch.setattr(desctune.ingest, "file_sha256", _fail)
+    assert main(["prepare", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
+    kept = json.loads(next((tmp_path / "o" / "stages").glob("ingest-*/result.json")).read_text())
+    assert kept["input_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
