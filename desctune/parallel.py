@@ -71,7 +71,7 @@ def _pack(result, folder: str):
         return "whole", result, None, None
     path = os.path.join(folder, f"desctune-result-{os.getppid()}-{uuid.uuid4().hex}")
     try:
-        with open(path, "wb") as f:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # the owner's alone
             for v in views:
                 f.write(v)
                 f.write(bytes(-v.nbytes % _ALIGN))

@@ -76,3 +76,12 @@ def test_files_of_a_killed_caller_are_swept_and_those_of_a_live_one_kept(shared)
         p.write_bytes(b"x")
     assert parallel.sweep_shared(str(shared)) == [left.name]
     assert not left.exists() and live.exists() and other.exists()
+
+
+def test_a_shared_file_is_its_owners_alone_and_taken_once(shared):
+    import stat
+
+    packed = parallel._pack(_result(0, 40_000), str(shared))
+    assert packed[0] == "shared" and stat.S_IMODE(os.stat(packed[2]).st_mode) == 0o600
+    assert parallel._unpack(packed)["texts"].equals(_result(0, 40_000)["texts"])
+    assert not os.path.exists(packed[2])
