@@ -13,8 +13,8 @@ Arrow reset in a forked child, and they leave with `os._exit`, so no exit handle
 Results come back through shared memory: a worker pickles its result with its Arrow and numpy buffers out of band,
 writes those buffers to a file in /dev/shm and sends only the small rest through the pool's pipe; the caller maps the
 file, removes it at once, and the result's arrays are views of the mapping. Pickled whole, each result was copied
-four times on the way (into the pickle, into and out of the pipe, out of the pickle), which cost ingest and clean a
-fifth of their CPU time on the 2.25M-line file. Where the folder is missing or full, results travel pickled whole.
+four times on the way (into the pickle, into and out of the pipe, out of the pickle): a fifth of ingest's CPU time and
+a twelfth of clean's on the 2.25M-line file. Where the folder is missing or full, results travel pickled whole.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def _pack(result, folder: str):
 
 def _unpack(packed):
     """In the caller: the worker's result; its shared file is mapped and removed before anything can fail."""
-    kind, data, path, sizes = packed
+    kind, payload, path, sizes = packed
     if kind == "whole":
-        return data
+        return payload
     try:
         with open(path, "rb") as f:
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -95,7 +95,7 @@ def _unpack(packed):
     for n in sizes:
         buffers.append(view[start : start + n])
         start += n + (-n % _ALIGN)
-    return pickle.loads(data, buffers=buffers)
+    return pickle.loads(payload, buffers=buffers)
 
 
 def _unlink(path: str) -> None:
