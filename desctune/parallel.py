@@ -62,40 +62,40 @@ def shared_dir() -> str:
 
 
 def _pack(result, folder: str):
-    """In a worker: ("whole", the result) for the pool to pickle, or ("shared", the result's pickle without its
-    buffers, the file holding them, their sizes)."""
+    """In a worker: the result pickled once with its buffers out of band, and those buffers either in a shared file
+    ("shared", pickle, the file, their sizes) or, when small or when the file cannot be written, sent along through
+    the pipe ("whole", pickle, None, their bytes)."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(result, protocol=5, buffer_callback=buffers.append)
     views = [b.raw() for b in buffers]
-    if sum(v.nbytes for v in views) < SHARED_MIN_BYTES:
-        return "whole", result, None, None
-    path = os.path.join(folder, f"desctune-result-{os.getppid()}-{uuid.uuid4().hex}")
-    try:
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # the owner's alone
-            for v in views:
-                f.write(v)
-                f.write(bytes(-v.nbytes % _ALIGN))
-    except OSError:  # the folder is full (a container's small /dev/shm) or gone: send it the slow way
-        _unlink(path)
-        return "whole", result, None, None
-    return "shared", data, path, [v.nbytes for v in views]
+    if sum(v.nbytes for v in views) >= SHARED_MIN_BYTES:
+        path = os.path.join(folder, f"desctune-result-{os.getppid()}-{uuid.uuid4().hex}")
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # the owner's alone
+                for v in views:
+                    f.write(v)
+                    f.write(bytes(-v.nbytes % _ALIGN))
+            return "shared", data, path, [v.nbytes for v in views]
+        except OSError:  # the folder is full (a container's small /dev/shm) or gone: send them the slow way
+            _unlink(path)
+    return "whole", data, None, [v.tobytes() for v in views]
 
 
 def _unpack(packed):
     """In the caller: the worker's result; its shared file is mapped and removed before anything can fail."""
-    kind, payload, path, sizes = packed
-    if kind == "whole":
-        return payload
-    try:
-        with open(path, "rb") as f:
-            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    finally:
-        _unlink(path)
-    buffers, start = [], 0
-    for n in sizes:
-        buffers.append(view[start : start + n])
-        start += n + (-n % _ALIGN)
-    return pickle.loads(payload, buffers=buffers)
+    kind, data, path, parts = packed
+    if kind == "shared":
+        try:
+            with open(path, "rb") as f:
+                view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        finally:
+            _unlink(path)
+        buffers, start = [], 0
+        for n in parts:
+            buffers.append(view[start : start + n])
+            start += n + (-n % _ALIGN)
+        parts = buffers
+    return pickle.loads(data, buffers=parts)
 
 
 def _unlink(path: str) -> None:
