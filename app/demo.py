@@ -44,7 +44,7 @@ def check_port(host: str, port: int) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from desctune.config import load_config
-    from desctune.modelref import parse_ref
+    from desctune.registry.modelref import parse_ref
 
     cfg = load_config(args.config, [])
     if importlib.util.find_spec("streamlit") is None:

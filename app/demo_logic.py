@@ -50,7 +50,7 @@ def shared() -> bool:
 def refused_ref(ref: str, shared: bool) -> str | None:
     """Why the sidebar may not load `ref`, None when it may: a shared page loads registry references only, never a
     folder on the server."""
-    from desctune.modelref import REF
+    from desctune.registry.modelref import REF
 
     if not shared or not ref or REF.match(ref.strip()):
         return None
@@ -136,7 +136,7 @@ def metrics_frame(tags: dict, run_metrics: dict | None = None) -> pd.DataFrame |
 
 def chart(metrics: pd.DataFrame, column: str) -> tuple[pd.DataFrame, list[str]]:
     """One score as a chart's data (a row, one column per model) and the models' fixed colours in column order."""
-    from desctune.evaluate import COLORS, LABELS
+    from desctune.evaluation.evaluate import COLORS, LABELS
 
     frame = metrics[[column]].T
     colors = [COLORS[m] for label in frame.columns for m, name in LABELS.items() if name == label]
@@ -146,8 +146,8 @@ def chart(metrics: pd.DataFrame, column: str) -> tuple[pd.DataFrame, list[str]]:
 def significance(tags: dict) -> list[str]:
     """The evaluation's verdicts for people ("fine-tuned better: ROUGE-L +0.0120 [+0.0040, +0.0200], 95% CI"), from
     the version's `metric.delta_*` tags; empty for versions registered without them."""
-    from desctune.evaluate import METRIC_LABELS
-    from desctune.significance import describe
+    from desctune.evaluation.evaluate import METRIC_LABELS
+    from desctune.evaluation.significance import describe
 
     lines = []
     for key, label in METRIC_LABELS.items():
@@ -160,7 +160,7 @@ def significance(tags: dict) -> list[str]:
 def adapter_problems(status: dict, report: pd.DataFrame | None = None) -> list[str]:
     """Everything that makes the fine-tuned column no different from the base (the evaluation guard's own checks,
     as sentences); empty when the adapter works."""
-    from desctune.evaluate import adapter_problems as problems_of
+    from desctune.evaluation.evaluate import adapter_problems as problems_of
 
     same = None
     if report is not None and len(report) and {"base_output", "finetuned_output"} <= set(report.columns):
@@ -175,7 +175,7 @@ def side_by_side(model, tokenizer, title: str, system_prompt: str, settings: Set
     """
     import torch
 
-    from desctune.inference import base_context, generate
+    from desctune.evaluation.generation import base_context, generate
 
     kwargs = dict(
         batch_size=1, max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
@@ -205,7 +205,7 @@ def stream(model, tokenizer, title: str, system_prompt: str, settings: Settings,
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    from desctune.inference import base_context, context_length, fit_prompts
+    from desctune.evaluation.generation import base_context, context_length, fit_prompts
 
     stop = stop or threading.Event()
 

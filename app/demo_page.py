@@ -11,8 +11,8 @@ import streamlit as st
 
 from app import demo_logic as logic
 from desctune.errors import UserError
-from desctune.modelref import NoRegisteredModel
-from desctune.modelref import resolve as resolve_ref
+from desctune.registry.modelref import NoRegisteredModel
+from desctune.registry.modelref import resolve as resolve_ref
 from desctune.tracking import client
 from desctune.tracking import tracking_uri as uri_of
 
@@ -22,7 +22,7 @@ st.set_page_config(page_title="desctune demo", layout="wide", initial_sidebar_st
 @st.cache_resource(max_entries=1, show_spinner="Loading the base model and the adapter…")
 def load_model(adapter_dir: str, artifacts_dir: str):
     """One copy of the base weights with the adapter on top, kept across reruns; status measured once."""
-    from desctune.inference import adapter_status, load_adapter_model
+    from desctune.evaluation.generation import adapter_status, load_adapter_model
 
     model, tokenizer, meta = load_adapter_model(adapter_dir, artifacts_dir)
     return model, tokenizer, meta, adapter_status(model)

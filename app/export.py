@@ -15,7 +15,7 @@ from pathlib import Path
 
 def origin(cfg, found) -> dict:
     """What the model card says about where the model came from: the version, its run and the run's lineage."""
-    from desctune.registry import version_url
+    from desctune.registry.register import version_url
     from desctune.tracking import client, run_url
 
     info = {"name": found.name, "version": found.version, "run_id": found.run_id, "tags": found.tags}
@@ -77,9 +77,9 @@ def attach(cfg, found, out: Path, manifest: dict) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from app.runtime import config_from_args
     from desctune.errors import ExportError
-    from desctune.export import check_request, export_adapter
-    from desctune.modelcard import card
-    from desctune.modelref import resolve
+    from desctune.export.adapter import check_request, export_adapter
+    from desctune.registry.modelcard import card
+    from desctune.registry.modelref import resolve
     from desctune.tracking import tracking_uri
 
     cfg = config_from_args(args)

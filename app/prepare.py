@@ -60,9 +60,9 @@ def _hash_early(path: str) -> tuple[str, os.stat_result, Future] | None:
 
 def _start_ingest(data, out: Path, hashing: tuple[str, os.stat_result, Future] | None = None) -> None:
     """Hash the input and ingest it on a thread now, while Prefect is imported (and its server starts); the flow's
-    fingerprint and ingest tasks, or `run_stages`, take what it computed (`desctune.ingest.ingest_early`). Nothing is
+    fingerprint and ingest tasks, or `run_stages`, take what it computed (`desctune.data.ingest.ingest_early`). Nothing is
     ingested when the stage folder holds its output already: then the task's cache or the folder's result answers."""
-    from desctune.ingest import fingerprint_under_way, ingest_early, ingest_folder
+    from desctune.data.ingest import fingerprint_under_way, ingest_early, ingest_folder
 
     if hashing is not None:
         fingerprint_under_way(*hashing)
@@ -102,8 +102,8 @@ def kept_or_run(folder: Path, out: Path, run: Callable[[], dict]) -> dict:
 def run_stages(data, out: Path) -> tuple[dict, dict]:
     """Ingest and clean in this process, into the folders the prepare flow's tasks use; ingest takes the run
     `_start_ingest` began."""
-    from desctune.clean import clean_file, clean_folder
-    from desctune.ingest import ingest_file, ingest_folder, source_fingerprint
+    from desctune.data.clean import clean_file, clean_folder
+    from desctune.data.ingest import ingest_file, ingest_folder, source_fingerprint
 
     sha = source_fingerprint(data.path)
     raw_dir = ingest_folder(str(out), data, sha)
@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     from app.apiserver import EarlyServer
     from app.runtime import prefect_env, quiet_user_errors
     from desctune.config import load_config
-    from desctune.ingest import check_source
+    from desctune.data.ingest import check_source
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     cfg = load_config(args.config, [])

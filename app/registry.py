@@ -19,7 +19,7 @@ from app.runtime import add_config_flags, config_from_args
 
 def comparison_table(label: str, data_path: str, metrics: dict) -> str:
     """Base vs fine-tuned scores, their difference with its interval, the better/worse/same count and lengths."""
-    from desctune.evaluate import significance_lines
+    from desctune.evaluation.evaluate import significance_lines
 
     b, f = metrics["base"], metrics["finetuned"]
     return "\n".join([
@@ -44,11 +44,11 @@ def metrics_json(metrics: dict) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from desctune.data.ingest import source_fingerprint
     from desctune.errors import DataError
-    from desctune.evaluate import IDENTICAL_LIMIT, evaluate_file
+    from desctune.evaluation.evaluate import IDENTICAL_LIMIT, evaluate_file
     from desctune.files import atomic_path
-    from desctune.ingest import source_fingerprint
-    from desctune.registry import resolve_model
+    from desctune.registry.register import resolve_model
     from desctune.stages import stage_folder
 
     cfg = config_from_args(args)
@@ -73,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from desctune.registry import CHAMPION, current_user, get_alias, get_version, set_champion
+    from desctune.registry.register import CHAMPION, current_user, get_alias, get_version, set_champion
     from desctune.tracking import client
 
     cfg = config_from_args(args)
@@ -91,7 +91,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from desctune.registry import current_user, rollback_champion
+    from desctune.registry.register import current_user, rollback_champion
     from desctune.tracking import client
 
     cfg = config_from_args(args)

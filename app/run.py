@@ -14,9 +14,8 @@ from desctune.errors import DataError
 
 def preflight(cfg) -> None:
     """Catch the commonest mistakes before any server or model starts."""
-    from desctune.ingest import HF_PREFIX
-
     from desctune import store
+    from desctune.data.ingest import HF_PREFIX
     from desctune.tracking import tracking_uri
 
     data = Path(cfg.data.path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from desctune.evaluate import significance_lines
+from desctune.evaluation.evaluate import significance_lines
 from desctune.tracking import LOCAL_MLFLOW_UI
 
 

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from desctune.launch import train_under_torchrun
-    from desctune.train import train_adapter
+    from desctune.training.launch import train_under_torchrun
+    from desctune.training.loop import train_adapter
 
     results, walls = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:

@@ -19,8 +19,8 @@ import torch
 
 from bench.generate import lora_model, real_titles, timed
 from desctune.config import Config
-from desctune.export import export_adapter
-from desctune.inference import generate, load_adapter_model
+from desctune.evaluation.generation import generate, load_adapter_model
+from desctune.export.adapter import export_adapter
 from desctune.models import load_tokenizer, provision
 
 ROOT = Path(__file__).resolve().parents[1]

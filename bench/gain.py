@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from desctune.clean import clean_file
 from desctune.config import DataConfig, EvalConfig, load_config
-from desctune.evaluate import decoding, score
-from desctune.inference import base_context, generate, load_adapter_model
-from desctune.ingest import ingest_file
+from desctune.data.clean import clean_file
+from desctune.data.ingest import ingest_file
+from desctune.data.sample import sample_file
+from desctune.data.tokenize import tokenize_splits
+from desctune.evaluation.evaluate import decoding, score
+from desctune.evaluation.generation import base_context, generate, load_adapter_model
 from desctune.models import provision
-from desctune.sample import sample_file
-from desctune.tokenize import tokenize_splits
-from desctune.train import train_adapter
+from desctune.training.loop import train_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "configs" / "cpu.yaml"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from desctune.clean import clean_text
 from desctune.config import DEFAULT_SYSTEM_PROMPT, ModelConfig
-from desctune.inference import generate
+from desctune.data.clean import clean_text
+from desctune.evaluation.generation import generate
 from desctune.models import load_model, load_tokenizer, provision
 
 ROOT = Path(__file__).resolve().parents[1]

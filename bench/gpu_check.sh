@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one go (under 8 minutes): install what the GPU machine lacks from a folder of wheels, run the
-# GPU training benchmark and the CUDA tests (training through desctune.train.train_adapter, and one rank under
+# GPU training benchmark and the CUDA tests (training through desctune.training.loop.train_adapter, and one rank under
 # torchrun), logs into $OUT.
 #
 #   make gpu-wheels                      # here, once: cp312 wheels into .whl/ (pydantic & co., bitsandbytes, trl)

@@ -31,8 +31,8 @@ STAGES = """
 import json, resource, sys, time
 from pathlib import Path
 from desctune.config import DataConfig
-from desctune.ingest import ingest_file
-from desctune.clean import clean_file
+from desctune.data.ingest import ingest_file
+from desctune.data.clean import clean_file
 data, out = DataConfig(path=sys.argv[1]), Path(sys.argv[2])
 t = time.perf_counter()
 raw = ingest_file(data, out / "ingest")

@@ -1,4 +1,4 @@
-"""Mojibake left after cleaning the shipped data: ftfy alone against ftfy plus `desctune.clean.repair_remnants`.
+"""Mojibake left after cleaning the shipped data: ftfy alone against ftfy plus `desctune.data.clean.repair_remnants`.
 
 For every title and content of each file (data/*.jsonl and data/*.json by default), counts the texts that show
 mis-decoding before cleaning (a cp1252 signature such as â€™ or Ã©), and the cleaned texts that still hold a remnant
@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from unittest import mock
 
-from desctune import clean
+from desctune.data import clean
 
 ROOT = Path(__file__).resolve().parents[1]
 REMNANT = re.compile(f"\u00c2(?=\\s|$)|(?<=[a-z\u00df-\u00ff])\u00c3(?=\\s)|[\u00c2\u00c3][\\x80-\\xbf{clean._CP1252_HIGH}]")

@@ -21,9 +21,9 @@ TABLES = ("ingest/raw.parquet", "ingest/ingest_rejects.parquet", "clean/clean.pa
 
 
 def run_stages(src: Path, out: Path) -> None:
-    from desctune.clean import clean_file
     from desctune.config import DataConfig
-    from desctune.ingest import ingest_file
+    from desctune.data.clean import clean_file
+    from desctune.data.ingest import ingest_file
 
     shutil.rmtree(out, ignore_errors=True)
     data = DataConfig(path=str(src))

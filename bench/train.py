@@ -33,11 +33,11 @@ def tokenized(tmp: Path, n: int) -> tuple[dict, dict, "object"]:
     """(tokens dict as the tokenize stage returns it, base dict, config) for the first n cleaned sample records."""
     import pandas as pd
 
-    from desctune.clean import clean_text
     from desctune.config import Config
+    from desctune.data.clean import clean_text
+    from desctune.data.tokenize import tokenize_frame
     from desctune.files import write_parquet
     from desctune.models import load_tokenizer, provision
-    from desctune.tokenize import tokenize_frame
 
     base = provision("smollm2-135m-instruct", ROOT / "artifacts")
     df = pd.read_json(SAMPLE, lines=True)[["uid", "title", "content"]]
@@ -76,7 +76,7 @@ def needed_flops(params: list[int], real_tokens: float, supervised_tokens: float
 
 
 def run_desctune(tmp: Path, n: int) -> dict:
-    from desctune.train import train_adapter
+    from desctune.training.loop import train_adapter
 
     tokens, base, cfg = tokenized(tmp, n)
     result = train_adapter(tokens, base, cfg, tmp / "desctune")
@@ -88,8 +88,8 @@ def run_baseline(tmp: Path, n: int) -> dict:
     import pandas as pd
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from desctune.tokenize import IGNORE
-    from desctune.train import build_peft_model, plan
+    from desctune.data.tokenize import IGNORE
+    from desctune.training.loop import build_peft_model, plan
 
     tokens, base, cfg = tokenized(tmp, n)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "fp32"})})

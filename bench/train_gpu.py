@@ -7,7 +7,7 @@ the prompt masked, so the supervised share matches real data. Arms, in one proce
 
 - seed: what the CUDA plan was before it was automatic: 4-bit NF4, gradient checkpointing, batches of 16 random
   examples, PEFT's LoRA forward, eager;
-- auto: `desctune.train.plan` with every setting on auto and no token count, so layers are compiled as for a long
+- auto: `desctune.training.loop.plan` with every setting on auto and no token count, so layers are compiled as for a long
   run (on an H200: bf16, no checkpointing, compiled decoder layers, 16k-token length-grouped batches; `--eager`: the
   same plan eager, with the fused LoRA layers), trained with the product's loss and compile fallback;
 - trl: TRL's SFTTrainer as its documentation sets it up for speed (bf16, padding_free, Liger kernels if installed,
@@ -64,7 +64,7 @@ def sample_lengths(max_len: int) -> list[tuple[int, int]]:
 
 def synthetic_examples(lengths: list[tuple[int, int]], vocab: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) with the sample's lengths, random ids and the prompt masked, as the tokenize stage writes."""
-    from desctune.tokenize import IGNORE
+    from desctune.data.tokenize import IGNORE
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -103,8 +103,7 @@ def arm_config(arm: str, model_dir: Path, device: str, args):
 
 
 def run_arm(arm: str, model_dir: Path, shape: dict, device: str, args) -> dict:
-    from desctune.memory import ModelShape
-    from desctune.train import (
+    from desctune.training.loop import (
         build_peft_model,
         collate,
         epoch_batches,
@@ -113,6 +112,7 @@ def run_arm(arm: str, model_dir: Path, shape: dict, device: str, args) -> dict:
         supervised_loss,
         with_eager_fallback,
     )
+    from desctune.training.memory import ModelShape
 
     cfg = arm_config(arm, model_dir, device, args)
     if device == "cuda":

@@ -1,15 +1,16 @@
 """Where each stage's outputs go: a content-addressed folder named by the stage's inputs and its code version.
 
-Each stage's code version is a hash of the source of the core modules whose logic it runs, listed once in
-STAGE_MODULES (a test fails when a stage's core module imports one that is not listed), so editing a stage's logic
-invalidates exactly that stage's folders and cached results.
+A stage's code version is a hash of the source of the core modules it runs: its entry modules (STAGE_ENTRIES) and
+every desctune module they import, at the top or inside functions, found by reading their source, plus the few core
+modules every stage uses. Editing a stage's logic invalidates exactly that stage's folders and cached results.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
 import json
+from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -17,18 +18,17 @@ from pydantic import BaseModel
 from desctune.files import stage_dir
 from desctune.store import local_root
 
-# Modules every stage depends on, and each stage's own core modules (with everything they import from desctune).
+PACKAGE = Path(__file__).resolve().parent
+# Modules every stage depends on, and the modules each stage's task calls into.
 COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages", "desctune.store")
-_EVALUATE = ("desctune.evaluate", "desctune.significance", "desctune.inference", "desctune.models", "desctune.tokenize",
-             "desctune.ingest", "desctune.clean", "desctune.parallel", "desctune.progress")
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("desctune.ingest", "desctune.parallel"),
-    "clean": ("desctune.clean", "desctune.ingest", "desctune.parallel"),
-    "sample": ("desctune.sample",),
-    "tokenize": ("desctune.tokenize", "desctune.models"),
-    "train": ("desctune.train", "desctune.memory", "desctune.trainops", "desctune.models", "desctune.tokenize",
-              "desctune.stagelock", "desctune.tracking", "desctune.progress", "desctune.distributed",
-              "desctune.launch"),
+_EVALUATE = ("desctune.evaluation.evaluate",)
+STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
+    "ingest": ("desctune.data.ingest",),
+    "clean": ("desctune.data.clean",),
+    "sample": ("desctune.data.sample",),
+    "tokenize": ("desctune.data.tokenize", "desctune.models"),
+    "train": ("desctune.training.loop", "desctune.training.launch", "desctune.training.rank", "desctune.stagelock",
+              "desctune.tracking"),
     "evaluate": _EVALUATE,
     "evaluate-model": _EVALUATE,
     "evaluate-champion": _EVALUATE,
@@ -36,11 +36,47 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def module_file(name: str) -> Path | None:
+    """The source file of a desctune module (a package's __init__.py), or None if `name` is not one."""
+    parts = name.split(".")
+    if parts[0] != "desctune":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def desctune_imports(name: str) -> set[str]:
+    """The desctune modules that module `name` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(module_file(name).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            candidates = [f"{node.module}.{a.name}" for a in node.names]
+            found |= {c for c in candidates if module_file(c)} or {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m != "desctune" and module_file(m)}
+
+
+@cache
+def stage_modules(stage: str) -> tuple[str, ...]:
+    """Every desctune module the stage runs: its entries, what they import, transitively, and the common core."""
+    seen, todo = set(COMMON_MODULES), list(STAGE_ENTRIES[stage])
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+        todo += sorted(desctune_imports(name) - seen)
+    return tuple(sorted(seen))
+
+
 def code_version(stage: str) -> str:
-    """Hash of the source of the stage's core modules (plus the config and file helpers every stage uses)."""
+    """Hash of the source of the modules the stage runs (`stage_modules`)."""
     h = hashlib.sha256()
-    for name in (*STAGE_MODULES[stage], *COMMON_MODULES):
-        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    for name in stage_modules(stage):
+        h.update(name.encode() + b"\0" + module_file(name).read_bytes())
     return h.hexdigest()[:16]
 
 

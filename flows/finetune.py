@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from desctune.config import Config
-from desctune.lineage import fail_run
+from desctune.registry.lineage import fail_run
 from desctune.tracking import tracking_uri
 from tasks.base_model import base_model
 from tasks.clean import clean

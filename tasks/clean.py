@@ -1,11 +1,11 @@
-"""The clean task: decode, repair and filter the raw records into clean.parquet plus rejects (`desctune.clean`)."""
+"""The clean task: decode, repair and filter the raw records into clean.parquet plus rejects (`desctune.data.clean`)."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from desctune.clean import clean_file, clean_folder
 from desctune.config import DataConfig
+from desctune.data.clean import clean_file, clean_folder
 from desctune.stages import code_version
 from desctune.store import localize, publish
 from tasks.stage import STAGE_CACHE, report_counts, run_logger

@@ -1,4 +1,4 @@
-"""Runs that crashed: mark the MLflow run of a flow run that can never finish FAILED (`desctune.lineage`), asking
+"""Runs that crashed: mark the MLflow run of a flow run that can never finish FAILED (`desctune.registry.lineage`), asking
 Prefect which flow runs have ended. Called when a finetune run starts tracking and when `desctune serve` starts, so a
 run killed with SIGKILL, or one whose machine died, does not stay RUNNING in MLflow."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from uuid import UUID
 
-from desctune.lineage import fail_orphaned_runs
+from desctune.registry.lineage import fail_orphaned_runs
 
 log = logging.getLogger("desctune")
 

@@ -1,5 +1,5 @@
 """The evaluate tasks: base vs fine-tuned on the test split (or a registered version on any cleaned data), scored by
-`desctune.evaluate`, published as Prefect artifacts; the guard refuses an adapter with no effect."""
+`desctune.evaluation.evaluate`, published as Prefect artifacts; the guard refuses an adapter with no effect."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
+from desctune import store
 from desctune.config import EvalConfig
 from desctune.errors import AdapterError
-from desctune.evaluate import evaluate_adapter, guard_adapter
-from desctune import store
+from desctune.evaluation.evaluate import evaluate_adapter, guard_adapter
 from desctune.stages import stage_folder
 from tasks.stage import run_logger, stage_cache
 

@@ -1,4 +1,4 @@
-"""The ingest task: stream the input file into raw.parquet plus its rejects (`desctune.ingest`), cached by the
+"""The ingest task: stream the input file into raw.parquet plus its rejects (`desctune.data.ingest`), cached by the
 file's content hash and the data settings that change the output."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from desctune.config import DataConfig
-from desctune.ingest import ingest_file, ingest_folder, source_fingerprint
+from desctune.data.ingest import ingest_file, ingest_folder, source_fingerprint
 from desctune.stages import code_version
 from desctune.store import publish
 from tasks.stage import STAGE_CACHE, report_counts, run_logger

@@ -1,5 +1,5 @@
-"""The registry tasks: open the flow run's MLflow run, register the adapter (`desctune.registry`) with its lineage
-(`desctune.lineage`) and link both from the Prefect run; resolve and record evaluations of registered versions."""
+"""The registry tasks: open the flow run's MLflow run, register the adapter (`desctune.registry.register`) with its lineage
+(`desctune.registry.lineage`) and link both from the Prefect run; resolve and record evaluations of registered versions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 from prefect import task
 
 from desctune.config import Config
-from desctune.lineage import log_evaluation, log_results, start_run
-from desctune.registry import register_model, resolve_model
+from desctune.registry.lineage import log_evaluation, log_results, start_run
+from desctune.registry.register import register_model, resolve_model
 from desctune.store import localize
 from desctune.tracking import client, tracking_uri
 from tasks.crashed import fail_crashed_runs

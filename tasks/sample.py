@@ -1,11 +1,11 @@
-"""The sample task: the seeded train/val/test split and train sample of the clean records (`desctune.sample`)."""
+"""The sample task: the seeded train/val/test split and train sample of the clean records (`desctune.data.sample`)."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from desctune.config import DataConfig
-from desctune.sample import SAMPLE_FIELDS, sample_file
+from desctune.data.sample import SAMPLE_FIELDS, sample_file
 from desctune.stages import code_version, stage_folder
 from desctune.store import localize, publish
 from tasks.stage import STAGE_CACHE

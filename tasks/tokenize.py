@@ -1,13 +1,13 @@
-"""The tokenize task: chat-format train and val examples with loss on the answer only (`desctune.tokenize`)."""
+"""The tokenize task: chat-format train and val examples with loss on the answer only (`desctune.data.tokenize`)."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from desctune.config import ModelConfig
+from desctune.data.tokenize import TOKENIZE_FIELDS, tokenize_splits
 from desctune.stages import code_version, stage_folder
 from desctune.store import localize, publish
-from desctune.tokenize import TOKENIZE_FIELDS, tokenize_splits
 from tasks.stage import STAGE_CACHE
 
 CODE = code_version("tokenize")

@@ -1,4 +1,4 @@
-"""The train task: LoRA training (`desctune.train`) cached on its data, base model and settings alone, streaming
+"""The train task: LoRA training (`desctune.training.loop`) cached on its data, base model and settings alone, streaming
 its metrics into the flow run's MLflow run and its progress into the Prefect run's log."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from desctune.config import Config, LoraConfig, ModelConfig, TrainConfig
-from desctune.launch import train_under_torchrun
 from desctune.stagelock import exclusive
 from desctune.stages import code_version, stage_folder
 from desctune.store import localize, publish
 from desctune.tracking import mlflow_sink
-from desctune.train import train_adapter
+from desctune.training.launch import train_under_torchrun
+from desctune.training.loop import train_adapter
 from tasks.stage import retry_unless_user_error, run_logger, stage_cache
 
 CODE = code_version("train")

@@ -10,7 +10,7 @@ def rgb(hex_colour: str) -> tuple[int, int, int]:
 
 
 def test_the_report_chart_draws_base_and_fine_tuned_in_their_own_colours(tmp_path):
-    from desctune.evaluate import COLORS, plot_metrics
+    from desctune.evaluation.evaluate import COLORS, plot_metrics
 
     assert COLORS["base"] != COLORS["finetuned"]
     metrics = {"n": 5, "base": {"bleu": 10.0, "rougeL": 0.2}, "finetuned": {"bleu": 20.0, "rougeL": 0.3}}
@@ -21,7 +21,7 @@ def test_the_report_chart_draws_base_and_fine_tuned_in_their_own_colours(tmp_pat
 
 def test_the_demo_charts_give_each_model_its_colour():
     from app.demo_logic import chart, metrics_frame
-    from desctune.evaluate import COLORS
+    from desctune.evaluation.evaluate import COLORS
 
     tags = {f"metric.{m}_{k}": str(v) for m, v in (("base", 1.0), ("finetuned", 2.0)) for k in ("bleu", "rougeL")}
     frame, colours = chart(metrics_frame(tags), "BLEU")

@@ -12,10 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from desctune import clean as clean_mod
-from desctune.clean import clean_column, clean_file, clean_text
 from desctune.config import DataConfig
-from desctune.ingest import EXCERPT_CHARS, ingest_file
+from desctune.data import clean as clean_mod
+from desctune.data.clean import clean_column, clean_file, clean_text
+from desctune.data.ingest import EXCERPT_CHARS, ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"

@@ -62,7 +62,7 @@ def test_every_deployment_sends_heartbeats_and_carries_the_watched_tag():
 # MLflow runs that crashed flow runs left RUNNING: told apart from runs still being written, and marked FAILED.
 
 def test_a_run_is_judged_by_its_process_on_this_machine_else_by_its_flow_run():
-    from desctune.lineage import orphan_reason
+    from desctune.registry.lineage import orphan_reason
 
     here = {"desctune.host": "box", "desctune.pid": "42", "desctune.process_start": "7", "prefect.flow_run_id": "f"}
     elsewhere = {**here, "desctune.host": "other-box"}
@@ -88,7 +88,7 @@ def test_a_dead_or_reused_pid_is_not_alive_and_a_live_process_is():
     import subprocess
     import sys
 
-    from desctune.lineage import process_alive, process_start
+    from desctune.registry.lineage import process_alive, process_start
 
     assert process_alive(os.getpid(), process_start(os.getpid()))
     assert not process_alive(os.getpid(), "1")  # the same pid, but another process (started at another time)
@@ -124,7 +124,7 @@ def test_crashed_runs_are_marked_failed_and_runs_still_being_written_are_left_al
     import subprocess
     import sys
 
-    from desctune.lineage import process_start
+    from desctune.registry.lineage import process_start
     from desctune.tracking import client
     from tasks.crashed import fail_crashed_runs
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import desctune.train
+import desctune.training.loop
 from conftest import SAMPLE, tiny_config
+from desctune.data.tokenize import tokenize_frame
+from desctune.evaluation.generation import generate, load_adapter_model
 from desctune.files import write_parquet
-from desctune.inference import generate, load_adapter_model
-from desctune.launch import train_under_torchrun
 from desctune.models import load_tokenizer, provision
-from desctune.tokenize import tokenize_frame
-from desctune.train import build_peft_model, compile_layers, is_compiled, plan, train_adapter
+from desctune.training.launch import train_under_torchrun
+from desctune.training.loop import build_peft_model, compile_layers, is_compiled, plan, train_adapter
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ON_CUDA = pytest.param("cuda", marks=CUDA)
@@ -82,11 +82,11 @@ def test_compiled_layers_keep_their_names_and_a_failed_compile_trains_eagerly(tm
     names = list(model.state_dict())
     assert is_compiled(model) and compile_layers(model) == 2 and list(model.state_dict()) == names
 
-    monkeypatch.setattr(desctune.train, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(desctune.training.loop, "COMPILE_BACKEND", broken_backend)
     tokens = token_files(tmp_path, tiny_model_dir, 16)
-    with caplog.at_level(logging.WARNING, logger="desctune.train"):
+    with caplog.at_level(logging.WARNING, logger="desctune.training.loop"):
         result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out")
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "desctune.train"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "desctune.training.loop"]
     assert len(warnings) == 1 and warnings[0].startswith("compiling the decoder layers failed")
     assert result["steps"] == 3 and result["plan"]["compile"]
 

@@ -60,7 +60,7 @@ def app(monkeypatch, config: Path, model: str | None = None) -> AppTest:
 
 def cached(cfg, version) -> Path:
     """Where the demo downloaded the version: the registry cache of this store."""
-    from desctune.modelref import cache_dir
+    from desctune.registry.modelref import cache_dir
     from desctune.tracking import tracking_uri
 
     return cache_dir(cfg.artifacts_dir, tracking_uri(cfg), cfg.registry.model_name, str(version.version))
@@ -189,7 +189,7 @@ def test_all_zero_adapter_is_a_red_error_and_identical_outputs_too(registered, t
 
 
 def test_registered_adapter_folder_is_traced_back_to_its_version(registered):
-    from desctune.modelref import resolve
+    from desctune.registry.modelref import resolve
     from desctune.tracking import tracking_uri
 
     _, cfg, version = registered
@@ -251,9 +251,9 @@ def test_demo_command_refuses_a_port_in_use(capsys):
 def test_adapter_problems_name_each_way_the_finetuned_column_could_be_the_base(registered, tiny_model_dir):
     from app.demo_logic import adapter_problems
     from desctune.config import ModelConfig
-    from desctune.inference import adapter_status, base_context, load_adapter_model
-    from desctune.modelref import resolve
+    from desctune.evaluation.generation import adapter_status, base_context, load_adapter_model
     from desctune.models import load_model
+    from desctune.registry.modelref import resolve
     from desctune.tracking import tracking_uri
 
     _, cfg, _ = registered
@@ -279,8 +279,8 @@ def test_the_stream_grows_token_by_token_ends_as_side_by_side_and_stops_when_ask
     import threading
 
     from app.demo_logic import Settings, side_by_side, stream
-    from desctune.inference import load_adapter_model
-    from desctune.modelref import resolve
+    from desctune.evaluation.generation import load_adapter_model
+    from desctune.registry.modelref import resolve
     from desctune.tracking import tracking_uri
 
     _, cfg, version = registered

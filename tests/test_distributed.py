@@ -15,12 +15,19 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from desctune.config import load_config
-from desctune.distributed import micro_batches_per_step, shard
 from desctune.errors import ConfigError
-from desctune.launch import RankFailed, describe, failure_message, root_cause, torchrun_args, train_under_torchrun
 from desctune.models import provision
 from desctune.stages import stage_folder
-from desctune.train import load_examples, micro_batches, train_adapter
+from desctune.training.distributed import micro_batches_per_step, shard
+from desctune.training.launch import (
+    RankFailed,
+    describe,
+    failure_message,
+    root_cause,
+    torchrun_args,
+    train_under_torchrun,
+)
+from desctune.training.loop import load_examples, micro_batches, train_adapter
 from test_train import records, token_files
 
 # fp32 on both sides; what differs is only the order of float sums (per-rank partial gradients added by the

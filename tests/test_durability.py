@@ -15,10 +15,10 @@ import pytest
 
 from conftest import SAMPLE, head_records, tiny_config
 from desctune.config import DataConfig
+from desctune.data.ingest import ingest_file
 from desctune.files import atomic_dir, atomic_path, write_parquet
-from desctune.ingest import ingest_file
 from desctune.models import provision
-from desctune.train import train_adapter
+from desctune.training.loop import train_adapter
 from test_train import records, token_files
 
 

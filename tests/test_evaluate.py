@@ -10,8 +10,8 @@ import torch
 from conftest import SAMPLE, head_records
 from desctune.config import Config, DataConfig, EvalConfig, ModelConfig
 from desctune.errors import AdapterError
-from desctune.evaluate import evaluate_adapter, evaluate_file, guard_adapter, score
-from desctune.inference import adapter_status, base_context, generate
+from desctune.evaluation.evaluate import evaluate_adapter, evaluate_file, guard_adapter, score
+from desctune.evaluation.generation import adapter_status, base_context, generate
 
 SYSTEM_PROMPT = "Describe the product."
 
@@ -123,7 +123,7 @@ def test_a_title_longer_than_the_context_is_cut_with_one_warning(tiny_model_dir,
 
     model, tokenizer = peft_tiny(tiny_model_dir, True), load_tokenizer(tiny_model_dir)
     titles = ["Blue ceramic mug " * 2000, "Steel kettle"]
-    with caplog.at_level("WARNING", logger="desctune.inference"):
+    with caplog.at_level("WARNING", logger="desctune.evaluation.generation"):
         out = generate(model, tokenizer, titles, "Describe.", batch_size=2, max_new_tokens=8)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == [

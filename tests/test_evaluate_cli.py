@@ -76,7 +76,7 @@ def test_a_limit_below_one_is_refused_not_a_silent_drop_or_nan(store, capsys, li
 
 
 def test_the_blurb_filter_shapes_training_not_the_records_a_model_is_judged_on(store, tmp_path):
-    from desctune.clean import clean_text, is_blurb
+    from desctune.data.clean import clean_text, is_blurb
 
     cfg, _, flags = store
     first = [json.loads(line) for line in EVAL_DATA.read_text().splitlines()[:4]]

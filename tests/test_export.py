@@ -30,14 +30,14 @@ def store(tmp_path_factory, tiny_model_dir):
 
 def adapter_model(adapter, artifacts_dir):
     from desctune.config import ModelConfig
-    from desctune.inference import adapter_meta, load_adapter_model
+    from desctune.evaluation.generation import adapter_meta, load_adapter_model
 
     cfg = ModelConfig.model_validate({**adapter_meta(adapter)["config"]["model"], "device": "cpu"})
     return load_adapter_model(adapter, artifacts_dir, cfg)
 
 
 def greedy(model, tokenizer, system_prompt, titles=TITLES, n=16):
-    from desctune.inference import generate
+    from desctune.evaluation.generation import generate
 
     return generate(model, tokenizer, titles, system_prompt, batch_size=1, max_new_tokens=n)
 
@@ -79,7 +79,7 @@ def test_hf_export_loads_without_peft_and_generates_what_the_adapter_does(store,
     assert not (out / "adapter_config.json").exists() and type(merged).__name__ == "LlamaForCausalLM"
     tokenizer = AutoTokenizer.from_pretrained(out)
     model, adapter_tokenizer, meta = adapter_model(adapter, cfg.artifacts_dir)
-    from desctune.export import prompt_logits
+    from desctune.export.adapter import prompt_logits
 
     diff = max(float((a - b).abs().max()) for a, b in zip(
         prompt_logits(model, adapter_tokenizer, meta["system_prompt"], TITLES),
@@ -125,7 +125,7 @@ def test_gguf_exports_load_back_and_generate_what_the_merged_model_does(store, t
 
 
 def test_modelfile_template_renders_the_chat_format(tiny_tokenizer):
-    from desctune.export import modelfile
+    from desctune.export.adapter import modelfile
 
     text = modelfile("model-f16.gguf", tiny_tokenizer, "Describe it.", {"repetition_penalty": 1.2,
                                                                           "max_new_tokens": 64})
@@ -162,7 +162,7 @@ def test_embedded_model_gguf_matches_llama_cpp_layout_and_generates_the_same(tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from desctune.config import Config
-    from desctune.export import export_adapter, merge
+    from desctune.export.adapter import export_adapter, merge
     from desctune.models import embedded_gguf, load_model, load_tokenizer
 
     artifacts = ROOT / "artifacts"

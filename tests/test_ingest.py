@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ABT_DATA
-from desctune import ingest as ingest_mod
 from desctune.config import DataConfig
+from desctune.data import ingest as ingest_mod
+from desctune.data.ingest import content_uid, ingest_file
 from desctune.errors import DataError
-from desctune.ingest import content_uid, ingest_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"

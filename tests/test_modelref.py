@@ -14,7 +14,7 @@ import pytest
 
 from desctune.errors import ModelRefError
 from desctune.files import dir_sha256
-from desctune.modelref import cache_dir, resolve
+from desctune.registry.modelref import cache_dir, resolve
 
 NAME = "cache-test"
 
@@ -71,11 +71,11 @@ def test_a_cached_version_from_a_deleted_store_is_downloaded_again_with_a_warnin
     (artifacts / "mlflow.db").unlink()
     shutil.rmtree(artifacts / "mlruns")
     assert register(uri, artifacts, b"model B") == "1"
-    with caplog.at_level("WARNING", logger="desctune.modelref"):
+    with caplog.at_level("WARNING", logger="desctune.registry.modelref"):
         assert weights_of(uri, artifacts, "1") == b"model B"
     assert any("is not the adapter the registry names" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="desctune.modelref"):
+    with caplog.at_level("WARNING", logger="desctune.registry.modelref"):
         assert weights_of(uri, artifacts, "1") == b"model B"  # now cached, and right: no second download
     assert not caplog.records
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from desctune import parallel
+from desctune.data import parallel
 
 
 def _result(i: int, n: int) -> dict:

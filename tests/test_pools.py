@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, free_port
 
+from conftest import ROOT, free_port
 from deployments.deploy import (
     DOCKER_GPUS,
     ENV_DEFAULTS,
@@ -328,9 +328,10 @@ def test_a_misplaced_or_misspelt_manifest_key_is_caught(prefect_server):
 
 
 def test_the_docker_template_renders_into_arguments_docker_py_takes(prefect_server):
-    import docker
     from docker.models.containers import _create_container_args
     from prefect_docker.worker import DockerWorker
+
+    import docker
 
     client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.47")  # never connects
     for gpus, requests in (("all", [{"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]],

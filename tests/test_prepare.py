@@ -187,8 +187,8 @@ def _fail(*args, **kwargs):
 
 
 def test_without_a_prefect_api_stages_run_here_and_a_rerun_takes_their_kept_results(tmp_path, capsys, monkeypatch):
-    import desctune.clean
-    import desctune.ingest
+    import desctune.data.clean
+    import desctune.data.ingest
     import flows.prepare
 
     out = tmp_path / "o"
@@ -202,8 +202,8 @@ def test_without_a_prefect_api_stages_run_here_and_a_rerun_takes_their_kept_resu
     assert all((d / "result.json").is_file() for d in stage_dirs)
 
     with monkeypatch.context() as m:  # a rerun reads nothing: both stages' kept results answer
-        m.setattr(desctune.ingest, "_ingest", _fail)
-        m.setattr(desctune.clean, "clean_file", _fail)
+        m.setattr(desctune.data.ingest, "_ingest", _fail)
+        m.setattr(desctune.data.clean, "clean_file", _fail)
         assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
     assert capsys.readouterr().out == first
     assert pq.read_table(out / "clean.parquet").equals(kept)
@@ -236,11 +236,11 @@ def test_the_input_hash_started_first_is_the_one_ingest_takes(tmp_path, capsys, 
     import hashlib
     import shutil
 
-    import desctune.ingest
+    import desctune.data.ingest
 
     data = tmp_path / "copy.jsonl"  # a path no earlier test hashed in this process
     shutil.copyfile(SAMPLE, data)
-    monkeypatch.setattr(desctune.ingest, "file_sha256", _fail)
+    monkeypatch.setattr(desctune.data.ingest, "file_sha256", _fail)
     assert main(["prepare", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
     kept = json.loads(next((tmp_path / "o" / "stages").glob("ingest-*/result.json")).read_text())
     assert kept["input_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()

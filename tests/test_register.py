@@ -8,8 +8,8 @@ import pytest
 from app.cli import main
 from conftest import SAMPLE, head_records, tiny_config
 from desctune.files import dir_sha256
-from desctune.lineage import start_run
-from desctune.registry import register_model, should_promote
+from desctune.registry.lineage import start_run
+from desctune.registry.register import register_model, should_promote
 from desctune.tracking import client, tracking_uri
 from test_evaluate import save_adapter
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import tiny_config
 from desctune.models import provision
 from desctune.tracking import client
-from desctune.train import latest_checkpoint, train_adapter
+from desctune.training.loop import latest_checkpoint, train_adapter
 from tasks.register import start_tracking
 from test_train import records, token_files
 
@@ -22,9 +22,9 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from desctune.config import Config
-from desctune.lineage import start_run
+from desctune.registry.lineage import start_run
 from desctune.tracking import mlflow_sink, tracking_uri
-from desctune.train import train_adapter
+from desctune.training.loop import train_adapter
 
 args = json.loads(sys.argv[1])
 cfg = Config.model_validate(args["cfg"])

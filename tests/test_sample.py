@@ -3,7 +3,7 @@
 import pandas as pd
 
 from desctune.config import DataConfig
-from desctune.sample import split_frame
+from desctune.data.sample import split_frame
 
 
 def frame(n: int) -> pd.DataFrame:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from desctune import significance as sig
-from desctune.evaluate import score, significance_lines
+from desctune.evaluation import significance as sig
+from desctune.evaluation.evaluate import score, significance_lines
 
 
 def test_sign_test_matches_the_binomial_distribution():

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from desctune.clean import clean_file
 from desctune.config import DataConfig
+from desctune.data.clean import clean_file
+from desctune.data.ingest import content_uid, ingest_file, source_fingerprint
+from desctune.data.sample import split_frame
 from desctune.errors import DataError
-from desctune.ingest import content_uid, ingest_file, source_fingerprint
-from desctune.sample import split_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"

@@ -3,7 +3,7 @@
 import pandas as pd
 
 from desctune.config import ModelConfig
-from desctune.tokenize import IGNORE, encode_example, prompt_ids, prompt_text, tokenize_frame
+from desctune.data.tokenize import IGNORE, encode_example, prompt_ids, prompt_text, tokenize_frame
 
 SYSTEM = "Write the description."
 

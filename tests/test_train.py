@@ -11,13 +11,12 @@ from rouge_score import rouge_scorer
 
 from conftest import SAMPLE, tiny_config
 from desctune.config import Config, load_config
+from desctune.data.tokenize import IGNORE, encode_example, tokenize_frame
+from desctune.evaluation.generation import base_context, generate, load_adapter_model
 from desctune.files import write_parquet
-from desctune.inference import base_context, generate, load_adapter_model
-from desctune.memory import ModelShape, estimate_memory, memory_plan
 from desctune.models import load_tokenizer, provision
-from desctune.tokenize import IGNORE, encode_example, tokenize_frame
 from desctune.tracking import mlflow_sink
-from desctune.train import (
+from desctune.training.loop import (
     COMPILE_MIN_TOKENS,
     collate,
     length_grouped_batches,
@@ -29,6 +28,7 @@ from desctune.train import (
     total_steps,
     train_adapter,
 )
+from desctune.training.memory import ModelShape, estimate_memory, memory_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from desctune.trainops import (
+from desctune.training.ops import (
     HeadCrossEntropy,
     LoraBranch,
     head_chunk_rows,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from desctune.trainops import HEAD_BYTES_PER_LOGIT, head_chunk_rows
+from desctune.training.ops import HEAD_BYTES_PER_LOGIT, head_chunk_rows
 
 # Activation bytes per token and decoder layer, eager bf16 with LoRA on every linear layer and dropout: per hidden
 # unit and per MLP unit, fitted to TinyLlama-1.1B on an H200 (bench/train_gpu.py: 22.6, 45 and 83 GB at 7.9k, 16k

@@ -3,6 +3,6 @@ the model's own copy of the desctune package first on sys.path. Nothing is unpic
 
 from mlflow.models import set_model
 
-from desctune.pyfunc import DescTuneModel
+from desctune.registry.pyfunc import DescTuneModel
 
 set_model(DescTuneModel())

@@ -25,6 +25,7 @@ SIGNATURE = ModelSignature(
 
 # MLflow logs the model from this file and carries the whole desctune package beside it (models-from-code).
 MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # What loading and generating import besides desctune itself.
 RUNTIME = ("torch", "transformers", "peft", "mlflow", "pydantic", "pyyaml", "filelock", "gguf", "safetensors",
            "pandas", "accelerate")
@@ -63,7 +64,7 @@ class DescTuneModel(mlflow.pyfunc.PythonModel):
     and decodes with the evaluation settings of the run that registered it (its model_config)."""
 
     def load_context(self, context):
-        from desctune.inference import load_adapter_model
+        from desctune.evaluation.generation import load_adapter_model
 
         artifacts_dir = os.environ.get("DESCTUNE_ARTIFACTS", "artifacts")
         self.model, self.tokenizer, self.meta = load_adapter_model(context.artifacts["adapter"], artifacts_dir)
@@ -71,7 +72,7 @@ class DescTuneModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         from desctune.config import EvalConfig
-        from desctune.inference import base_context, generate
+        from desctune.evaluation.generation import base_context, generate
 
         params = params or {}
         request = EvalConfig.model_validate(self.settings).updated(

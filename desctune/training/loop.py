@@ -13,7 +13,7 @@ Every `train.save_steps` steps a checkpoint (adapter, optimizer, scheduler, RNG,
 folder and renamed into place, so a kill at any moment leaves only complete checkpoints; a re-run of the same
 configuration resumes from the newest one and replays the same batch order.
 With `train.nproc_per_node` > 1 the same loop runs in each of several processes under torchrun, each on its share
-of every optimizer step's examples (`desctune.distributed`, started by `desctune.launch`).
+of every optimizer step's examples (`desctune.training.distributed`, started by `desctune.training.launch`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import pandas as pd
 import torch
 
 from desctune.config import Config, TrainConfig
-from desctune.distributed import World, micro_batches_per_step, shard
+from desctune.data.tokenize import IGNORE
 from desctune.files import atomic_dir, atomic_path, dir_sha256, start_stage
-from desctune.memory import AUTO_TOKEN_BUDGET, GIB, ModelShape, memory_plan
-from desctune.tokenize import IGNORE
-from desctune.trainops import head_chunk_rows, head_cross_entropy, speed_up_lora
+from desctune.training.distributed import World, micro_batches_per_step, shard
+from desctune.training.memory import AUTO_TOKEN_BUDGET, GIB, ModelShape, memory_plan
+from desctune.training.ops import head_chunk_rows, head_cross_entropy, speed_up_lora
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def plan(cfg: Config, device: str, dtype: torch.dtype, shape: ModelShape | None 
     head chunked to the card.
     CPU: never 4-bit, bf16 weights for the frozen base where the CPU has bf16, fp32 otherwise, eager, and LoRA layers
     whose training forward is one fused autograd function with cheap host-drawn dropout masks
-    (`desctune.trainops.speed_up_lora`). Explicit settings always win."""
+    (`desctune.training.ops.speed_up_lora`). Explicit settings always win."""
     name = str(dtype).removeprefix("torch.")
     cuda = device == "cuda"
     m, t = cfg.model, cfg.train
@@ -235,7 +235,7 @@ def supervised_loss(model, ids: torch.Tensor, labels: torch.Tensor, head_rows: i
     """Summed next-token cross-entropy over the supervised positions, and their count.
 
     The language-model head runs only on the hidden states that predict a supervised token, in chunks of `head_rows`
-    (None: the device's default) that never hold the full logits (`desctune.trainops.head_cross_entropy`)."""
+    (None: the device's default) that never hold the full logits (`desctune.training.ops.head_cross_entropy`)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
@@ -494,7 +494,7 @@ def train_adapter(
     Reads cfg's model, lora and train sections only. Progress goes to `logger`; the plan to `log_params` once and
     the loss, learning rate and throughput to `log_metrics(metrics, step)` (an MLflow run, or nothing).
     `on_checkpoint(step, path)` is called after each checkpoint is in place (tests use it to kill the process there).
-    Under torchrun (`world`, see `desctune.distributed`) every rank calls it; ranks other than 0 return {}."""
+    Under torchrun (`world`, see `desctune.training.distributed`) every rank calls it; ranks other than 0 return {}."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 

@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.data.meta_dataset import MetaDataset
 
 from desctune.config import Config, config_to_yaml
-from desctune.evaluate import MODELS
+from desctune.evaluation.evaluate import MODELS
 from desctune.tracking import client, experiment_id, run_url
 
 

@@ -7,7 +7,7 @@ import json
 
 import yaml
 
-from desctune.evaluate import METRIC_LABELS
+from desctune.evaluation.evaluate import METRIC_LABELS
 
 # Hub ids of the embedded base models, for the card's base_model field.
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}

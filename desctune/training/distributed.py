@@ -1,7 +1,8 @@
-"""Data-parallel training under torchrun: what `train_adapter` asks of the other processes, and what each rank runs.
+"""Data-parallel training under torchrun: what `train_adapter` asks of the other processes.
 
 `World` is the one object the training loop talks to: in one process (the default) every call is the identity, so
-that path is unchanged; under torchrun (`python -m desctune.distributed JOB.json`, started by `desctune.launch`)
+that path is unchanged; under torchrun (`python -m desctune.training.rank JOB.json`, started by
+`desctune.training.launch`)
 each rank holds the same model, trains on its own share of every optimizer step's examples (`shard`), and
 DistributedDataParallel sums the LoRA gradients across ranks. The loss of a step is divided by the step's
 supervised-token count over all ranks, so the summed gradient is the one a single process computes on the whole
@@ -13,13 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -150,50 +148,3 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() != parent or parent == 1:
         os._exit(1)
-
-
-def rank_logger(world: World) -> logging.Logger:
-    """Rank 0 logs progress to stdout (the launcher relays it); the other ranks only warnings, marked with their
-    rank."""
-    logger = logging.getLogger(f"desctune.rank{world.rank}")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s" if world.main else f"[rank {world.rank}] %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if world.main else logging.WARNING)
-    logger.propagate = False
-    return logger
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank: join the group, train with `train_adapter`, and on rank 0 write its result beside the job."""
-    from desctune.config import Config
-    from desctune.files import atomic_path
-    from desctune.train import train_adapter
-
-    argv = sys.argv[1:] if argv is None else argv
-    job = json.loads(Path(argv[0]).read_text())
-    die_with_parent()
-    world = World.from_env()
-    logger = rank_logger(world)
-    log_params, log_metrics = (lambda params: None), (lambda metrics, step: None)
-    if world.main and job.get("run_id") and job.get("tracking_uri"):
-        from desctune.tracking import mlflow_sink
-
-        log_params, log_metrics = mlflow_sink(job["run_id"], job["tracking_uri"])
-    result = train_adapter(job["tokens"], job["base"], Config.model_validate(job["config"]), Path(job["out_dir"]),
-                           logger, log_params, log_metrics, progress_seconds=float(job.get("progress_seconds", 20)),
-                           world=world)
-    if world.main:
-        with atomic_path(job["result"]) as tmp:
-            tmp.write_text(json.dumps(result))
-    world.barrier()  # the other ranks end only after the result is written
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    sys.exit(record(main)())  # an exception's message reaches torchrun's failure record

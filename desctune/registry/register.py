@@ -20,7 +20,7 @@ import pandas as pd
 
 from desctune.config import Config
 from desctune.errors import RegistryError
-from desctune.lineage import git_commit
+from desctune.registry.lineage import git_commit
 from desctune.tracking import TRAINING_VIEW, client, run_url, tracking_uri, ui_base
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -130,7 +130,7 @@ def rollback_champion(c, name: str, who: str, why: str) -> tuple[str, str]:
 def resolve_model(cfg: Config, ref: str) -> dict:
     """Name, version, run and local adapter folder of models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."""
     from desctune.files import dir_sha256
-    from desctune.modelref import resolve as resolve_ref
+    from desctune.registry.modelref import resolve as resolve_ref
 
     found = resolve_ref(ref, tracking_uri(cfg), cfg.artifacts_dir)
     return {"ref": ref, "name": found.name, "version": found.version, "run_id": found.run_id, "label": found.label,
@@ -148,7 +148,7 @@ def champion_examples(cfg: Config, champion, test: dict, eval_cfg) -> pd.DataFra
             return pd.read_parquet(path)
         except mlflow.exceptions.MlflowException:
             pass
-    from desctune.evaluate import evaluate_adapter
+    from desctune.evaluation.evaluate import evaluate_adapter
     from desctune.stages import stage_folder
 
     model = resolve_model(cfg, f"models:/{cfg.registry.model_name}/{champion.version}")
@@ -159,7 +159,7 @@ def champion_examples(cfg: Config, champion, test: dict, eval_cfg) -> pd.DataFra
 
 def versus_champion(key: str, challenger: pd.DataFrame, champion: pd.DataFrame) -> tuple[float, dict]:
     """The champion's `key` on the same records and the paired 95% interval of (challenger - champion)."""
-    from desctune import significance as sig
+    from desctune.evaluation import significance as sig
 
     if challenger["reference"].tolist() != champion["reference"].tolist():
         raise RegistryError("the champion's evaluation is not on the challenger's test records: cannot compare them")
@@ -174,7 +174,7 @@ def versus_champion(key: str, challenger: pd.DataFrame, champion: pd.DataFrame) 
 
 def description(stages: dict, run_id: str) -> str:
     """The model version's description, for people: what it is, and whether it beat its base and how surely."""
-    from desctune.evaluate import significance_lines
+    from desctune.evaluation.evaluate import significance_lines
 
     m = stages["evaluate"]["metrics"]
     b, f = m["base"], m["finetuned"]
@@ -227,7 +227,7 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
     """Log the adapter as an MLflow pyfunc model version, tag its lineage (plus `lineage`, the orchestrator's run),
     set challenger and maybe champion. The run's whole config travels with the model as its model_config, so the
     registered model decodes with the run's evaluation settings."""
-    from desctune.pyfunc import MODEL_CODE, SIGNATURE, requirements
+    from desctune.registry.pyfunc import MODEL_CODE, PACKAGE_DIR, SIGNATURE, requirements
 
     c = client(cfg)
     name = cfg.registry.model_name
@@ -243,7 +243,7 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
-                code_paths=[str(MODEL_CODE.parent)],
+                code_paths=[str(PACKAGE_DIR)],
                 artifacts={"adapter": trained["adapter_path"]},
                 signature=SIGNATURE,
                 pip_requirements=requirements(stages["base"]["name"]),

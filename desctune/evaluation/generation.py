@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from desctune.config import ModelConfig
+from desctune.data.tokenize import prompt_ids
 from desctune.errors import AdapterError
-from desctune.tokenize import prompt_ids
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from desctune.errors import ExportError
+from desctune.export.gguf import qtypes, write_gguf
 from desctune.files import atomic_dir, dir_sha256, file_sha256
-from desctune.gguf_file import qtypes, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def base_dtype(base_dir: str | Path) -> torch.dtype:
 @torch.no_grad()
 def prompt_logits(model, tokenizer, system_prompt: str, titles: list[str]) -> list[torch.Tensor]:
     """Next-token logits over each title's whole prompt, one title at a time (no padding to differ)."""
-    from desctune.tokenize import prompt_ids
+    from desctune.data.tokenize import prompt_ids
 
     out = []
     for title in titles:
@@ -66,7 +66,7 @@ def merge(adapter_dir: str | Path, artifacts_dir: str | Path, out_dir: Path) -> 
     """Fold the LoRA weights into the base and save the result, in the base's dtype, with the adapter's tokenizer and
     chat template: a folder that loads with transformers alone. Checks the merge on CHECK_TITLES first."""
     from desctune.config import ModelConfig
-    from desctune.inference import adapter_meta, load_adapter_model
+    from desctune.evaluation.generation import adapter_meta, load_adapter_model
 
     cpu = ModelConfig.model_validate({**adapter_meta(adapter_dir)["config"]["model"], "device": "cpu",
                                       "quantization": "none"})
@@ -124,7 +124,7 @@ def export_adapter(adapter_dir: str | Path, fmt: str, quant: str | None, out: st
 
     `eval_settings` are the decoding settings the Modelfile carries; `card(manifest)` renders the model card
     (README.md) from what was written."""
-    from desctune.inference import adapter_meta
+    from desctune.evaluation.generation import adapter_meta
     from desctune.models import EMBEDDED, embedded_gguf, load_tokenizer
 
     quant = check_request(fmt, quant, out)

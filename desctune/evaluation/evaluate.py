@@ -14,11 +14,11 @@ import pandas as pd
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from desctune import significance as sig
 from desctune.config import DataConfig, EvalConfig
 from desctune.errors import AdapterError
+from desctune.evaluation import significance as sig
+from desctune.evaluation.generation import adapter_status, base_context, generate, load_adapter_model
 from desctune.files import atomic_path, start_stage, write_parquet
-from desctune.inference import adapter_status, base_context, generate, load_adapter_model
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ def evaluate_adapter(
 
 def evaluate_file(adapter_dir: str, data: DataConfig, cfg: EvalConfig, artifacts_dir: str, out_dir: Path) -> dict:
     """Evaluate on a raw trn.json-style file, through the flow's own ingest and clean steps."""
-    from desctune.clean import clean_file
-    from desctune.ingest import ingest_file
+    from desctune.data.clean import clean_file
+    from desctune.data.ingest import ingest_file
 
     cleaned = clean_file(ingest_file(data, out_dir / "data"), data, out_dir / "data")
     return evaluate_adapter(adapter_dir, cleaned["path"], cfg, artifacts_dir, out_dir) | {"data": cleaned}

@@ -1,5 +1,5 @@
 """Training in several processes: the train stage's inputs go to a job file, torchrun starts the ranks
-(`desctune.distributed`), their output is relayed line by line, and rank 0's result is read back.
+(`desctune.training.rank`), their output is relayed line by line, and rank 0's result is read back.
 
 The subprocess is torchrun itself (`torch.distributed.run`, same arguments and code) run through `main` below,
 which records the first failed rank in a JSON file, so a rank that dies (kill -9, out of memory) ends the stage with
@@ -87,8 +87,8 @@ def train_under_torchrun(tokens: dict, base: dict, cfg: Config, out_dir: Path,
             "run_id": run_id, "tracking_uri": tracking_uri, "progress_seconds": progress_seconds,
             "result": str(result),
         }))
-    cmd = [sys.executable, "-m", "desctune.launch", str(failure), *torchrun_args(t), "-m", "desctune.distributed",
-           str(job)]
+    cmd = [sys.executable, "-m", "desctune.training.launch", str(failure), *torchrun_args(t),
+           "-m", "desctune.training.rank", str(job)]
     logger.info("training in %d process(es) on %d machine(s) under torchrun", t.nproc_per_node * t.nnodes, t.nnodes)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             env=rank_env(t), start_new_session=True)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from desctune.distributed import die_with_parent
+    from desctune.training.distributed import die_with_parent
 
     failure_file, *args = sys.argv[1:] if argv is None else argv
     die_with_parent(signal.SIGTERM)

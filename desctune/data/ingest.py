@@ -41,9 +41,9 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from desctune.config import DataConfig
+from desctune.data.parallel import ordered_map, usable_cores
 from desctune.errors import DataError
 from desctune.files import HashingSink, atomic_path, dir_sha256, file_sha256, start_stage
-from desctune.parallel import ordered_map, usable_cores
 from desctune.stages import stage_folder
 
 log = logging.getLogger(__name__)

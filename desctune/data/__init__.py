@@ -1,0 +1,1 @@
+"""Data: read, clean, split and tokenize the records."""

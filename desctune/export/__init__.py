@@ -1,0 +1,1 @@
+"""Export: a merged Hugging Face checkpoint or a GGUF file."""

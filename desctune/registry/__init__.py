@@ -1,0 +1,1 @@
+"""Registry: MLflow runs, lineage, model versions, aliases and the pyfunc model."""

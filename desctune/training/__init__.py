@@ -1,0 +1,1 @@
+"""Training: the LoRA plan, the loop, checkpoints and torchrun."""
