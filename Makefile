@@ -13,7 +13,7 @@ WHEELS ?= .whl
 GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	typing-extensions==4.16.0 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
-.PHONY: install run test serve demo bench clean-artifacts gpu-wheels image image-cuda
+.PHONY: install run test check serve demo bench clean-artifacts gpu-wheels image image-cuda
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: install
 test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# The fast tier: the import contract and the fast tests.
+check: install
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow and not integration and not browser"
 
 # Prefect server + worker on the desctune-local pool + MLflow server, deployed; Ctrl-C stops them all.
 serve: install
@@ -52,7 +57,7 @@ gpu-wheels:
 	done
 	du -ch $(WHEELS)/*.whl | tail -1
 
-# The flow-run images of the desctune-docker and desctune-kubernetes work pools (README, "Scaling out"); Docker needed.
+# The flow-run images of the desctune-docker and desctune-kubernetes work pools (docs/scaling-out.md); Docker needed.
 IMAGE ?= desctune
 image:
 	docker build -f docker/Dockerfile -t $(IMAGE):cpu .
