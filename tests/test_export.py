@@ -268,3 +268,38 @@ def test_registered_model_carries_its_code_and_declares_its_requirements(store, 
     assert (local / "code" / "desctune" / "pyfunc.py").is_file() and (local / "pyfunc_code.py").is_file()
     requirements = (local / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in requirements} >= {"torch", "transformers", "peft", "mlflow", "pydantic"}
+
+
+def test_files_written_into_the_output_folder_during_an_export_are_kept(store, tmp_path):
+    """Someone writes into the (empty) --out folder while the export runs: the export is refused at the end and
+    their file stays, with nothing of the export left beside it."""
+    from desctune.errors import ExportError
+    from desctune.export.adapter import export_adapter
+
+    cfg, adapter, _ = store
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def card_while_someone_writes(manifest: dict) -> str:
+        (out / "my_notes.txt").write_text("written during the export")
+        return "card"
+
+    with pytest.raises(ExportError, match=f"{out} is no longer an empty folder"):
+        export_adapter(adapter, "hf", None, out, cfg.artifacts_dir, cfg.eval.model_dump(), card_while_someone_writes)
+    assert [p.name for p in out.iterdir()] == ["my_notes.txt"]
+    assert (out / "my_notes.txt").read_text() == "written during the export"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(store, tmp_path, capsys):
+    cfg, _, flags = store
+    file = tmp_path / "a-file"
+    file.write_text("")
+    ref = f"models:/{cfg.registry.model_name}@champion"
+    for out, where, why in (("/proc/x", "/proc", "No such file or directory"),
+                            (f"{file}/sub/x", str(file), "Not a directory")):
+        capsys.readouterr()
+        assert main(["export", "--model", ref, "--format", "hf", "--out", out, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err == f"desctune: cannot write --out {out}: cannot create a folder in {where} ({why})\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]

@@ -2,14 +2,18 @@
 Ollama with a Modelfile, each with a model card.
 
 An export is written into a temporary sibling of the output folder and renamed into place at the end, so a failed or
-interrupted export leaves nothing behind.
+interrupted export leaves nothing behind; the rename replaces nothing but an empty folder, so what someone else wrote
+into the output folder meanwhile is never removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import torch
 
 from desctune.errors import ExportError
 from desctune.export.gguf import qtypes, write_gguf
-from desctune.files import atomic_dir, dir_sha256, file_sha256
+from desctune.files import dir_sha256, file_sha256, fsync_path, fsync_tree, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,8 @@ MERGE_TOLERANCE = 1e-3
 
 
 def check_request(fmt: str, quant: str | None, out: str | Path) -> str:
-    """The GGUF type to write (None for hf), or a one-line ExportError before anything is loaded or written."""
+    """The GGUF type to write (None for hf), or a one-line ExportError before anything is loaded or written: also
+    when no folder can be created where `out` goes (tried with a probe folder, removed at once)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "hf" and quant not in (None, "native"):
@@ -41,7 +46,42 @@ def check_request(fmt: str, quant: str | None, out: str | Path) -> str:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder: choose a new --out")
+    where = out.absolute().parent
+    while not where.exists():  # the folder make_dirs would create the first new folder in
+        where = where.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=where)).rmdir()
+    except OSError as exc:
+        raise unwritable(out, where, exc) from None
     return quant
+
+
+def unwritable(out: Path, where: Path, exc: OSError) -> ExportError:
+    """The one line for an --out that cannot be created: the path, the folder and the system's reason."""
+    return ExportError(f"cannot write --out {out}: cannot create a folder in {where} ({exc.strerror or exc})")
+
+
+def staging(out: Path) -> Path:
+    """A new empty folder beside `out` (its parents created) to write the export in."""
+    try:
+        make_dirs(out.parent)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise unwritable(out, out.parent, exc) from None
+
+
+def place(tmp: Path, out: Path) -> None:
+    """Rename the finished export `tmp` to `out`. rename(2) replaces an empty folder but never a non-empty one, so
+    files that appeared in `out` during the export stay, and the export is refused instead."""
+    fsync_tree(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise unwritable(out, out.parent, exc) from None
+        raise ExportError(f"{out} is no longer an empty folder (something was written there during the export): "
+                          "it was left as it is and nothing was exported; choose a new --out") from None
+    fsync_path(out.parent)
 
 
 def base_dtype(base_dir: str | Path) -> torch.dtype:
@@ -120,7 +160,8 @@ def chat_markers(tokenizer) -> str:
 def export_adapter(adapter_dir: str | Path, fmt: str, quant: str | None, out: str | Path, artifacts_dir: str | Path,
                    eval_settings: dict, card: Callable[[dict], str],
                    progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write the export into `out` (which must not exist or be empty) and return its manifest (also export.json).
+    """Write the export into `out` (which must not exist or be empty, at the start and at the end) and return its
+    manifest (also export.json).
 
     `eval_settings` are the decoding settings the Modelfile carries; `card(manifest)` renders the model card
     (README.md) from what was written."""
@@ -133,7 +174,8 @@ def export_adapter(adapter_dir: str | Path, fmt: str, quant: str | None, out: st
     base = meta["base_model"]
     manifest = {"format": fmt, "quant": quant, "adapter_sha256": dir_sha256(adapter_dir), "base_model": base,
                 "system_prompt": meta["system_prompt"], "config": meta["config"], "eval": eval_settings}
-    with atomic_dir(out) as tmp:
+    tmp = staging(out)
+    try:
         if fmt == "hf":
             log.info("merging %s into %s", adapter_dir, base["name"])
             manifest.update(merge(adapter_dir, artifacts_dir, tmp))
@@ -152,4 +194,7 @@ def export_adapter(adapter_dir: str | Path, fmt: str, quant: str | None, out: st
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "README.md").write_text(card(manifest))
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
