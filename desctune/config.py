@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -132,7 +133,10 @@ class TrainConfig(Section):
         "card on CUDA, batch_size batches on CPU; None: batch_size batches everywhere",
     )
     grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="the first ceil(warmup_ratio x steps) optimizer steps raise the learning rate "
+        "linearly from 0; with max_steps it must leave steps after the warmup"
+    )
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: Literal[
         "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
@@ -142,7 +146,7 @@ class TrainConfig(Section):
     )
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each decoder layer; auto: on CUDA when one process trains on 10M tokens "
-        "or more (where the ~90 s compile pays), else eager; eager on CPU"
+        "or more (enough steps to repay the compile time), else eager; eager on CPU"
     )
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     logging_steps: int = Field(5, ge=1)
@@ -160,6 +164,19 @@ class TrainConfig(Section):
     launcher: Literal["auto", "torchrun"] = Field(
         "auto", description="auto: in-process for one process, torchrun for more; torchrun: always, even for one"
     )
+
+    @model_validator(mode="after")
+    def _warmup_ends(self) -> "TrainConfig":
+        """A warmup as long as max_steps never reaches learning_rate, and a one-step run trains at rate 0: refused
+        here rather than after training, as an adapter that learned nothing."""
+        if self.max_steps is not None and math.ceil(self.warmup_ratio * self.max_steps) >= self.max_steps:
+            at_zero = " and its one step trains at rate 0" if self.max_steps == 1 else ""
+            raise ValueError(
+                f"train.warmup_ratio {self.warmup_ratio:g} makes all {self.max_steps} step(s) of train.max_steps "
+                f"warmup, so the learning rate never reaches train.learning_rate{at_zero}: set train.warmup_ratio=0 "
+                "or raise train.max_steps"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_node_zero(self) -> "TrainConfig":
@@ -186,8 +203,8 @@ class EvalConfig(Section):
     )
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     repetition_penalty: float = Field(
-        1.0, ge=1.0, description="for base and fine-tuned alike; above 1 it also penalizes the title's own words, and "
-        "1.2 cost both models ROUGE-L on the shipped data (README)"
+        1.0, ge=1.0, description="for base and fine-tuned alike; 1: off; above 1 it penalizes every token already in "
+        "the prompt or the output, the title's own words included"
     )
     no_repeat_ngram_size: int = Field(3, ge=0, description="0: off; stops greedy decoding's loops")
 
@@ -198,8 +215,8 @@ class RegistryConfig(Section):
     tracking_uri: str | None = Field(None, description="empty or null: $MLFLOW_TRACKING_URI or the SQLite store in artifacts")
     metric: Literal["rougeL", "bleu"] = "rougeL"
     min_improvement: float = Field(
-        0.0, ge=0, description="a challenger becomes champion only when the lower bound of the paired 95% interval "
-        "of (challenger - champion) on `metric` is above this"
+        0.0, ge=0, description="a version becomes champion only when the lower bounds of the paired 95% intervals "
+        "of (version - base) and (version - champion) on `metric` are above this"
     )
 
 
@@ -259,7 +276,8 @@ def _validated(model: type[BaseModel], data: dict):
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"invalid config at {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+        msg = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]  # a validator's own words
+        raise ConfigError(f"invalid config at {where}: {msg} ({exc.error_count()} error(s))") from None
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -60,3 +60,28 @@ def test_the_schedule_and_attention_are_choices_and_optional_numbers_open_as_num
     assert load_config(None, ["data.max_records=null"]).data.max_records is None
     with pytest.raises(ConfigError, match="lr_scheduler"):
         load_config(None, ["train.lr_scheduler=cosine_annealing"])
+
+
+def test_a_warmup_that_takes_every_step_is_refused_before_training():
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "cpu.yaml", ["train.max_steps=1"])
+    assert str(info.value) == (
+        "invalid config at train: train.warmup_ratio 0.05 makes all 1 step(s) of train.max_steps warmup, so the "
+        "learning rate never reaches train.learning_rate and its one step trains at rate 0: set "
+        "train.warmup_ratio=0 or raise train.max_steps (1 error(s))")
+    with pytest.raises(ConfigError, match="all 10 step"):
+        load_config(None, ["train.max_steps=10", "train.warmup_ratio=0.95"])
+    assert load_config(None, ["train.max_steps=1", "train.warmup_ratio=0"]).train.max_steps == 1
+    assert load_config(None, ["train.max_steps=2"]).train.warmup_ratio == 0.05  # one warmup step, one at full rate
+    assert load_config(None, ["train.warmup_ratio=0.9"]).train.max_steps is None  # epochs: steps follow the data
+
+
+def test_field_descriptions_say_what_a_field_means_not_how_it_was_measured():
+    """The Prefect UI shows them in its run form: no results, comparisons or pointers to the README there."""
+    import re
+
+    history = re.compile(r"README|measured|tried|\bcost\b|\bvs\b|\d+(\.\d+)? ?(s|min)\b|on the shipped data")
+    found = [(section, name, prop["description"])
+             for section, schema in Config.model_json_schema()["$defs"].items()
+             for name, prop in schema["properties"].items() if history.search(prop.get("description", ""))]
+    assert found == []

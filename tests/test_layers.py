@@ -89,8 +89,8 @@ def test_the_adapter_records_only_the_sections_training_read(tmp_path, tiny_mode
     from desctune.training.loop import train_adapter
     from test_train import records, token_files
 
-    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 1}, eval={"repetition_penalty": 1.37},
-                      data={"path": "somewhere/else.jsonl"})
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 1, "warmup_ratio": 0.0},
+                      eval={"repetition_penalty": 1.37}, data={"path": "somewhere/else.jsonl"})
     df = records(6)
     tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:4], df.iloc[4:])
     result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out")
