@@ -15,7 +15,7 @@ from desctune.errors import DataError
 def preflight(cfg) -> None:
     """Catch the commonest mistakes before any server or model starts."""
     from desctune import store
-    from desctune.data.ingest import HF_PREFIX
+    from desctune.data.readers import HF_PREFIX
     from desctune.tracking import tracking_uri
 
     data = Path(cfg.data.path)
@@ -27,23 +27,32 @@ def preflight(cfg) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from app.runtime import prefect_env, quiet_user_errors
-    from app.summary import summary_text
+    from app.apiserver import EarlyServer
+    from app.runtime import password_to_env, prefect_env, quiet_user_errors
     from desctune.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = password_to_env(load_config(args.config, args.set))
     preflight(cfg)
     prefect_env(cfg.artifacts_dir)
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    from flows.finetune import finetune
-    from tasks.stage import result_storage
+    # Without a configured API, Prefect's temporary server starts now, in its own process, while this one imports
+    # Prefect and the flow; it dies with this process, however that ends.
+    server = EarlyServer()
+    try:
+        from app.summary import summary_text
+        from flows.finetune import finetune
+        from tasks.stage import result_storage
 
-    storage = result_storage(cfg.artifacts_dir)
-    flow = finetune if storage is None else finetune.with_options(result_storage=storage)
-    quiet_user_errors()
-    state = flow(config=cfg, return_state=True)
-    print(summary_text(state.result(), str(state.state_details.flow_run_id)))
+        storage = result_storage(cfg.artifacts_dir)
+        flow = finetune if storage is None else finetune.with_options(result_storage=storage)
+        quiet_user_errors()
+        with server.use():
+            state = flow(config=cfg, return_state=True)
+            result = state.result()
+    finally:
+        server.stop()
+    print(summary_text(result, str(state.state_details.flow_run_id)))
     return 0
 
 

@@ -15,7 +15,8 @@ import pytest
 from desctune.config import DataConfig
 from desctune.data import clean as clean_mod
 from desctune.data.clean import clean_column, clean_file, clean_text
-from desctune.data.ingest import EXCERPT_CHARS, ingest_file
+from desctune.data.ingest import ingest_file
+from desctune.data.records import EXCERPT_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "amazon_titles_sample.jsonl"

@@ -12,7 +12,9 @@ import pytest
 from conftest import ABT_DATA
 from desctune.config import DataConfig
 from desctune.data import ingest as ingest_mod
-from desctune.data.ingest import content_uid, ingest_file
+from desctune.data import jsonlines
+from desctune.data.ingest import ingest_file
+from desctune.data.records import EXCERPT_CHARS, REASONS, content_uid
 from desctune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +96,7 @@ def test_every_reject_reason_with_line_uid_and_excerpt(tmp_path):
         (9, None, "bad_uid"),
         (10, "long", "field_too_long"),
     ]
-    assert set(got_reason for *_, got_reason in got) == set(ingest_mod.REASONS) - {"line_too_long", "malformed_csv"}
+    assert set(got_reason for *_, got_reason in got) == set(REASONS) - {"line_too_long", "malformed_csv"}
     assert rejects[0]["excerpt"] == '{"uid": "m1", "title": "broken"'
     assert "\ufffd" in rejects[1]["excerpt"]
     assert result["lines_read"] == 14 and result["records"] + result["rejected"] == 13  # one blank line
@@ -102,7 +104,7 @@ def test_every_reject_reason_with_line_uid_and_excerpt(tmp_path):
 
 def test_fast_path_rejects_keep_line_numbers_in_big_chunks(tmp_path, monkeypatch):
     """Null fields found by the vectorised path carry the same line numbers as the exact path would give."""
-    monkeypatch.setattr(ingest_mod, "SMALL_BLOCK_LINES", 4)
+    monkeypatch.setattr(jsonlines, "SMALL_BLOCK_LINES", 4)
     lines = [rec(f"u{i}") for i in range(300)]
     lines[150] = b'{"uid": "n150", "title": null, "content": "c"}'
     lines[200] = b'{"uid": "bad", "title": "t", "content": "c"'
@@ -112,13 +114,13 @@ def test_fast_path_rejects_keep_line_numbers_in_big_chunks(tmp_path, monkeypatch
 
 
 def test_over_long_line_is_rejected_without_reading_it_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest_mod, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(jsonlines, "CHUNK_BYTES", 4096)
     huge = b'{"uid": "huge", "title": "t", "content": "' + b"y" * 200_000 + b'"}'
     payload = b"\n".join([rec("a"), huge, rec("b")]) + b"\n"
     result, records, rejects = run(tmp_path, payload, max_line_bytes=8192)
     assert [r["uid"] for r in records] == ["a", "b"]
     assert [(r["line"], r["reason"]) for r in rejects] == [(2, "line_too_long")]
-    assert len(rejects[0]["excerpt"]) <= ingest_mod.EXCERPT_CHARS
+    assert len(rejects[0]["excerpt"]) <= EXCERPT_CHARS
 
 
 def _mixed_lines(n: int = 400) -> list[bytes]:
@@ -152,21 +154,21 @@ def test_parallel_reader_writes_what_the_serial_one_does(tmp_path, monkeypatch, 
     src = tmp_path / "in.jsonl"
     src.write_bytes(payload)
     data = DataConfig(path=str(src), max_line_bytes=8192)
-    monkeypatch.setattr(ingest_mod, "CHUNK_BYTES", 1024)
-    monkeypatch.setattr(ingest_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(jsonlines, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(jsonlines, "usable_cores", lambda: 2)
     results = {}
     for mode, min_bytes in (("serial", 1 << 60), ("parallel", 0)):
-        monkeypatch.setattr(ingest_mod, "PARALLEL_MIN_BYTES", min_bytes)
+        monkeypatch.setattr(jsonlines, "PARALLEL_MIN_BYTES", min_bytes)
         with open(src, "rb") as f:
-            ingest_mod._first_bytes(f, src)
-            assert ingest_mod._parallel(f, data) == (mode == "parallel")
+            jsonlines.first_bytes(f, src)
+            assert jsonlines._parallel(f, data) == (mode == "parallel")
         results[mode] = ingest_file(data, tmp_path / mode)
     serial, parallel = results["serial"], results["parallel"]
     keys = ("sha256", "rejects_sha256", "lines_read", "records", "by_reason")
     assert {k: parallel[k] for k in keys} == {k: serial[k] for k in keys}
     assert serial["by_reason"]["line_too_long"] >= 1 and serial["lines_read"] == len(lines)
     start = 3 if shape == "crlf-bom" else 0
-    spans = list(ingest_mod._line_spans(src, start, start + 4096, data))
+    spans = list(jsonlines._line_spans(src, start, start + 4096, data))
     assert len(spans) > (1 if shape == "huge-first" else 20)  # lines did straddle chunks
 
 

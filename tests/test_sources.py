@@ -14,7 +14,8 @@ import pytest
 
 from desctune.config import DataConfig
 from desctune.data.clean import clean_file
-from desctune.data.ingest import content_uid, ingest_file, source_fingerprint
+from desctune.data.ingest import ingest_file, source_fingerprint
+from desctune.data.records import content_uid
 from desctune.data.sample import split_frame
 from desctune.errors import DataError
 

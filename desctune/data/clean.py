@@ -31,7 +31,8 @@ import xxhash
 from pandas._libs.hashtable import UInt64HashTable
 
 from desctune.config import DataConfig
-from desctune.data.ingest import EXCERPT_CHARS, REJECT_PARQUET, REJECT_SCHEMA
+from desctune.data.ingest import REJECT_PARQUET
+from desctune.data.records import EXCERPT_CHARS, REJECT_SCHEMA
 from desctune.data.parallel import ordered_map, usable_cores
 from desctune.files import HashingSink, atomic_path, start_stage
 from desctune.stages import stage_folder
