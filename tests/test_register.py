@@ -7,6 +7,7 @@ import pytest
 
 from app.cli import main
 from conftest import SAMPLE, head_records, tiny_config
+from desctune.evaluation.significance import paired_mean, verdict
 from desctune.files import dir_sha256
 from desctune.registry.lineage import start_run
 from desctune.registry.register import register_model, should_promote
@@ -35,7 +36,9 @@ def stages_for(adapter, base_dir, rougeL: float, base_rougeL: float = 0.1,
     scores = {"bleu": 10 * rougeL, "rougeL": rougeL, "chrf": 20 * rougeL, "length_ratio": 1.0}
     base = {"bleu": 1.0, "rougeL": base_rougeL, "chrf": 2.0, "length_ratio": 0.5}
     comparison = {k: {"delta": scores[k] - base[k], "low": 0.0, "high": 2 * (scores[k] - base[k]), "verdict": "better"}
-                  for k in ("bleu", "rougeL", "chrf")}
+                  for k in ("bleu", "chrf")}
+    comparison["rougeL"] = paired_mean(table["base_rougeL"].tolist(), rows)  # what the gate holds to the base
+    comparison["rougeL"]["verdict"] = verdict(comparison["rougeL"])
     return {
         "base": {"name": str(base_dir), "sha256": dir_sha256(base_dir)},
         "ingest": {"input_sha256": "in" * 32}, "clean": {"sha256": "cl" * 32},
@@ -240,3 +243,47 @@ def test_two_different_runs_racing_to_register_leave_the_better_one_champion(tmp
     assert sorted(str(r["previous_champion"]) for r in results.values()).count("None") == 1
     champion = client(cfg).get_model_version_by_alias("racing", "champion")
     assert str(champion.version) == results[1]["version"]
+
+
+def scored_against(stages: dict, base_rows: list[float]) -> dict:
+    """`stages` whose evaluation scored the base `base_rows` on the same records: the per-example table, the base's
+    mean and the paired interval of (fine-tuned - base), as the evaluation computes them."""
+    path = stages["evaluate"]["eval_path"]
+    table = pd.read_parquet(path).assign(base_rougeL=base_rows)
+    table.to_parquet(path)
+    metrics = stages["evaluate"]["metrics"]
+    metrics["base"]["rougeL"] = sum(base_rows) / len(base_rows)
+    metrics["comparison"]["rougeL"] = paired_mean(base_rows, table["finetuned_rougeL"].tolist())
+    metrics["comparison"]["rougeL"]["verdict"] = verdict(metrics["comparison"]["rougeL"])
+    return stages
+
+
+def test_a_first_version_not_significantly_better_than_its_base_stays_challenger(tmp_path, tiny_model_dir):
+    """With no champion yet, beating the base on average over 4 examples is noise: that version stays challenger and
+    says why; a version better than the base on every one of the same records becomes the first champion."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, registry={"model_name": "tiny-first"})
+    adapters = [save_adapter(tiny_model_dir, tmp_path / f"run{i}" / "adapter", seed=20 + i) for i in range(2)]
+    base = [0.2, 0.3, 0.25, 0.1]
+    noisy = [0.35, 0.1, 0.4, 0.12]  # +0.03 on average: two clear wins, a clear loss
+    steady = [b + 0.2 for b in base]
+    first = register(cfg, scored_against(stages_for(adapters[0], tiny_model_dir, sum(noisy) / 4, per_example=noisy),
+                                         base))
+    assert first["decision"].startswith("stays challenger: rougeL 0.2425 beats base 0.2125 by +0.03 [")
+    assert first["decision"].endswith("95% CI, but not significantly: the interval does not lie above "
+                                      "registry.min_improvement 0")
+    assert not first["promoted"] and first["aliases"] == ["challenger"]
+    c = client(cfg)
+    assert c.get_model_version("tiny-first", first["version"]).tags["champion_gate"] == first["decision"]
+    second = register(cfg, scored_against(stages_for(adapters[1], tiny_model_dir, sum(steady) / 4,
+                                                     per_example=steady), base))
+    assert second["promoted"] and second["previous_champion"] is None
+    assert second["decision"] == ("champion: rougeL 0.4125 beats base 0.2125 by +0.2 [+0.2, +0.2], 95% CI, and there "
+                                  "was no champion")
+    assert str(c.get_model_version_by_alias("tiny-first", "champion").version) == second["version"]
+
+
+def test_the_gate_holds_a_first_champion_to_its_interval_over_the_base():
+    beats = {"rougeL": 0.3}, {"rougeL": 0.2}, None, "rougeL"
+    assert not should_promote(*beats, base_interval={"delta": 0.1, "low": -0.01, "high": 0.2})
+    assert should_promote(*beats, base_interval={"delta": 0.1, "low": 0.01, "high": 0.2})
+    assert not should_promote(*beats, min_improvement=0.05, base_interval={"delta": 0.1, "low": 0.04, "high": 0.2})

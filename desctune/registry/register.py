@@ -2,7 +2,7 @@
 gate, promotion and rollback with their history, and resolving a reference to a local adapter.
 
 Every registered version gets the alias `challenger`; `champion` moves to it only when it beats the base and the
-current champion on the configured metric, measured on the same test set.
+current champion on the configured metric, measured on the same test set, by more than chance (a paired 95% interval).
 """
 
 from __future__ import annotations
@@ -35,30 +35,40 @@ def version_url(cfg: Config, name: str, version: str) -> str:
 
 
 def gate(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
-         min_improvement: float = 0.0, champion_label: str = "the champion") -> tuple[bool, str]:
+         min_improvement: float = 0.0, champion_label: str = "the champion",
+         base_interval: dict | None = None) -> tuple[bool, str]:
     """Whether a challenger becomes champion, and why, in one sentence: strictly better than the base and than the
-    champion on `key` (ties keep the champion), and, given the paired 95% interval of (challenger - champion) on the
-    same test records, its lower bound above `min_improvement`."""
+    champion on `key` (ties keep the champion), and significantly so: given the paired 95% interval of (challenger -
+    base), `base_interval`, or of (challenger - champion), `interval`, on the same test records, its lower bound must
+    lie above `min_improvement`. The first champion is held to the same bar against the base."""
     value, over_base = challenger[key], f"{key} {challenger[key]:.4g} beats base {base[key]:.4g}"
     if value <= base[key]:
         return False, f"stays challenger: {key} {value:.4g} does not beat base {base[key]:.4g}"
+    if base_interval is not None and base_interval["low"] <= min_improvement:
+        return False, (f"stays challenger: {over_base} {_ci(base_interval)}, but not significantly: the interval does "
+                       f"not lie above registry.min_improvement {min_improvement:g}")
     if champion is None:
-        return True, f"champion: {over_base} and there was no champion"
+        by = f" {_ci(base_interval)}," if base_interval is not None else ""
+        return True, f"champion: {over_base}{by} and there was no champion"
     if value <= champion:
         return False, f"stays challenger: {key} {value:.4g} does not beat {champion_label} ({champion:.4g})"
     if interval is None:
         return True, f"champion: {over_base} and {champion_label} ({champion:.4g})"
-    diff = f"by {interval['delta']:+.4g} [{interval['low']:+.4g}, {interval['high']:+.4g}], 95% CI"
     if interval["low"] <= min_improvement:
-        return False, (f"stays challenger: {over_base} and {champion_label} ({champion:.4g}) {diff}, but not "
+        return False, (f"stays challenger: {over_base} and {champion_label} ({champion:.4g}) {_ci(interval)}, but not "
                        f"significantly: the interval does not lie above registry.min_improvement {min_improvement:g}")
-    return True, f"champion: {over_base} and {champion_label} ({champion:.4g}) {diff}"
+    return True, f"champion: {over_base} and {champion_label} ({champion:.4g}) {_ci(interval)}"
+
+
+def _ci(interval: dict) -> str:
+    """'by +0.05 [+0.02, +0.08], 95% CI': a paired difference and its interval."""
+    return f"by {interval['delta']:+.4g} [{interval['low']:+.4g}, {interval['high']:+.4g}], 95% CI"
 
 
 def should_promote(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
-                   min_improvement: float = 0.0) -> bool:
+                   min_improvement: float = 0.0, base_interval: dict | None = None) -> bool:
     """The gate's decision without its sentence."""
-    return gate(challenger, base, champion, key, interval, min_improvement)[0]
+    return gate(challenger, base, champion, key, interval, min_improvement, base_interval=base_interval)[0]
 
 
 def current_user() -> str:
@@ -286,7 +296,8 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         champion_value, interval = versus_champion(key, evaluation, champion_examples(cfg, champion, test, cfg.eval))
     c.set_registered_model_alias(name, CHALLENGER, version)
     promoted, why = gate(metrics["finetuned"], metrics["base"], champion_value, key, interval,
-                         cfg.registry.min_improvement, f"champion version {champion.version}" if champion else "")
+                         cfg.registry.min_improvement, f"champion version {champion.version}" if champion else "",
+                         metrics["comparison"][key])
     c.set_model_version_tag(name, version, "champion_gate", why)
     if promoted:
         set_champion(c, name, version, "finetune flow", f"metric gate: {why}")
