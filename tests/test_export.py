@@ -303,3 +303,16 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(store, tmp_path, ca
         err = capsys.readouterr().err
         assert err == f"desctune: cannot write --out {out}: cannot create a folder in {where} ({why})\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_an_export_folder_gets_the_umasks_mode(store, tmp_path):
+    """Exports are made to be shared: the folder is not left private to its writer."""
+    from desctune.export.adapter import export_adapter
+
+    cfg, adapter, _ = store
+    old = os.umask(0o022)
+    try:
+        export_adapter(adapter, "hf", None, tmp_path / "out", cfg.artifacts_dir, cfg.eval.model_dump(), lambda m: "")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

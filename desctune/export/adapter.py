@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,10 +63,13 @@ def unwritable(out: Path, where: Path, exc: OSError) -> ExportError:
 
 
 def staging(out: Path) -> Path:
-    """A new empty folder beside `out` (its parents created) to write the export in."""
+    """A new empty folder beside `out` (its parents created) to write the export in, with the umask's mode that `out`
+    keeps (mkdtemp's would be private)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         make_dirs(out.parent)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp.mkdir()
+        return tmp
     except OSError as exc:
         raise unwritable(out, out.parent, exc) from None
 
