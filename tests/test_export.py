@@ -272,7 +272,8 @@ def test_registered_model_carries_its_code_and_declares_its_requirements(store, 
 
 def test_files_written_into_the_output_folder_during_an_export_are_kept(store, tmp_path):
     """Someone writes into the (empty) --out folder while the export runs: the export is refused at the end and
-    their file stays, with nothing of the export left beside it."""
+    their file stays, with nothing of the export left beside it. Into a folder left alone, the export lands with the
+    umask's mode, to be shared."""
     from desctune.errors import ExportError
     from desctune.export.adapter import export_adapter
 
@@ -289,6 +290,12 @@ def test_files_written_into_the_output_folder_during_an_export_are_kept(store, t
     assert [p.name for p in out.iterdir()] == ["my_notes.txt"]
     assert (out / "my_notes.txt").read_text() == "written during the export"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    umask = os.umask(0o022)
+    try:
+        export_adapter(adapter, "hf", None, tmp_path / "again", cfg.artifacts_dir, cfg.eval.model_dump(), lambda m: "")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "again").stat().st_mode & 0o777 == 0o755 and (tmp_path / "again" / "export.json").is_file()
 
 
 def test_an_output_folder_that_cannot_be_created_is_one_line(store, tmp_path, capsys):
@@ -303,16 +310,3 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(store, tmp_path, ca
         err = capsys.readouterr().err
         assert err == f"desctune: cannot write --out {out}: cannot create a folder in {where} ({why})\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
-
-
-def test_an_export_folder_gets_the_umasks_mode(store, tmp_path):
-    """Exports are made to be shared: the folder is not left private to its writer."""
-    from desctune.export.adapter import export_adapter
-
-    cfg, adapter, _ = store
-    old = os.umask(0o022)
-    try:
-        export_adapter(adapter, "hf", None, tmp_path / "out", cfg.artifacts_dir, cfg.eval.model_dump(), lambda m: "")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
