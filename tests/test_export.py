@@ -94,7 +94,7 @@ def test_hf_export_loads_without_peft_and_generates_what_the_adapter_does(store,
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["format"] == "hf" and manifest["dtype"] == "float32"
     assert manifest["adapter_sha256"] in card and "| ROUGE-L (0-1) | 0.1000 | 0.3000 |" in card
-    assert "+0.2000 [+0.0000, +0.4000] | better |" in card and "MLflow run" in card
+    assert "+0.2000 [+0.2000, +0.2000] | better |" in card and "MLflow run" in card
 
 
 def test_gguf_exports_load_back_and_generate_what_the_merged_model_does(store, tmp_path):
@@ -265,7 +265,7 @@ def test_registered_model_carries_its_code_and_declares_its_requirements(store, 
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
     assert not list(local.rglob("*.pkl"))
-    assert (local / "code" / "desctune" / "pyfunc.py").is_file() and (local / "pyfunc_code.py").is_file()
+    assert (local / "code" / "desctune" / "registry" / "pyfunc.py").is_file() and (local / "pyfunc_code.py").is_file()
     requirements = (local / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in requirements} >= {"torch", "transformers", "peft", "mlflow", "pydantic"}
 
