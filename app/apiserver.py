@@ -14,8 +14,10 @@ is already loaded in this process (a test calling the command, which may hold a 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,13 +39,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Run in the server's process before it starts (Linux): the kernel sends it SIGKILL when the command that
+    started it exits, even by SIGKILL, so no server outlives its command (one left behind holds ~300 MB and its port
+    for good). Exits at once when the command is already gone."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _spawn(port: int) -> subprocess.Popen:
     app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # found without importing Prefect
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
-        env={**os.environ, **SERVER_ENV},
+        env={**os.environ, **SERVER_ENV}, preexec_fn=_die_with_parent,
     )
 
 
@@ -74,9 +92,9 @@ def _drain_prefect_workers(timeout: float = 30) -> None:
 
 
 class EarlyServer:
-    """Prefect's temporary API server, started on construction (before Prefect is imported); `use()` points Prefect
-    at it once it answers, `stop()` ends it. Starts nothing when an API URL is in the environment or Prefect is
-    already loaded in this process."""
+    """Prefect's temporary API server, started on construction (before Prefect is imported, from the thread that
+    stays until the command ends: the server dies with it); `use()` points Prefect at it once it answers, `stop()`
+    ends it. Starts nothing when an API URL is in the environment or Prefect is already loaded in this process."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None

@@ -64,6 +64,19 @@ def prefect_env(artifacts_dir: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def password_to_env(cfg):
+    """`cfg` without a password in registry.tracking_uri: a URI that has one moves to this process's
+    MLFLOW_TRACKING_URI (which `desctune.tracking.tracking_uri` reads next), since the config becomes the flow run's
+    parameters, which Prefect stores and shows; the environment reaches every task and training process unrecorded."""
+    from desctune.tracking import has_password
+
+    uri = cfg.registry.tracking_uri
+    if not has_password(uri):
+        return cfg
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": None})})
+
+
 class HideUserErrors(logging.Filter):
     """Drop Prefect's log records about a user-fixable error (tracebacks included): the CLI prints it as one line."""
 

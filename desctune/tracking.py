@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -20,6 +22,33 @@ LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 # view, since the UI keeps one view for all experiments (the browser's last choice, GenAI by default).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TRAINING_VIEW = "workflowType=machine_learning"
+# scheme://user:password@rest, anywhere in a text: the password runs to the last "@" before the next blank (an
+# unescaped "@" may be part of it).
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*):(?P<password>\S*)@(?P<rest>[^\s@]*)")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#\s]*")
+
+
+def hide_password(text: str) -> str:
+    """`text` (a URI, a command line) fit to print, log or store: the password of every URI in it, in its user part
+    or a password= query field, becomes ***. The one masking function for every URI desctune shows or records."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\g<head>:***@\g<rest>", text))
+
+
+def has_password(uri: str | None) -> bool:
+    return bool(uri) and hide_password(uri) != uri
+
+
+def public_config(cfg: Config) -> Config:
+    """`cfg` as it may be shown and recorded: its tracking URI without a password."""
+    uri = cfg.registry.tracking_uri
+    if not has_password(uri):
+        return cfg
+    return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": hide_password(uri)})})
+
+
+def without_userinfo(url: str) -> str:
+    """An http(s) URL without its user:password@ part, for a browser link."""
+    return re.sub(r"^(https?://)[^/@]*@", r"\1", url)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -34,6 +63,29 @@ def tracking_uri(cfg: Config) -> str:
                           "registry would be a SQLite file on this machine: set MLFLOW_TRACKING_URI (a tracking "
                           "server or database every worker reaches) or registry.tracking_uri")
     return f"sqlite:///{Path(cfg.artifacts_dir).resolve() / 'mlflow.db'}"
+
+
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@contextlib.contextmanager
+def logged_in(env: dict) -> Iterator[None]:
+    """Inside the block MLflow's clients log in with the user and password `env` holds (none when it holds none):
+    they read them from this process's environment, which is restored afterwards."""
+    saved = {k: os.environ.get(k) for k in MLFLOW_LOGIN}
+    for key in MLFLOW_LOGIN:
+        if env.get(key):
+            os.environ[key] = env[key]
+        else:
+            os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def client(cfg_or_uri: Config | str) -> MlflowClient:
@@ -52,20 +104,22 @@ def client(cfg_or_uri: Config | str) -> MlflowClient:
 
 
 def experiment_id(cfg: Config) -> str:
-    """Get or create the experiment; with a local SQLite store its artifacts go under artifacts/mlruns, and with an
-    object-store artifacts_dir under its mlruns/ (unless a tracking server or MLFLOW_DEFAULT_ARTIFACT_ROOT decides)."""
+    """Get or create the experiment. Unless a tracking server or MLFLOW_DEFAULT_ARTIFACT_ROOT decides, its artifacts
+    go under artifacts_dir's mlruns/ whatever the store (SQLite, PostgreSQL, MySQL...): left to MLflow, a database
+    store puts them in ./mlruns of whatever folder the command ran in."""
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.registry.experiment)
     if exp is not None:
         if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
-    location = None
-    if os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+    uri, location = tracking_uri(cfg), None
+    if (os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT") or uri.startswith(("http:", "https:", "databricks", "file:"))
+            or "://" not in uri):  # a server, or a file store (which keeps its artifacts beside its runs)
         pass
-    elif is_url(cfg.artifacts_dir) and not tracking_uri(cfg).startswith(("http:", "https:", "databricks")):
+    elif is_url(cfg.artifacts_dir):
         location = store_url(cfg.artifacts_dir) + "/mlruns"
-    elif tracking_uri(cfg).startswith("sqlite:"):
+    else:
         location = (Path(cfg.artifacts_dir).resolve() / "mlruns").as_uri()
     try:
         return c.create_experiment(cfg.registry.experiment, artifact_location=location,
@@ -77,7 +131,7 @@ def experiment_id(cfg: Config) -> str:
 def ui_base(cfg: Config) -> str:
     """The MLflow UI that shows this store: the tracking server itself, else a local `mlflow ui` on its default port."""
     uri = tracking_uri(cfg)
-    return (uri if uri.startswith("http") else LOCAL_MLFLOW_UI).rstrip("/")
+    return (without_userinfo(uri) if uri.startswith("http") else LOCAL_MLFLOW_UI).rstrip("/")
 
 
 def run_url(cfg: Config, run_id: str) -> str:

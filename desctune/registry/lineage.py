@@ -27,7 +27,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from desctune.config import Config, config_to_yaml
 from desctune.evaluation.evaluate import MODELS
-from desctune.tracking import client, experiment_id, run_url
+from desctune.tracking import client, experiment_id, hide_password, public_config, run_url
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -138,7 +138,7 @@ def source_tags(lineage: dict | None, what: str) -> dict:
         source, kind = lineage["prefect.flow_run_url"], "JOB"
         made_by = f"Prefect flow run {lineage.get('prefect.flow_run_name') or lineage.get('prefect.flow_run_id')} ({source})"
     else:
-        source, kind = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500] or "python", "LOCAL"
+        source, kind = hide_password(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:500] or "python", "LOCAL"
         made_by = f"the command `{source}`"
     tags = {"mlflow.source.name": source, "mlflow.source.type": kind,
             "mlflow.note.content": f"{what}. Made by {made_by}."}
@@ -154,16 +154,17 @@ def run_summary(cfg: Config) -> str:
 
 
 def start_run(cfg: Config, lineage: dict | None = None) -> str:
-    """Create the MLflow run of one flow run: the config as params, `lineage` (the orchestrator's run) and the
-    process writing it as tags, its source and description filled."""
+    """Create the MLflow run of one flow run: the config as params (the tracking URI without its password),
+    `lineage` (the orchestrator's run) and the process writing it as tags, its source and description filled."""
     c = client(cfg)
+    shown = public_config(cfg)
     tags = {"desctune.config_hash": cfg.digest(), "desctune.git_commit": git_commit(), **process_tags(),
             **(lineage or {}), **source_tags(lineage, run_summary(cfg))}
     run = c.create_run(experiment_id(cfg), tags=tags, run_name=tags.get("prefect.flow_run_name") or None)
-    params = flatten(json.loads(cfg.model_dump_json()))
+    params = flatten(json.loads(shown.model_dump_json()))
     for key, value in params.items():
         c.log_param(run.info.run_id, key, str(value)[:6000])
-    c.log_text(run.info.run_id, config_to_yaml(cfg), "config.yaml")
+    c.log_text(run.info.run_id, config_to_yaml(shown), "config.yaml")
     return run.info.run_id
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 from desctune.config import Config
 from desctune.errors import RegistryError
 from desctune.registry.lineage import git_commit
-from desctune.tracking import TRAINING_VIEW, client, run_url, tracking_uri, ui_base
+from desctune.tracking import TRAINING_VIEW, client, hide_password, run_url, tracking_uri, ui_base
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
@@ -229,7 +229,7 @@ def unchanged(cfg: Config, c, version, run_id: str) -> dict:
                     "the same settings; no new version, aliases as they were",
         "previous_champion": str(champion.version) if champion else None, "champion_metric": None,
         "model_uri": f"models:/{name}/{number}", "run_id": run_id, "run_url": run_url(cfg, run_id),
-        "version_url": version_url(cfg, name, number), "tracking_uri": tracking_uri(cfg),
+        "version_url": version_url(cfg, name, number), "tracking_uri": hide_password(tracking_uri(cfg)),
     }
 
 
@@ -312,5 +312,5 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         "previous_champion": str(champion.version) if champion else None, "champion_metric": champion_value,
         "model_uri": f"models:/{name}/{version}", "run_id": run_id, "run_url": run_url(cfg, run_id),
         "version_url": version_url(cfg, name, version),
-        "tracking_uri": tracking_uri(cfg),
+        "tracking_uri": hide_password(tracking_uri(cfg)),
     }
