@@ -17,21 +17,21 @@ from tasks.stage import flow_run_tags, retry_unless_user_error, run_logger
 
 
 def one_registration_at_a_time(model_name: str):
-    """A Prefect global concurrency limit of 1 per registered model (created on first use), held while a run decides
-    and sets its version and aliases: two runs that finish together, on any workers, cannot both see the old champion
-    and overwrite each other's alias, nor both add the same adapter."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    """A Prefect concurrency limit of 1 per registered model (created on first use), held while a run decides and
+    sets its version and aliases: two runs that finish together, on any workers, cannot both see the old champion
+    and overwrite each other's alias, nor both add the same adapter.
 
-    name = "desctune-register-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
+    The limit is created through Prefect's tag-limit endpoint (a limit named `tag:<name>`, which no task's tags
+    name), its only create-or-update: it reads and writes in one transaction, so two runs creating it at once both
+    succeed. The global-limit endpoint only inserts, and the loser of that race fails with a UNIQUE violation that
+    the server logs as an ERROR with its traceback."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    tag = "desctune-register-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
     with get_client(sync_client=True) as prefect:
-        try:
-            prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
-    return concurrency(name, occupy=1, strict=True)
+        prefect.create_concurrency_limit(tag=tag, concurrency_limit=1)
+    return concurrency(f"tag:{tag}", occupy=1, strict=True)
 
 
 @task(name="start-tracking", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
