@@ -26,7 +26,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.serve_auth import Credentials, check_exposure, client_env, credentials, mlflow_server_env, prefect_server_env
+from app.serve_auth import (
+    Credentials,
+    check_exposure,
+    client_env,
+    credentials,
+    mlflow_server_env,
+    prefect_server_env,
+    served_hosts,
+)
 from desctune.errors import ServeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +63,14 @@ class ServePlan:
     creds: Credentials | None = None
 
     @property
+    def url_host(self) -> str:
+        """The host in every URL serve prints or hands out: this machine's name for a wildcard bind (0.0.0.0, ::),
+        an address no browser and no other machine can use."""
+        return served_hosts(self.host)[0]
+
+    @property
     def prefect_url(self) -> str:
-        return f"http://{self.host}:{self.prefect_port}"
+        return f"http://{self.url_host}:{self.prefect_port}"
 
     @property
     def api_url(self) -> str:
@@ -64,7 +78,7 @@ class ServePlan:
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://{self.host}:{self.mlflow_port}"
+        return f"http://{self.url_host}:{self.mlflow_port}"
 
 
 def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | Path, env: dict) -> ServePlan:
@@ -84,16 +98,6 @@ def make_plan(host: str, prefect_port: int, mlflow_port: int, artifacts: str | P
     )
 
 
-def hide_password(url: str) -> str:
-    """A database URL fit to print."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
-
-
 def commands(plan: ServePlan, env: dict) -> dict[str, tuple[list[str], dict]]:
     """The three long-running processes, each with its own environment: the servers get their stores and secrets
     there (not on their command lines), the worker only the servers' URLs and the clients' credentials."""
@@ -107,8 +111,9 @@ def commands(plan: ServePlan, env: dict) -> dict[str, tuple[list[str], dict]]:
                                    plan.mlflow_artifacts, plan.artifacts)
     auth_app = ["--app-name", "basic-auth"] if plan.creds else []
     return {
-        "prefect-server": ([py, "-m", "prefect", "server", "start", "--host", plan.host, "--port",
-                            str(plan.prefect_port)], prefect_server_env(env, plan.creds, plan.host, plan.prefect_port)),
+        # `prefect server start` with the deployment job-variable check (app/serve_auth.py) around its app
+        "prefect-server": ([py, "-m", "app.serve_auth", "--host", plan.host, "--port", str(plan.prefect_port)],
+                           prefect_server_env(env, plan.creds, plan.host, plan.prefect_port)),
         "mlflow-server": ([py, "-m", "mlflow", "server", "--host", plan.host, "--port", str(plan.mlflow_port),
                            "--workers", "1", *auth_app], mlflow_env),
         "worker": ([py, "-m", "prefect", "worker", "start", "--pool", _pool(), "--type", "process",
@@ -275,6 +280,8 @@ def wait_until(ready, what: str, procs: Processes, timeout: float) -> None:
 
 
 def banner(plan: ServePlan, deployed: list[str], paused: list[str] = ()) -> str:
+    from desctune.tracking import hide_password
+
     prefect_db = hide_password(plan.prefect_db) if plan.prefect_db else "SQLite under PREFECT_HOME"
     if plan.creds:
         login = (f"  login         user {plan.creds.user!r} with the serve password, on both UIs and APIs; "
@@ -374,28 +381,20 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
         lock.release()
 
 
-MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-
-
 def mark_crashed_runs(plan: ServePlan, client: dict) -> None:
     """Mark FAILED the MLflow runs that crashed flow runs left RUNNING (`tasks.crashed`), logged in as the worker is
     (`client`: its environment); a failure here is one warning line, never a reason not to serve."""
+    from desctune.tracking import logged_in
     from tasks.crashed import fail_crashed_runs
 
-    saved = {k: os.environ.get(k) for k in MLFLOW_LOGIN}
-    os.environ.update({k: client[k] for k in MLFLOW_LOGIN if client.get(k)})
     try:
-        failed = fail_crashed_runs(plan.mlflow_url, plan.api_url, auth_string=client.get("PREFECT_API_AUTH_STRING"))
+        with logged_in(client):
+            failed = fail_crashed_runs(plan.mlflow_url, plan.api_url,
+                                       auth_string=client.get("PREFECT_API_AUTH_STRING"))
     except Exception as exc:  # noqa: BLE001 - the servers work without it
         failed = []
         print(f"desctune serve: could not check for crashed MLflow runs ({str(exc).splitlines()[0][:200]})",
               file=sys.stderr, flush=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     for run_id, why in failed:
         print(f"desctune serve: marked MLflow run {run_id} FAILED: {why}", file=sys.stderr, flush=True)
 
@@ -410,6 +409,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_url(args.artifacts_dir):
         raise ServeError(f"--artifacts-dir {args.artifacts_dir}: serve keeps its logs, lock and stage cache in a local "
                          "folder; for an object store, run `desctune run --set artifacts_dir=URL` on each worker")
+    for port, flag in ((args.prefect_port, "--prefect-port"), (args.mlflow_port, "--mlflow-port")):
+        if not 1 <= port <= 65535:
+            raise ServeError(f"{flag} {port}: a port is a number from 1 to 65535")
     plan = make_plan(args.host, args.prefect_port, args.mlflow_port, args.artifacts_dir, dict(os.environ))
     return serve(plan, dict(os.environ), args.timeout)
 

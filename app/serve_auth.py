@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import os
+import re
 import secrets
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +80,8 @@ def credentials(env: dict) -> Credentials | None:
             raise ServeError(f"{PASSWORD_FILE_ENV}={path}: its first line is empty")
     if password is None:
         return None
+    if not password.strip():
+        raise ServeError(f"{PASSWORD_ENV} is only blanks: set a password of at least {MIN_PASSWORD} characters")
     if len(password) < MIN_PASSWORD:
         raise ServeError(f"the serve password must be at least {MIN_PASSWORD} characters long (MLflow's rule)")
     user = env.get(USER_ENV) or DEFAULT_USER
@@ -177,3 +183,85 @@ def client_env(env: dict, creds: Credentials | None, api_url: str, mlflow_url: s
         out.update(PREFECT_API_AUTH_STRING=creds.auth_string, MLFLOW_TRACKING_USERNAME=creds.user,
                    MLFLOW_TRACKING_PASSWORD=creds.password)
     return out
+
+
+DEPLOYMENT_PATH = re.compile(r"/api/deployments/(?P<id>[0-9a-fA-F-]{36})")
+
+
+class DeploymentJobVariablesCheck:
+    """Around the Prefect server's app: a PATCH of a deployment's job variables is checked against its work pool's
+    template, as Prefect checks a flow run's (422 for a variable the template does not declare, such as `command`).
+    Prefect itself checks them only when the same PATCH names the work pool. Requests without the server's
+    credentials pass untouched, to be refused by Prefect."""
+
+    def __init__(self, app):
+        self.app = app
+        auth = os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+        self.header = ("Basic " + base64.b64encode(auth.encode()).decode()).encode() if auth else None
+
+    async def __call__(self, scope, receive, send):
+        match = DEPLOYMENT_PATH.fullmatch(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None or scope["method"] != "PATCH" or (
+                self.header is not None and dict(scope["headers"]).get(b"authorization") != self.header):
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        refusal = await self.refusal(match["id"], body)
+        if refusal is not None:
+            from starlette.responses import JSONResponse
+
+            return await JSONResponse({"detail": refusal}, status_code=422)(scope, receive, send)
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refusal(deployment_id: str, body: bytes) -> str | None:
+        """Why Prefect's own check refuses the job variables in this PATCH body, or None."""
+        from uuid import UUID
+
+        from fastapi import HTTPException
+        from prefect.server import models, schemas
+        from prefect.server.api.validation import validate_job_variables_for_deployment
+        from prefect.server.database import provide_database_interface
+
+        try:
+            job_variables = json.loads(body or b"{}").get("job_variables")
+        except (ValueError, AttributeError):
+            return None  # not a JSON object: Prefect answers it
+        if not job_variables:
+            return None
+        db = provide_database_interface()
+        async with db.session_context() as session:
+            deployment = await models.deployments.read_deployment(session=session, deployment_id=UUID(deployment_id))
+            pool = deployment.work_queue.work_pool if deployment and deployment.work_queue else None
+            if pool is None:
+                return None
+            try:
+                await validate_job_variables_for_deployment(
+                    session, pool, schemas.actions.DeploymentUpdate(job_variables=job_variables))
+            except HTTPException as exc:
+                return str(exc.detail)
+        return None
+
+
+def start_prefect_server(argv: list[str]) -> None:
+    """`prefect server start ARGV` (in the foreground, one process) with DeploymentJobVariablesCheck around its app."""
+    import prefect.server.api.server as server
+    from prefect.cli import app
+
+    create_app = server.create_app
+    server.create_app = lambda *args, **kwargs: DeploymentJobVariablesCheck(create_app(*args, **kwargs))
+    sys.argv = ["prefect", "server", "start", *argv]
+    app()
+
+
+if __name__ == "__main__":
+    start_prefect_server(sys.argv[1:])

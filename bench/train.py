@@ -89,7 +89,8 @@ def run_baseline(tmp: Path, n: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from desctune.data.tokenize import IGNORE
-    from desctune.training.loop import build_peft_model, plan
+    from desctune.training.model import build_peft_model
+    from desctune.training.plan import plan
 
     tokens, base, cfg = tokenized(tmp, n)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "fp32"})})

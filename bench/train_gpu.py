@@ -7,7 +7,7 @@ the prompt masked, so the supervised share matches real data. Arms, in one proce
 
 - seed: what the CUDA plan was before it was automatic: 4-bit NF4, gradient checkpointing, batches of 16 random
   examples, PEFT's LoRA forward, eager;
-- auto: `desctune.training.loop.plan` with every setting on auto and no token count, so layers are compiled as for a long
+- auto: `desctune.training.plan.plan` with every setting on auto and no token count, so layers are compiled as for a long
   run (on an H200: bf16, no checkpointing, compiled decoder layers, 16k-token length-grouped batches; `--eager`: the
   same plan eager, with the fused LoRA layers), trained with the product's loss and compile fallback;
 - trl: TRL's SFTTrainer as its documentation sets it up for speed (bf16, padding_free, Liger kernels if installed,
@@ -103,16 +103,10 @@ def arm_config(arm: str, model_dir: Path, device: str, args):
 
 
 def run_arm(arm: str, model_dir: Path, shape: dict, device: str, args) -> dict:
-    from desctune.training.loop import (
-        build_peft_model,
-        collate,
-        epoch_batches,
-        is_compiled,
-        plan,
-        supervised_loss,
-        with_eager_fallback,
-    )
+    from desctune.training.batching import collate, epoch_batches
     from desctune.training.memory import ModelShape
+    from desctune.training.model import build_peft_model, is_compiled, supervised_loss, with_eager_fallback
+    from desctune.training.plan import plan
 
     cfg = arm_config(arm, model_dir, device, args)
     if device == "cuda":

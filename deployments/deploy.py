@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from deployments import crashed_runs
-from deployments.schedules import blockers
+from deployments.schedules import CheckFailed, blockers
 from desctune.store import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,10 @@ def pause_unrunnable(spec: dict, names: list[str], root: Path, env: dict) -> tup
     for d in spec.get("deployments", []):
         if d["name"] not in names or not any(s.get("active", True) for s in d.get("schedules") or []):
             continue
-        reasons = blockers(d, root, env)
+        try:
+            reasons = blockers(d, root, env)
+        except CheckFailed as exc:
+            raise DeployError(f"checking whether {d['name']}'s schedule can run: {exc}") from None
         if reasons:
             for schedule in d["schedules"]:
                 schedule["active"] = False

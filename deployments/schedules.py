@@ -65,20 +65,35 @@ def data_missing(path: str, root: Path) -> str | None:
     return None if (p if p.is_absolute() else root / p).exists() else f"{path} is not there"
 
 
+class CheckFailed(Exception):
+    """A server answered a check with an error: it says nothing about what is or is not there."""
+
+
 def alias_missing(cfg: Config, alias: str, env: dict) -> str | None:
-    """Why models:/NAME@alias cannot be resolved in the registry the runs report to, or None."""
+    """Why models:/NAME@alias cannot be resolved in the registry the runs report to, or None. Asked with the
+    credentials the runs get (`env`); any answer but "not there" (refused, unreachable) is a CheckFailed."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
     from mlflow.tracking import MlflowClient
+
+    from desctune.tracking import hide_password, logged_in
 
     uri = cfg.registry.tracking_uri or env.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
     try:
-        MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(cfg.registry.model_name, alias)
+        with logged_in(env):
+            MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(cfg.registry.model_name, alias)
         return None
-    except MlflowException:
-        return (f"no {cfg.registry.model_name}@{alias} in the registry yet (a finetune run that beats the base "
-                "makes one)")
+    except MlflowException as exc:
+        code, message = exc.error_code, str(exc)
+        absent = code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or (
+            code == ErrorCode.Name(INVALID_PARAMETER_VALUE) and f"alias {alias} not found" in message)
+        if not absent:
+            first = hide_password(message.splitlines()[0] if message else type(exc).__name__)[:300]
+            raise CheckFailed(f"asking the registry at {hide_password(uri)} for {cfg.registry.model_name}@{alias} "
+                              f"failed: {first}") from None
+    return f"no {cfg.registry.model_name}@{alias} in the registry yet (a finetune run that beats the base makes one)"
 
 
 def blockers(deployment: dict, root: Path, env: dict) -> list[str]:

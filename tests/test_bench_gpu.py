@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-import desctune.training.loop
+import desctune.training.model
+from desctune.training.memory import ModelShape
 from bench.train_gpu import SHAPES, linear_params, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +25,12 @@ def test_tinyllama_shapes_give_its_1_1b_parameters_and_the_linear_counts():
     linear = [m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     body, head = linear_params(SHAPES["tinyllama"])
     assert (body + head, head) == (sum(linear), model.lm_head.weight.numel())
-    shape = desctune.training.loop.ModelShape.from_config(LlamaConfig(**SHAPES["tinyllama"]))
+    shape = ModelShape.from_config(LlamaConfig(**SHAPES["tinyllama"]))
     assert shape.body_linear_params == body and shape.body_linear_params + shape.other_params == 1_100_048_384
 
 
 def test_smoke_run_on_cpu_trains_the_seed_and_auto_arms_through_desctunes_plan(capsys, monkeypatch):
-    monkeypatch.setattr(desctune.training.loop, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(desctune.training.model, "COMPILE_BACKEND", "eager")
     results = main(["--shapes", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "4",
                     "--max-len", "96", "--compile"])
     assert [r["arm"] for r in results] == ["seed", "auto"]

@@ -11,14 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import desctune.training.loop
+import desctune.training.model
 from conftest import SAMPLE, tiny_config
 from desctune.data.tokenize import tokenize_frame
 from desctune.evaluation.generation import generate, load_adapter_model
 from desctune.files import write_parquet
 from desctune.models import load_tokenizer, provision
 from desctune.training.launch import train_under_torchrun
-from desctune.training.loop import build_peft_model, compile_layers, is_compiled, plan, train_adapter
+from desctune.training.loop import train_adapter
+from desctune.training.model import build_peft_model, compile_layers, is_compiled
+from desctune.training.plan import plan
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ON_CUDA = pytest.param("cuda", marks=CUDA)
@@ -82,7 +84,7 @@ def test_compiled_layers_keep_their_names_and_a_failed_compile_trains_eagerly(tm
     names = list(model.state_dict())
     assert is_compiled(model) and compile_layers(model) == 2 and list(model.state_dict()) == names
 
-    monkeypatch.setattr(desctune.training.loop, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(desctune.training.model, "COMPILE_BACKEND", broken_backend)
     tokens = token_files(tmp_path, tiny_model_dir, 16)
     with caplog.at_level(logging.WARNING, logger="desctune.training.loop"):
         result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out")

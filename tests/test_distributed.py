@@ -27,7 +27,8 @@ from desctune.training.launch import (
     torchrun_args,
     train_under_torchrun,
 )
-from desctune.training.loop import load_examples, micro_batches, train_adapter
+from desctune.training.batching import load_examples, micro_batches
+from desctune.training.loop import train_adapter
 from test_train import records, token_files
 
 # fp32 on both sides; what differs is only the order of float sums (per-rank partial gradients added by the

@@ -14,7 +14,8 @@ from pathlib import Path
 from conftest import tiny_config
 from desctune.models import provision
 from desctune.tracking import client
-from desctune.training.loop import latest_checkpoint, train_adapter
+from desctune.training.checkpoint import latest_checkpoint
+from desctune.training.loop import train_adapter
 from tasks.register import start_tracking
 from test_train import records, token_files
 

@@ -214,3 +214,84 @@ def test_the_job_template_pins_command_environment_and_directory():
     for override in ({"command": "id"}, {"env": {"A": "b"}}, {"env.A": "b"}, {"working_dir": "/"}):
         assert validate(override, variables, preprocess=True, ignore_required=True), override
     assert not validate({"stream_output": False, "name": "x"}, variables, preprocess=True, ignore_required=True)
+
+
+def test_the_schedule_check_logs_in_as_the_runs_do_and_an_error_is_no_absent_champion(served, monkeypatch):
+    """serve pauses the evaluate-champion schedule only when the registry says there is no champion: asked with the
+    runs' credentials it finds one that exists, and a refusal is an error, not "no champion yet"."""
+    from mlflow.tracking import MlflowClient
+
+    from deployments.schedules import CheckFailed, alias_missing
+    from desctune.config import Config
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)  # this process has no login of its own: only `env` has one
+    cfg = Config.model_validate({"registry": {"model_name": "tiny-auth-schedule"}})
+    env = {"MLFLOW_TRACKING_URI": served.mlflow_url, "MLFLOW_TRACKING_USERNAME": USER,
+           "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    assert alias_missing(cfg, "champion", env).startswith("no tiny-auth-schedule@champion in the registry yet")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    mlflow = MlflowClient(served.mlflow_url, registry_uri=served.mlflow_url)
+    run = mlflow.create_run(mlflow.create_experiment("schedule-check"))
+    mlflow.create_registered_model("tiny-auth-schedule")
+    version = mlflow.create_model_version("tiny-auth-schedule", f"runs:/{run.info.run_id}/model",
+                                          run_id=run.info.run_id)
+    mlflow.set_registered_model_alias("tiny-auth-schedule", "champion", version.version)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+
+    assert alias_missing(cfg, "champion", env) is None
+    with pytest.raises(CheckFailed, match="401"):
+        alias_missing(cfg, "champion", {"MLFLOW_TRACKING_URI": served.mlflow_url})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mlflow-port", "70000"], "desctune: --mlflow-port 70000: a port is a number from 1 to 65535"),
+    (["--prefect-port", "-1"], "desctune: --prefect-port -1: a port is a number from 1 to 65535"),
+])
+def test_a_port_out_of_range_is_one_line_and_exit_2(tmp_path, argv, message):
+    done = serve_without_starting(argv, dict(os.environ), tmp_path / "artifacts")
+    assert (done.returncode, done.stderr, done.stdout) == (2, message + "\n", "")
+
+
+def test_a_blank_password_is_refused():
+    from app.serve_auth import credentials
+    from desctune.errors import ServeError
+
+    with pytest.raises(ServeError, match="only blanks"):
+        credentials({"DESCTUNE_SERVE_PASSWORD": " " * 16})
+
+
+def test_a_wildcard_bind_is_shown_and_handed_out_by_this_machines_name(tmp_path):
+    from app.serve import banner, commands, make_plan
+
+    plan = make_plan("0.0.0.0", 4200, 5000, tmp_path, {"DESCTUNE_SERVE_PASSWORD": PASSWORD})
+    assert plan.mlflow_url == f"http://{socket.gethostname()}:5000"
+    assert plan.api_url == f"http://{socket.gethostname()}:4200/api"
+    worker_env = commands(plan, {"DESCTUNE_SERVE_PASSWORD": PASSWORD})["worker"][1]
+    assert worker_env["MLFLOW_TRACKING_URI"] == plan.mlflow_url  # the lineage links the runs write use it
+    assert "0.0.0.0" not in banner(plan, ["finetune"])
+
+
+def test_a_deployment_patch_cannot_choose_the_workers_command_either(served):
+    """PATCH /deployments/<id> with job variables the pool's template does not declare is refused (422) as a flow
+    run's are, also when the PATCH does not name the work pool (Prefect checks only when it does)."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    async def patch(job_variables: dict):
+        async with prefect_client(served.api_url) as client:
+            deployment = await client.read_deployment_by_name("finetune/finetune")
+            try:
+                await client.update_deployment(deployment.id, DeploymentUpdate(job_variables=job_variables))
+                status = 204
+            except PrefectHTTPStatusError as exc:
+                status = exc.response.status_code
+            return status, (await client.read_deployment(deployment.id)).job_variables
+
+    for job_variables in ({"command": "touch /tmp/pwned"}, {"env": {"PYTHONSTARTUP": "/tmp/x.py"}},
+                          {"working_dir": "/tmp"}):
+        assert asyncio.run(patch(job_variables)) == (422, {}), job_variables
+    assert asyncio.run(patch({"stream_output": True})) == (204, {"stream_output": True})  # a declared one
+    assert asyncio.run(patch({})) == (204, {})

@@ -16,19 +16,11 @@ from desctune.evaluation.generation import base_context, generate, load_adapter_
 from desctune.files import write_parquet
 from desctune.models import load_tokenizer, provision
 from desctune.tracking import mlflow_sink
-from desctune.training.loop import (
-    COMPILE_MIN_TOKENS,
-    collate,
-    length_grouped_batches,
-    micro_batches,
-    plan,
-    planned_tokens,
-    supervised_loss,
-    token_budget_batches,
-    total_steps,
-    train_adapter,
-)
+from desctune.training.batching import collate, length_grouped_batches, micro_batches, token_budget_batches, total_steps
+from desctune.training.loop import train_adapter
 from desctune.training.memory import ModelShape, estimate_memory, memory_plan
+from desctune.training.model import supervised_loss
+from desctune.training.plan import COMPILE_MIN_TOKENS, plan, planned_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
