@@ -87,61 +87,70 @@ def source_metadata(gguf_path: Path | None) -> dict:
     return {k: fields[k].contents() for k in CARRIED if k in fields}
 
 
-def write_gguf(model_dir: str | Path, out: str | Path, quant: str, name: str, base: dict,
-               source_gguf: Path | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write the Hugging Face Llama checkpoint in `model_dir` as one GGUF file; returns what was written."""
-    import gguf
-    import torch
-    from safetensors import safe_open
-
-    model_dir, out = Path(model_dir), Path(out)
-    file_type, weight_type = qtypes(quant)
+def llama_hparams(model_dir: Path) -> dict:
+    """The checkpoint's config.json, refused unless it is a Llama-architecture model."""
     hp = json.loads((model_dir / "config.json").read_text())
     if hp.get("model_type") != "llama":
         raise ExportError(f"GGUF export writes Llama-architecture models; {model_dir} is {hp.get('model_type')!r}")
-    n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
-    n_layer, vocab_size = hp["num_hidden_layers"], hp["vocab_size"]
-    head_dim = hp.get("head_dim") or hp["hidden_size"] // n_head
-    rope = hp.get("rope_parameters") or {}
-    rope_theta = rope.get("rope_theta", hp.get("rope_theta", 10000.0))
+    return hp
 
-    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+
+def add_model_metadata(w, hp: dict, name: str, base: dict, source_gguf: Path | None, file_type) -> None:
+    """The general.* keys (with those carried over from the base's own GGUF) and the Llama hyperparameters."""
+    import gguf
+
+    n_head = hp["num_attention_heads"]
+    rope = hp.get("rope_parameters") or {}
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_finetune("desctune")
     w.add_base_model_count(1)
     w.add_base_model_name(0, base["name"])
-    carried = source_metadata(source_gguf)
-    for key, value in carried.items():
+    for key, value in source_metadata(source_gguf).items():
         w.add_array(key, value) if isinstance(value, list) else w.add_string(key, str(value))
-    w.add_block_count(n_layer)
+    w.add_block_count(hp["num_hidden_layers"])
     w.add_context_length(hp["max_position_embeddings"])
     w.add_embedding_length(hp["hidden_size"])
     w.add_feed_forward_length(hp["intermediate_size"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(float(rope_theta))
+    w.add_head_count_kv(hp.get("num_key_value_heads") or n_head)
+    w.add_rope_freq_base(float(rope.get("rope_theta", hp.get("rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(float(hp["rms_norm_eps"]))
     w.add_file_type(file_type)
-    w.add_vocab_size(vocab_size)
-    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(hp["vocab_size"])
+    w.add_rope_dimension_count(hp.get("head_dim") or hp["hidden_size"] // n_head)
+
+
+def add_tokenizer(w, model_dir: Path, vocab_size: int, pre_tokenizer: str) -> int:
+    """The byte-level BPE vocabulary, its merges and special tokens; returns how many tokens."""
+    import gguf
 
     tokens, types = vocabulary(model_dir, vocab_size)
     w.add_add_space_prefix(False)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(PRE_TOKENIZERS.get(base["name"], "default"))
+    w.add_tokenizer_pre(pre_tokenizer)
     w.add_token_list(tokens)
     w.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
     if special.add_special_token.get("bos") is None:
         special.add_special_token["bos"] = False
     special.add_to_gguf(w, quiet=True)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return len(tokens)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-    files = sorted(model_dir.glob("*.safetensors"))
+
+def add_tensors(w, model_dir: Path, hp: dict, weight_type,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+    """Every tensor under its GGUF name, Q and K rows permuted, 1-D ones in F32 and 2-D ones in `weight_type` (F16
+    where rows do not split into its blocks); returns how many tensors of each type."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    n_head = hp["num_attention_heads"]
+    n_kv = hp.get("num_key_value_heads") or n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["num_hidden_layers"])
     keys = []
-    for f in files:
+    for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             keys += [(f, k) for k in st.keys()]  # noqa: SIM118 (safe_open is not iterable)
     counts: dict[str, int] = {}
@@ -167,9 +176,26 @@ def write_gguf(model_dir: str | Path, out: str | Path, quant: str, name: str, ba
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         if progress is not None:
             progress(done, len(keys))
+    return counts
+
+
+def write_gguf(model_dir: str | Path, out: str | Path, quant: str, name: str, base: dict,
+               source_gguf: Path | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write the Hugging Face Llama checkpoint in `model_dir` as one GGUF file; returns what was written."""
+    import gguf
+
+    model_dir, out = Path(model_dir), Path(out)
+    file_type, weight_type = qtypes(quant)
+    hp = llama_hparams(model_dir)
+    pre_tokenizer = PRE_TOKENIZERS.get(base["name"], "default")
+    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    add_model_metadata(w, hp, name, base, source_gguf, file_type)
+    n_tokens = add_tokenizer(w, model_dir, hp["vocab_size"], pre_tokenizer)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    counts = add_tensors(w, model_dir, hp, weight_type, progress)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"path": str(out), "bytes": out.stat().st_size, "tensor_types": counts, "tokens": len(tokens),
-            "pre_tokenizer": PRE_TOKENIZERS.get(base["name"], "default")}
+    return {"path": str(out), "bytes": out.stat().st_size, "tensor_types": counts, "tokens": n_tokens,
+            "pre_tokenizer": pre_tokenizer}
