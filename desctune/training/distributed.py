@@ -2,12 +2,11 @@
 
 `World` is the one object the training loop talks to: in one process (the default) every call is the identity, so
 that path is unchanged; under torchrun (`python -m desctune.training.rank JOB.json`, started by
-`desctune.training.launch`)
-each rank holds the same model, trains on its own share of every optimizer step's examples (`shard`), and
-DistributedDataParallel sums the LoRA gradients across ranks. The loss of a step is divided by the step's
-supervised-token count over all ranks, so the summed gradient is the one a single process computes on the whole
-step; only rank 0 logs, writes checkpoints and the adapter, and reads the checkpoint to resume from (sent to the
-other ranks, so other machines need no shared folder).
+`desctune.training.launch`) each rank holds the same model, trains on its own share of every optimizer step's
+examples (`shard`), and DistributedDataParallel sums the LoRA gradients across ranks. The loss of a step is divided
+by the step's supervised-token count over all ranks, so the summed gradient is the one a single process computes on
+the whole step; only rank 0 logs, writes checkpoints and the adapter, and reads the checkpoint to resume from (sent
+to the other ranks, so other machines need no shared folder).
 """
 
 from __future__ import annotations

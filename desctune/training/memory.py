@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from desctune.training.ops import HEAD_BYTES_PER_LOGIT, head_chunk_rows
 
 # Activation bytes per token and decoder layer, eager bf16 with LoRA on every linear layer and dropout: per hidden
-# unit and per MLP unit, fitted to TinyLlama-1.1B on an H200 (bench/train_gpu.py: 22.6, 45 and 83 GB at 7.9k, 16k
-# and 33k padded tokens per batch; compiled layers needed ~13% less at 33k, so this is an upper bound for them).
+# unit and per MLP unit, fitted to TinyLlama-1.1B's peak memory on an H200 (bench/train_gpu.py); compiled layers
+# need less, so for them this is an upper bound.
 ACT_BYTES_PER_HIDDEN, ACT_BYTES_PER_INTERMEDIATE = 28, 11
 # With gradient checkpointing a layer keeps only its bf16 input (with slack) until it is recomputed.
 CKPT_BYTES_PER_HIDDEN = 4

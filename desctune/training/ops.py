@@ -1,18 +1,17 @@
 """Training building blocks that make a LoRA step cheaper without changing what it computes.
 
-Measured on the 2-core CPU (bench/train.py, profile of a real step): the 49k-vocabulary head and its cross-entropy
-materialised ~300 MB of fp32 logits per batch, and PEFT's LoRA forward (input cast to fp32 and back by autocast,
-`nn.Dropout` drawing one Mersenne-Twister number per element of seven LoRA inputs per layer, then a scale, a
-multiply and an add, each a pass over the activations) cost more than the layer's matmuls. Each piece here removes
-one of those:
+On the CPU (bench/train.py profiles a real step) the 49k-vocabulary head with its cross-entropy, which holds every
+batch's full fp32 logits, and PEFT's LoRA forward (input cast to fp32 and back by autocast, `nn.Dropout` drawing one
+Mersenne-Twister number per element of seven LoRA inputs per layer, then a scale, a multiply and an add, each a pass
+over the activations) cost more than the layer's matmuls. Each piece here removes one of those:
 
 - `head_cross_entropy`: the head and the loss in row chunks, with the gradient for the hidden states computed in the
   same pass (the head is frozen), so no full logits tensor is ever kept; same loss and gradient as
   `F.cross_entropy(lm_head(h).float(), t, reduction="sum")`.
 - `keep_mask`: dropout's mask with the same distribution (p rounded to 1/65536) from numpy's PCG64, seeded from
-  torch's generator, so `torch.manual_seed` and a restored RNG state replay it exactly. On a GPU the host-drawn
-  masks starve the card (495 tokens/s on an H200 against 24,281 without dropout), so there the mask is drawn by
-  torch's generator on the tensor's own device (`source="device"`, also selectable on the CPU).
+  torch's generator, so `torch.manual_seed` and a restored RNG state replay it exactly. On a GPU host-drawn masks
+  starve the card, so there the mask is drawn by torch's generator on the tensor's own device (`source="device"`,
+  also selectable on the CPU).
 - `LoraBranch` / `speed_up_lora`: the LoRA branch as one autograd function (masked input, two matmuls, the scale and
   the residual add inside `addmm`), used by every LoRA layer while it trains; eval goes through PEFT unchanged.
 - `head_chunk_rows`: the head's chunk size: 128 rows on the CPU (cache-sized), sized to the free memory on a card.

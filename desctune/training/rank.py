@@ -1,5 +1,6 @@
 """What each rank runs under torchrun (`python -m desctune.training.rank JOB.json`, started by
-`desctune.training.launch`): join the group, train with `train_adapter`, and on rank 0 write the result beside the job."""
+`desctune.training.launch`): join the group, train with `train_adapter`, and on rank 0 write the result beside the
+job."""
 
 from __future__ import annotations
 
