@@ -1,4 +1,5 @@
-"""What training leaves: the adapter folder (PEFT weights and config, tokenizer, desctune.json) and the loss curve."""
+"""What training leaves: the adapter folder (PEFT weights and config, tokenizer, desctune.json), byte-identical for
+identical inputs so its hash names the training and not the run, and the loss curve."""
 
 from __future__ import annotations
 
@@ -15,9 +16,20 @@ log = logging.getLogger(__name__)
 TRAIN_SECTIONS = ("model", "lora", "train")
 
 
+def name_base(model, name: str) -> None:
+    """Have PEFT record the base by its name, not by the folder it was loaded from (which lies under the artifacts
+    folder), and the LoRA targets sorted, not in a set's order (which varies with the process's hash seed)."""
+    causal_lm = model.get_base_model()
+    causal_lm.name_or_path = causal_lm.config.name_or_path = name  # the model card's base_model and its tag
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = name
+        config.target_modules = sorted(config.target_modules)
+
+
 def save_adapter(model, tokenizer, base: dict, cfg: Config, path: Path) -> Path:
     """Write the adapter folder in place of `path` as a whole: the LoRA weights and PEFT config, the tokenizer, and
     desctune.json (the base by name and hash, the prompt, and the configuration sections training read)."""
+    name_base(model, base["name"])
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
