@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from desctune.results import CleanResult, IngestResult
+
+R = TypeVar("R")
 
 
 def _publish(src: str, dest: Path) -> None:
@@ -78,38 +82,41 @@ def _start_ingest(data, out: Path, hashing: tuple[str, os.stat_result, Future] |
 STAGE_RESULT = "result.json"
 
 
-def kept_or_run(folder: Path, out: Path, run: Callable[[], dict]) -> dict:
-    """The result an earlier run in this mode kept in this stage folder, unless a file it names is gone (the rule
-    the flow's stage cache follows, `tasks.stage.missing_outputs`); else run() (which writes the folder) and keep its
-    result there. The folder is named by the stage's inputs and code version (`desctune.stages.stage_folder`), so a
-    result found there is this run's."""
+def kept_or_run(folder: Path, out: Path, stage: str, kind: type[R], run: Callable[[], R]) -> R:
+    """The result an earlier run in this mode kept in this stage folder, unless a file it names is gone or changed
+    since it was written (the rule the flow's stage cache follows, `tasks.stage.reusable`); else run() (which writes
+    the folder) and keep its result there. The folder is named by the stage's inputs and code version
+    (`desctune.stages.stage_folder`), so a result found there is this run's."""
     from desctune.files import atomic_path
-    from tasks.stage import missing_outputs
+    from tasks.stage import reusable
 
     marker = folder / STAGE_RESULT
     try:
-        result = json.loads(marker.read_text(encoding="utf-8"))
-        if isinstance(result, dict) and not missing_outputs(result, str(out)):
+        result = kind.model_validate_json(marker.read_bytes())
+        if reusable(result, str(out), stage):
             return result
     except (OSError, ValueError):
         pass
     result = run()
     with atomic_path(marker) as tmp:
-        tmp.write_text(json.dumps(result, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.write_text(result.model_dump_json(indent=1), encoding="utf-8")
     return result
 
 
-def run_stages(data, out: Path) -> tuple[dict, dict]:
+def run_stages(data, out: Path) -> tuple[IngestResult, CleanResult]:
     """Ingest and clean in this process, into the folders the prepare flow's tasks use; ingest takes the run
     `_start_ingest` began."""
     from desctune.data.clean import clean_file, clean_folder
     from desctune.data.ingest import ingest_file, ingest_folder, source_fingerprint
+    from desctune.results import CleanResult, IngestResult
 
     sha = source_fingerprint(data.path)
     raw_dir = ingest_folder(str(out), data, sha)
-    raw = kept_or_run(raw_dir, out, lambda: ingest_file(data, raw_dir) | {"input_sha256": sha})
-    clean_dir = clean_folder(str(out), raw, data)
-    return raw, kept_or_run(clean_dir, out, lambda: clean_file(raw, data, clean_dir))
+    raw = kept_or_run(raw_dir, out, "ingest", IngestResult,
+                      lambda: IngestResult.from_core(ingest_file(data, raw_dir) | {"input_sha256": sha}))
+    clean_dir = clean_folder(str(out), raw.core(), data)
+    return raw, kept_or_run(clean_dir, out, "clean", CleanResult,
+                            lambda: CleanResult.from_core(clean_file(raw.core(), data, clean_dir)))
 
 
 def prefect_api_configured() -> bool:
@@ -121,12 +128,10 @@ def prefect_api_configured() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
-def summary(raw: dict, cleaned: dict) -> str:
-    lines = [
-        f"lines read {raw['lines_read']}, kept {cleaned['kept']}, rejected {cleaned['rejected']}, "
-        f"duplicates {cleaned['duplicates']}"
-    ]
-    lines += [f"  rejected {reason}: {n}" for reason, n in cleaned["by_reason"].items()]
+def summary(raw: IngestResult, cleaned: CleanResult) -> str:
+    lines = [f"lines read {raw.lines_read}, kept {cleaned.kept}, rejected {cleaned.rejected}, "
+             f"duplicates {cleaned.duplicates}"]
+    lines += [f"  rejected {reason}: {n}" for reason, n in cleaned.by_reason.items()]
     return "\n".join(lines)
 
 
@@ -162,8 +167,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    _publish(cleaned["path"], out / "clean.parquet")
-    _publish(cleaned["rejects_path"], out / "rejects.parquet")
+    _publish(cleaned.clean.path, out / "clean.parquet")
+    _publish(cleaned.rejects.path, out / "rejects.parquet")
     print(summary(raw, cleaned))
     print(f"wrote {out / 'clean.parquet'} and {out / 'rejects.parquet'}")
     return 0

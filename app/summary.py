@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from desctune.evaluation.evaluate import significance_lines
+from desctune.results import FinetuneResult
 from desctune.tracking import LOCAL_MLFLOW_UI
 
 
@@ -18,24 +19,25 @@ def prefect_ui_hint(flow_run_id: str) -> str:
     return f".venv/bin/prefect server start   then {LOCAL_PREFECT_UI}/runs/flow-run/{flow_run_id}"
 
 
-def summary_text(result: dict, flow_run_id: str) -> str:
-    ing, cln, spl, trn, ev, reg = (result[k] for k in ("ingest", "clean", "sample", "train", "evaluate", "register"))
-    m = ev["metrics"]
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(cln.get("by_reason", {}).items())) or "none"
-    uri = reg["tracking_uri"]
-    mlflow_ui = reg["run_url"] if uri.startswith("http") else (
+def summary_text(result: FinetuneResult, flow_run_id: str) -> str:
+    ing, cln, spl, trn, ev = result.ingest, result.clean, result.sample, result.train, result.evaluate
+    reg = result.registered
+    m = ev.metrics
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(cln.by_reason.items())) or "none"
+    uri = reg.tracking_uri
+    mlflow_ui = reg.run_url if uri.startswith("http") else (
         f".venv/bin/mlflow ui --backend-store-uri {uri} --port {LOCAL_MLFLOW_UI.rsplit(':', 1)[1]}"
-        f"   then {reg['run_url']}"
+        f"   then {reg.run_url}"
     )
     lines = [
         "",
         "desctune run summary",
         "--------------------",
-        f"records    read {ing['lines_read']}, kept {cln['kept']}, rejected {cln['rejected']} ({reasons})",
-        f"splits     train {spl['train']['rows']}, val {spl['val']['rows']}, test {spl['test']['rows']}",
-        f"training   loss {trn['train_loss_first']:.3f} -> {trn['train_loss_last']:.3f} over {trn['steps']} steps, "
-        f"val loss {trn['val_loss']:.3f}, {trn['tokens_per_s']:.0f} tokens/s on {trn['device']} ({trn['dtype']})",
-        f"plan       {trn.get('plan', {}).get('reason', 'not recorded (trained before plans were explained)')}",
+        f"records    read {ing.lines_read}, kept {cln.kept}, rejected {cln.rejected} ({reasons})",
+        f"splits     train {spl.train.rows}, val {spl.val.rows}, test {spl.test.rows}",
+        f"training   loss {trn.train_loss_first:.3f} -> {trn.train_loss_last:.3f} over {trn.steps} steps, "
+        f"val loss {trn.val_loss:.3f}, {trn.tokens_per_s:.0f} tokens/s on {trn.device} ({trn.dtype})",
+        f"plan       {trn.plan.get('reason', 'not recorded (trained before plans were explained)')}",
         f"evaluation {m['n']} test examples    BLEU      ROUGE-L   chrF++   length",
         *(f"           {label:20}{m[k]['bleu']:8.2f}  {m[k]['rougeL']:9.4f}  {m[k]['chrf']:7.2f}  "
           f"{m[k]['length_ratio']:6.2f}"
@@ -43,10 +45,10 @@ def summary_text(result: dict, flow_run_id: str) -> str:
         *(f"           {line}" for line in significance_lines(m)),
         f"           better {m['better']}, worse {m['worse']}, same {m['same']} (by ROUGE-L, sign test p = "
         f"{m['sign_test_p']:.3g}); length = median output / reference characters",
-        f"registry   {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or 'none'}",
-        f"           {reg['decision']}",
-        f"adapter    {trn['adapter_path']}",
-        f"report     {ev['eval_path']}  {ev['plot_path']}",
+        f"registry   {reg.name} version {reg.version}, aliases: {', '.join(reg.aliases) or 'none'}",
+        f"           {reg.decision}",
+        f"adapter    {trn.adapter.path}",
+        f"report     {ev.table.path}  {ev.plot.path}",
         "",
         "See this run:",
         f"  Prefect UI:  {prefect_ui_hint(flow_run_id)}",

@@ -20,7 +20,8 @@ from desctune.store import local_root
 
 PACKAGE = Path(__file__).resolve().parent
 # Modules every stage depends on, and the modules each stage's task calls into.
-COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.stages", "desctune.store")
+COMMON_MODULES = ("desctune.config", "desctune.errors", "desctune.files", "desctune.results", "desctune.stages",
+                  "desctune.store")
 _EVALUATE = ("desctune.evaluation.evaluate",)
 STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "ingest": ("desctune.data.ingest",),

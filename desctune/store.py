@@ -8,8 +8,9 @@ its marker is deleted, its files are uploaded under the same key, and then `_PUB
 sha256) is written last, so a folder whose upload was interrupted has no marker and is never trusted. Reading a
 folder downloads the files its marker lists, checks each sha256, and moves the folder into the mirror as a whole.
 
-Stage results name their files by store URL (`portable`), the same on every worker, so cache keys built from them
-match across machines; a task turns them back into local paths, fetching what its mirror lacks (`localize`).
+Stage results (`desctune.results`) name their files by store URL (`portable`), the same on every worker, so cache
+keys built from them match across machines; a task turns them back into local paths, fetching what its mirror lacks
+(`localize`).
 With a local `artifacts_dir` every function here is the identity.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 
 from desctune.errors import StoreError
 from desctune.files import atomic_dir, atomic_path, file_sha256, make_dirs
+from desctune.results import locations, with_paths
 
 log = logging.getLogger(__name__)
 
@@ -191,45 +193,47 @@ def fetch(artifacts_dir: str | Path, rel: str) -> Path:
     return local
 
 
-def _walk(value: Any, change) -> Any:
-    if isinstance(value, dict):
-        return {k: _walk(v, change) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_walk(v, change) for v in value)
-    if isinstance(value, str):
-        return change(value)
-    return value
+def refetch(artifacts_dir: str | Path, rel: str) -> Path:
+    """Fetch a published folder again, replacing this worker's mirror of it (a file of the mirror changed)."""
+    (local_root(artifacts_dir) / unit_of(rel) / MARKER).unlink(missing_ok=True)
+    return fetch(artifacts_dir, rel)
+
+
+def to_url(artifacts_dir: str | Path, path: str) -> str:
+    """A path inside this worker's mirror as its store URL; any other path as it is."""
+    prefix = str(local_root(artifacts_dir)) + os.sep
+    return store_url(artifacts_dir) + "/" + Path(path[len(prefix):]).as_posix() if path.startswith(prefix) else path
 
 
 def portable(artifacts_dir: str | Path, value: Any) -> Any:
-    """`value` with every path inside this worker's mirror replaced by its store URL (identity for a local folder)."""
+    """`value` with every file it declares (`desctune.results`) inside this worker's mirror named by its store URL
+    (identity for a local folder)."""
     if not is_url(artifacts_dir):
         return value
-    prefix, url = str(local_root(artifacts_dir)) + os.sep, store_url(artifacts_dir)
-    return _walk(value, lambda s: url + "/" + Path(s[len(prefix):]).as_posix() if s.startswith(prefix) else s)
+    return with_paths(value, lambda path: to_url(artifacts_dir, path))
 
 
 def store_paths(artifacts_dir: str | Path, value: Any) -> list[str]:
-    """The store-relative paths a (portable) result names."""
-    found: list[str] = []
-    if is_url(artifacts_dir):
-        prefix = store_url(artifacts_dir) + "/"
-        _walk(value, lambda s: found.append(s[len(prefix):]) if s.startswith(prefix) else None)
-    return found
+    """The store-relative paths of the files a (portable) result declares."""
+    if not is_url(artifacts_dir):
+        return []
+    prefix = store_url(artifacts_dir) + "/"
+    return [loc.path[len(prefix):] for loc in locations(value) if loc.path.startswith(prefix)]
 
 
 def localize(artifacts_dir: str | Path, value: Any) -> Any:
-    """`value` with every store URL replaced by its path in this worker's mirror, fetching each folder it lacks."""
+    """`value` with every store URL it declares replaced by its path in this worker's mirror, fetching each folder
+    it lacks."""
     if not is_url(artifacts_dir):
         return value
     for unit in dict.fromkeys(unit_of(rel) for rel in store_paths(artifacts_dir, value)):
         fetch(artifacts_dir, unit)
     prefix, root = store_url(artifacts_dir) + "/", local_root(artifacts_dir)
-    return _walk(value, lambda s: str(root / s[len(prefix):]) if s.startswith(prefix) else s)
+    return with_paths(value, lambda path: str(root / path[len(prefix):]) if path.startswith(prefix) else path)
 
 
 def canonical(artifacts_dir: str | Path, path: str | Path) -> str:
     """A folder's name that is the same on every worker: its store URL, or its absolute local path."""
     if is_url(artifacts_dir):
-        return portable(artifacts_dir, str(Path(path).resolve()))
+        return to_url(artifacts_dir, str(Path(path).resolve()))
     return str(Path(path).resolve())

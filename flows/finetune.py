@@ -6,6 +6,7 @@ from prefect import flow
 
 from desctune.config import Config
 from desctune.registry.lineage import fail_run
+from desctune.results import FinetuneResult, RunStages
 from desctune.tracking import tracking_uri
 from tasks.base_model import base_model
 from tasks.clean import clean
@@ -24,7 +25,7 @@ def _mark_failed(flow, flow_run, state) -> None:
 
 
 @flow(name="finetune", log_prints=True, on_failure=[_mark_failed], on_crashed=[_mark_failed])
-def finetune(config: Config = Config()) -> dict:
+def finetune(config: Config = Config()) -> FinetuneResult:
     """Fine-tune the base model on product titles -> descriptions and register the adapter in MLflow."""
     exit_with_worker()
     cfg = config
@@ -37,7 +38,6 @@ def finetune(config: Config = Config()) -> dict:
     trained = train(tokens, base, cfg.model, cfg.lora, cfg.train, cfg.artifacts_dir, run_id, tracking_uri(cfg))
     evaluated = evaluate(trained, splits, cfg.eval, cfg.artifacts_dir)
     report(evaluated, cfg.artifacts_dir)
-    stages = {"ingest": raw, "clean": cleaned, "sample": splits, "base": base, "tokenize": tokens,
-              "train": trained, "evaluate": evaluated}
-    registered = register(cfg, run_id, stages)
-    return {**stages, "register": registered}
+    stages = RunStages(ingest=raw, clean=cleaned, sample=splits, base=base, tokenize=tokens, train=trained,
+                       evaluate=evaluated)
+    return FinetuneResult(**dict(stages), registered=register(cfg, run_id, stages))

@@ -14,16 +14,17 @@ from desctune import store
 from desctune.config import EvalConfig
 from desctune.errors import AdapterError
 from desctune.evaluation.evaluate import evaluate_adapter, guard_adapter
+from desctune.results import CleanResult, EvaluateResult, SampleResult, TrainResult
 from desctune.stages import stage_folder
 from tasks.stage import run_logger, stage_cache
 
 
-def publish(result: dict, key: str = "evaluation") -> None:
+def publish(result: EvaluateResult, key: str = "evaluation") -> None:
     """The report as Prefect artifacts: markdown (scores, summary, worst examples) and the per-example table."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    df = pd.read_parquet(result["eval_path"])
-    create_markdown_artifact(Path(result["report_path"]).read_text(), key=key, description="base vs fine-tuned")
+    df = pd.read_parquet(result.table.path)
+    create_markdown_artifact(Path(result.report.path).read_text(), key=key, description="base vs fine-tuned")
     columns = ["title", "base_rougeL", "finetuned_rougeL", "delta_rougeL", "base_bleu", "finetuned_bleu", "delta_bleu"]
     create_table_artifact(df[columns].round(4).to_dict(orient="records"), key=f"{key}-examples",
                           description="per-example scores (the full table with outputs is eval.parquet)")
@@ -32,23 +33,23 @@ def publish(result: dict, key: str = "evaluation") -> None:
 def evaluate_key(context, parameters: dict) -> str:
     """The evaluation's own inputs: the adapter's and the test split's content, the settings and the code version
     (not the rest of the train result, which carries the MLflow run that trained it)."""
-    out_dir = stage_folder(parameters["artifacts_dir"], "evaluate", parameters["trained"]["adapter_sha256"],
-                           parameters["splits"]["test"]["sha256"], parameters["cfg"])
+    out_dir = stage_folder(parameters["artifacts_dir"], "evaluate", parameters["trained"].adapter.sha256,
+                           parameters["splits"].test.sha256, parameters["cfg"])
     where = store.canonical(parameters["artifacts_dir"], out_dir)  # the same on every worker of a shared store
     return f"{out_dir.name}-{hash_objects(where, context.task.fn.__code__.co_code)}"
 
 
 @task(name="evaluate", cache_policy=stage_cache(CachePolicy.from_cache_key_fn(evaluate_key)), persist_result=True,
       result_serializer="json", retries=0)
-def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
+def evaluate(trained: TrainResult, splits: SampleResult, cfg: EvalConfig, artifacts_dir: str) -> EvaluateResult:
     """Evaluate the trained adapter on the test split and refuse one with no effect (publishing the report first, so
     a refused run shows why). Cached on the adapter's and the test split's content and the evaluation settings."""
-    out_dir = stage_folder(artifacts_dir, "evaluate", trained["adapter_sha256"], splits["test"]["sha256"], cfg)
+    out_dir = stage_folder(artifacts_dir, "evaluate", trained.adapter.sha256, splits.test.sha256, cfg)
     trained, splits = store.localize(artifacts_dir, (trained, splits))
-    result = evaluate_adapter(trained["adapter_path"], splits["test"]["path"], cfg, artifacts_dir, out_dir, True,
-                              logger=run_logger())
+    result = EvaluateResult.from_core(evaluate_adapter(trained.adapter.path, splits.test.path, cfg, artifacts_dir,
+                                                       out_dir, True, logger=run_logger()))
     try:
-        guard_adapter(result["adapter_status"], result["metrics"]["identical_outputs"])
+        guard_adapter(result.adapter_status, result.metrics["identical_outputs"])
     except AdapterError:
         publish(result)
         raise
@@ -56,16 +57,17 @@ def evaluate(trained: dict, splits: dict, cfg: EvalConfig, artifacts_dir: str) -
 
 
 @task(name="report")
-def report(evaluated: dict, artifacts_dir: str = "artifacts") -> None:
+def report(evaluated: EvaluateResult, artifacts_dir: str = "artifacts") -> None:
     """The evaluation's report in this flow run's artifacts, computed now or taken from the cache."""
     publish(store.localize(artifacts_dir, evaluated))
 
 
 @task(name="evaluate-model", retries=0)
-def evaluate_model(model: dict, cleaned: dict, cfg: EvalConfig, artifacts_dir: str) -> dict:
+def evaluate_model(model: dict, cleaned: CleanResult, cfg: EvalConfig, artifacts_dir: str) -> EvaluateResult:
     """Evaluate a registered model version (and its base) on a cleaned dataset and publish the report."""
-    out_dir = stage_folder(artifacts_dir, "evaluate-model", model["adapter_sha256"], cleaned["sha256"], cfg)
-    model, cleaned = store.localize(artifacts_dir, (model, cleaned))
-    result = evaluate_adapter(model["adapter_path"], cleaned["path"], cfg, artifacts_dir, out_dir, logger=run_logger())
+    out_dir = stage_folder(artifacts_dir, "evaluate-model", model["adapter_sha256"], cleaned.clean.sha256, cfg)
+    cleaned = store.localize(artifacts_dir, cleaned)
+    result = EvaluateResult.from_core(evaluate_adapter(model["adapter_path"], cleaned.clean.path, cfg, artifacts_dir,
+                                                       out_dir, logger=run_logger()))
     publish(result, key="champion-evaluation")
     return result

@@ -10,6 +10,7 @@ from prefect import task
 from desctune.config import Config
 from desctune.registry.lineage import log_evaluation, log_results, start_run
 from desctune.registry.register import register_model, resolve_model
+from desctune.results import CleanResult, EvaluateResult, IngestResult, RegisterResult, RunStages
 from desctune.store import localize
 from desctune.tracking import client, tracking_uri
 from tasks.crashed import fail_crashed_runs
@@ -42,38 +43,38 @@ def start_tracking(cfg: Config) -> str:
     return start_run(cfg, flow_run_tags())
 
 
-def register_serialized(cfg: Config, run_id: str, stages: dict, lineage: dict) -> dict:
+def register_serialized(cfg: Config, run_id: str, stages: RunStages, lineage: dict) -> dict:
     """Register under the model's lock: the champion is read, compared and replaced by one run at a time."""
     with one_registration_at_a_time(cfg.registry.model_name):
         return register_model(cfg, run_id, stages, lineage)
 
 
 @task(name="register", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=10)
-def register(cfg: Config, run_id: str, stages: dict) -> dict:
+def register(cfg: Config, run_id: str, stages: RunStages) -> RegisterResult:
     """Log results and lineage, register the adapter, move aliases, close the MLflow run."""
     from prefect.artifacts import create_link_artifact
 
     stages = localize(cfg.artifacts_dir, stages)
     log_results(cfg, run_id, stages)
-    registered = register_serialized(cfg, run_id, stages, flow_run_tags())
+    registered = RegisterResult(**register_serialized(cfg, run_id, stages, flow_run_tags()))
     client(cfg).set_terminated(run_id, "FINISHED")
-    name, version = registered["name"], registered["version"]
-    create_link_artifact(registered["run_url"], link_text=f"MLflow run {run_id}", key="mlflow-run",
+    name, version = registered.name, registered.version
+    create_link_artifact(registered.run_url, link_text=f"MLflow run {run_id}", key="mlflow-run",
                          description="This flow run's MLflow run: its config as params, datasets with digests, "
                                      "training curves, evaluation scores and reports, and the logged model.")
-    create_link_artifact(registered["version_url"], link_text=f"{name} version {version}", key="model-version",
+    create_link_artifact(registered.version_url, link_text=f"{name} version {version}", key="model-version",
                          description=f"The model version this flow run registered ({decision_words(registered)}), "
                                      "with its description, lineage tags and aliases.")
     run_logger().info("registered %s version %s (%s)", name, version, decision_words(registered))
     return registered
 
 
-def decision_words(registered: dict) -> str:
+def decision_words(registered: RegisterResult) -> str:
     """`@challenger because …`, `@champion because …` or `unchanged …`: the registry's decision in a few words."""
-    why = registered["decision"]
-    if registered.get("unchanged"):
+    why = registered.decision
+    if registered.unchanged:
         return why
-    alias = "@champion" if registered["promoted"] else "@challenger"
+    alias = "@champion" if registered.promoted else "@challenger"
     return f"{alias} because {why.split(': ', 1)[-1]}"
 
 
@@ -84,11 +85,12 @@ def resolve(cfg: Config, ref: str) -> dict:
 
 
 @task(name="log-evaluation", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=5)
-def log_evaluation_run(cfg: Config, model: dict, raw: dict, cleaned: dict, result: dict) -> dict:
+def log_evaluation_run(cfg: Config, model: dict, raw: IngestResult, cleaned: CleanResult, result: EvaluateResult
+                       ) -> dict:
     """Record the evaluation in MLflow and link it from the Prefect flow run."""
     from prefect.artifacts import create_link_artifact
 
-    model, raw, cleaned, result = localize(cfg.artifacts_dir, (model, raw, cleaned, result))
+    raw, cleaned, result = localize(cfg.artifacts_dir, (raw, cleaned, result))
     logged = log_evaluation(cfg, model, raw, cleaned, result, flow_run_tags())
     create_link_artifact(logged["run_url"], link_text=f"MLflow evaluation run of {logged['model']}", key="mlflow-run",
                          description=f"The MLflow run of this evaluation of {logged['model']}: scores with their 95% "

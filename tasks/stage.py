@@ -4,9 +4,10 @@ log lines and counts go.
 Prefect's default policy includes the flow run id, so nothing would be reused between runs. Stages use
 INPUTS + TASK_SOURCE with persisted results; TASK_SOURCE hashes only the task function's own text, so each stage
 also takes `code=code_version(stage)` as a default argument. Every stage's policy is wrapped in `OutputsPresent`: a
-cached result whose files in the stage folder are gone (deleted by hand, or never reached the disk; on an object store:
-whose folder has no publication marker) is forgotten, so
-the stage runs again instead of handing the next stage paths that do not exist.
+cached result is forgotten when a file it declares is gone (deleted by hand, or never reached the disk; on an object
+store: its folder has no publication marker) or is not the file written (its size or sha256 differ: edited, damaged),
+so the stage runs again instead of handing the next stage paths that do not exist or contents nobody computed. The
+stages after it follow: their keys hold the hashes of what it returns.
 """
 
 from __future__ import annotations
@@ -20,73 +21,82 @@ from typing import Any
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import RemoteFileSystem
 
-from desctune.errors import UserError
-from desctune.store import is_published, is_url, store_hash, store_paths, store_url, unit_of
+from desctune.errors import StoreError, UserError
+from desctune.results import StageFile, locations
+from desctune.store import (fetch, is_published, is_url, localize, refetch, store_hash, store_paths, store_url,
+                            unit_of)
 
 
-def output_paths(result: Any, artifacts_dir: str) -> list[Path]:
-    """The files a stage's result names (values of `path` and `*_path` keys, at any depth) in the stage folders."""
-    stages = Path(artifacts_dir).resolve() / "stages"
-    found: list[Path] = []
-
-    def walk(value: Any, key: str = "") -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v, key)
-        elif isinstance(value, str) and (key == "path" or key.endswith("_path")):
-            path = Path(value).resolve()
-            if stages in path.parents:
-                found.append(path)
-
-    walk(result)
-    return found
-
-
-def missing_outputs(result: Any, artifacts_dir: str) -> list[Path | str]:
-    """The files (local folder) or unpublished folders (object store: no marker) a cached result names."""
-    if is_url(artifacts_dir):
-        units = dict.fromkeys(unit_of(rel) for rel in store_paths(artifacts_dir, result))
-        return [f"{store_url(artifacts_dir)}/{u}" for u in units if not is_published(artifacts_dir, u)]
-    return [p for p in output_paths(result, artifacts_dir) if not p.exists()]
+def output_problem(result: Any, artifacts_dir: str) -> tuple[str, str] | None:
+    """The first file a cached result declares (`desctune.results`) that cannot be reused, and why: "missing" (gone;
+    on an object store, in a folder with no publication marker) or how it changed since it was written. On a store
+    the files are checked as this worker reads them, in its mirror (fetched first where it lacks them): a mirror copy
+    that changed is fetched again from the store before the result is given up."""
+    if not is_url(artifacts_dir):
+        for file in locations(result):
+            if isinstance(file, StageFile) and (why := file.changed()):
+                return file.path, why
+        return None
+    url = store_url(artifacts_dir)
+    for unit in dict.fromkeys(unit_of(rel) for rel in store_paths(artifacts_dir, result)):
+        if not is_published(artifacts_dir, unit):
+            return f"{url}/{unit}", "missing"
+        try:
+            fetch(artifacts_dir, unit)
+        except StoreError:  # a file in the store that does not match the folder's marker
+            return f"{url}/{unit}", "its files in the store do not match the folder's publication marker"
+    for stored, file in zip(locations(result), locations(localize(artifacts_dir, result))):
+        if isinstance(file, StageFile) and file.changed():
+            refetch(artifacts_dir, unit_of(stored.path[len(url) + 1:]))
+            if why := file.changed():
+                return stored.path, why
+    return None
 
 
-def forget_if_outputs_missing(store, key: str, artifacts_dir: str) -> list[Path]:
-    """Drop the cached result under `key` when a file (or, on an object store, a published folder) it names is gone;
-    returns what is missing."""
+def reusable(result: Any, artifacts_dir: str, stage: str) -> bool:
+    """Whether a kept result's files are all there as written; if not, one log line says which file and why."""
+    problem = output_problem(result, artifacts_dir)
+    if problem is None:
+        return True
+    path, why = problem
+    if why == "missing":
+        run_logger().warning("the cached result names %s, which no longer exists: running the stage again", path)
+    else:
+        run_logger().warning("%s changed since it was written (%s); recomputing %s", path, why, stage)
+    return False
+
+
+def forget_if_outputs_changed(store, key: str, artifacts_dir: str, stage: str) -> None:
+    """Drop the cached result under `key` when a file it declares is gone or is not the one written (size or sha256;
+    on an object store, also a folder without its marker)."""
     try:
         if not store.exists(key):
-            return []
+            return
         result = store.read(key).result
     except Exception:  # noqa: BLE001 - Prefect treats an unreadable record as no record, and runs the task
-        return []
-    missing = missing_outputs(result, artifacts_dir)
-    if missing:
-        for storage in {id(s): s for s in (store.metadata_storage, store.result_storage) if s is not None}.values():
-            resolve = getattr(storage, "_resolve_path", None)  # Prefect's storages have no delete
-            if isinstance(storage, RemoteFileSystem):
-                with contextlib.suppress(FileNotFoundError):
-                    storage.filesystem.rm_file(resolve(key))
-            elif resolve is not None:
-                Path(resolve(key)).unlink(missing_ok=True)
-        run_logger().warning("the cached result names %s, which no longer exists: running the stage again",
-                             missing[0])
-    return missing
+        return
+    if reusable(result, artifacts_dir, stage):
+        return
+    for storage in {id(s): s for s in (store.metadata_storage, store.result_storage) if s is not None}.values():
+        resolve = getattr(storage, "_resolve_path", None)  # Prefect's storages have no delete
+        if isinstance(storage, RemoteFileSystem):
+            with contextlib.suppress(FileNotFoundError):
+                storage.filesystem.rm_file(resolve(key))
+        elif resolve is not None:
+            Path(resolve(key)).unlink(missing_ok=True)
 
 
 @dataclass
 class OutputsPresent(CachePolicy):
-    """`policy`'s key, after forgetting a cached result whose stage files are gone (then the task runs again and
-    its new result is cached under the same key)."""
+    """`policy`'s key, after forgetting a cached result whose stage files are gone or changed (then the task runs
+    again and its new result is cached under the same key)."""
 
     policy: CachePolicy | None = None
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any):
         key = self.policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
         if key is not None and inputs.get("artifacts_dir") and getattr(task_ctx, "result_store", None) is not None:
-            forget_if_outputs_missing(task_ctx.result_store, key, str(inputs["artifacts_dir"]))
+            forget_if_outputs_changed(task_ctx.result_store, key, str(inputs["artifacts_dir"]), task_ctx.task.name)
         return key
 
 

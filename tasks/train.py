@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from desctune.config import Config, LoraConfig, ModelConfig, TrainConfig
+from desctune.results import BaseModelResult, TokenizeResult, TrainResult
 from desctune.stagelock import exclusive
 from desctune.stages import code_version, stage_folder
 from desctune.store import localize, publish
@@ -29,8 +30,8 @@ CODE = code_version("train")
     retry_condition_fn=retry_unless_user_error,
 )
 def train(
-    tokens: dict,
-    base: dict,
+    tokens: TokenizeResult,
+    base: BaseModelResult,
     model: ModelConfig,
     lora: LoraConfig,
     training: TrainConfig,
@@ -38,27 +39,27 @@ def train(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     code: str = CODE,
-) -> dict:
+) -> TrainResult:
     """Train (or resume) the adapter for this exact data and configuration; cached on those alone.
 
     Prefect retries it once: the retry resumes from the newest checkpoint the failed attempt left (also when one of
     several torchrun processes died). Two identical runs at once train once: the second waits on the stage folder's
     lock and reuses the first one's result."""
     cfg = Config(artifacts_dir=artifacts_dir, model=model, lora=lora, train=training)
-    out_dir = stage_folder(artifacts_dir, "train", tokens["train"]["sha256"], tokens["val"]["sha256"], base["sha256"],
-                           model, lora, training)
+    out_dir = stage_folder(artifacts_dir, "train", tokens.train.sha256, tokens.val.sha256, base.sha256, model, lora,
+                           training)
     log_params, log_metrics = mlflow_sink(run_id, tracking_uri)
 
     progress_seconds = float(os.environ.get("DESCTUNE_PROGRESS_SECONDS", "20"))
 
     def run() -> dict:
-        local = localize(artifacts_dir, {"tokens": tokens, "base": base})
+        local_tokens, local_base = (r.core() for r in localize(artifacts_dir, (tokens, base)))
         if training.distributed:  # train.nproc_per_node x nnodes processes under torchrun; rank 0 logs to MLflow
-            result = train_under_torchrun(local["tokens"], local["base"], cfg, out_dir, run_logger(), run_id,
+            result = train_under_torchrun(local_tokens, local_base, cfg, out_dir, run_logger(), run_id,
                                           tracking_uri, progress_seconds)
         else:
-            result = train_adapter(local["tokens"], local["base"], cfg, out_dir, run_logger(), log_params,
+            result = train_adapter(local_tokens, local_base, cfg, out_dir, run_logger(), log_params,
                                    log_metrics, progress_seconds=progress_seconds)
         return result | {"mlflow_run_id": run_id}
 
-    return publish(artifacts_dir, out_dir, exclusive(out_dir, run))
+    return publish(artifacts_dir, out_dir, TrainResult.from_core(exclusive(out_dir, run)))

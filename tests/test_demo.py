@@ -32,7 +32,7 @@ def registered_model(tmp_path_factory, tiny_model_dir) -> Path:
         root.mkdir(exist_ok=True)
         records = head_records(SAMPLE, root / "records.jsonl", 40)
         cfg = tiny_config(root, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
-        version = finetune(config=cfg)["register"]["version"]
+        version = finetune(config=cfg).registered.version
         client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", version)
         cfg_path.write_text(config_to_yaml(cfg))
     return cfg_path

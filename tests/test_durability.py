@@ -126,14 +126,14 @@ def test_a_cached_stage_whose_folder_was_deleted_runs_again(tmp_path):
     data, artifacts = DataConfig(path=str(records)), str(tmp_path / "artifacts")
     first = prepare(data, artifacts, return_state=True)
     _, cleaned = first.result()
-    shutil.rmtree(Path(cleaned["path"]).parent)
+    shutil.rmtree(Path(cleaned.clean.path).parent)
 
     again = prepare(data, artifacts, return_state=True)
     states = asyncio.run(task_states(again.state_details.flow_run_id))
     assert states["ingest"] == "Cached" and states["clean"] == "Completed", states
     _, recleaned = again.result()
-    assert Path(recleaned["path"]).is_file() and recleaned["sha256"] == cleaned["sha256"]
+    assert Path(recleaned.clean.path).is_file() and recleaned.clean.sha256 == cleaned.clean.sha256
 
     third = prepare(data, artifacts, return_state=True)  # the recomputed result is the cached one from now on
     states = asyncio.run(task_states(third.state_details.flow_run_id))
-    assert states["clean"] == "Cached" and Path(third.result()[1]["path"]).is_file()
+    assert states["clean"] == "Cached" and Path(third.result()[1].clean.path).is_file()

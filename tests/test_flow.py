@@ -1,12 +1,22 @@
 """The whole finetune flow on ~40 real records with the tiny model: a real Prefect run, a real MLflow SQLite store."""
 
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 
-from conftest import SAMPLE, head_records, tiny_config
+from conftest import ROOT, SAMPLE, head_records, tiny_config
+from desctune.config import config_to_yaml
+from desctune.files import file_sha256
 from desctune.tracking import tracking_uri
 from flows.finetune import finetune
 
@@ -35,26 +45,26 @@ def test_flow_writes_every_intermediate(two_runs):
     cfg, first, _ = two_runs
     assert first.is_completed()
     out = first.result()
-    raw = pd.read_parquet(out["ingest"]["path"])
-    assert len(raw) == out["ingest"]["records"] == 40
-    clean = pd.read_parquet(out["clean"]["path"])
-    assert out["clean"]["kept"] == len(clean) and len(clean) + out["clean"]["rejected"] >= 40 - out["clean"]["duplicates"]
+    raw = pd.read_parquet(out.ingest.raw.path)
+    assert len(raw) == out.ingest.records == 40
+    clean = pd.read_parquet(out.clean.clean.path)
+    assert out.clean.kept == len(clean) and len(clean) + out.clean.rejected >= 40 - out.clean.duplicates
     assert not clean["content"].str.contains("&#|&amp;|<br", regex=True).any()
-    sizes = [out["sample"][s]["rows"] for s in ("train", "val", "test")]
+    sizes = [split.rows for split in (out.sample.train, out.sample.val, out.sample.test)]
     assert sum(sizes) == len(clean) and min(sizes) > 0
-    tokens = pq.read_table(out["tokenize"]["train"]["path"])
+    tokens = pq.read_table(out.tokenize.train.path)
     assert {"input_ids", "labels"} <= set(tokens.column_names)
-    assert (tmp := out["train"]["adapter_path"]) and (pd.io.common.Path(tmp) / "adapter_model.safetensors").exists()
-    ev = pd.read_parquet(out["evaluate"]["eval_path"])
+    assert (Path(out.train.adapter.path) / "adapter_model.safetensors").exists()
+    ev = pd.read_parquet(out.evaluate.table.path)
     assert {"title", "reference", "base_output", "finetuned_output", "delta_rougeL"} <= set(ev.columns)
-    assert len(ev) == min(cfg.eval.limit, out["sample"]["test"]["rows"])
+    assert len(ev) == min(cfg.eval.limit, out.sample.test.rows)
 
 
 def test_flow_registers_a_version_with_metrics_and_aliases(two_runs):
     cfg, first, second = two_runs
     client = MlflowClient(tracking_uri(cfg))
-    reg = first.result()["register"]
-    version = client.get_model_version(cfg.registry.model_name, reg["version"])
+    reg = first.result().registered
+    version = client.get_model_version(cfg.registry.model_name, reg.version)
     run = client.get_run(version.run_id)
     for key in ("eval/base_bleu", "eval/base_rougeL", "eval/finetuned_bleu", "eval/finetuned_rougeL",
                 "data/records_kept", "train/val_loss"):
@@ -71,27 +81,23 @@ def test_flow_registers_a_version_with_metrics_and_aliases(two_runs):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"raw", "clean", "train", "test"}
     challenger = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
-    assert str(challenger.version) == second.result()["register"]["version"]
-    assert "challenger" in reg["aliases"]
+    assert str(challenger.version) == second.result().registered.version
+    assert "challenger" in reg.aliases
 
 
 def test_second_identical_run_takes_ingest_to_train_from_cache(two_runs):
     _, first, second = two_runs
-    import asyncio
-
     states_first = asyncio.run(task_states(first.state_details.flow_run_id))
     states_second = asyncio.run(task_states(second.state_details.flow_run_id))
     assert all(states_first[s] == "Completed" for s in CACHED_STAGES)
     assert {s: states_second[s] for s in CACHED_STAGES} == {s: "Cached" for s in CACHED_STAGES}
     assert states_second["evaluate"] == "Cached" and states_second["register"] == "Completed"
-    assert first.result()["train"]["adapter_sha256"] == second.result()["train"]["adapter_sha256"]
-    registered = second.result()["register"]
-    assert registered["unchanged"] and registered["version"] == first.result()["register"]["version"]
+    assert first.result().train.adapter.sha256 == second.result().train.adapter.sha256
+    registered = second.result().registered
+    assert registered.unchanged and registered.version == first.result().registered.version
 
 
 def test_a_changed_setting_reruns_only_the_stages_after_it(two_runs):
-    import asyncio
-
     cfg, first, _ = two_runs
     eval_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 5})})
     lora_only = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 2})})
@@ -99,18 +105,63 @@ def test_a_changed_setting_reruns_only_the_stages_after_it(two_runs):
         state = finetune(config=changed, return_state=True)
         states = asyncio.run(task_states(state.state_details.flow_run_id))
         assert {s for s in (*CACHED_STAGES, "evaluate") if states[s] != "Cached"} == rerun
-        assert states["register"] == "Completed" and not state.result()["register"]["unchanged"]
+        assert states["register"] == "Completed" and not state.result().registered.unchanged
 
 
 def test_cached_stage_results_are_stored_as_json_not_pickle(two_runs):
-    """A stage's cached result is read back on the next run: stored as JSON, reading it runs no code."""
-    import json
-    import os
-    from pathlib import Path
-
+    """A stage's cached result is read back on the next run: stored as JSON (a result model's fields, named by its
+    class in desctune.results), not as a pickle whose reading could run any code."""
     records = [json.loads(p.read_bytes()) for p in Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]).iterdir()
                if p.is_file()]
     assert len(records) >= len(CACHED_STAGES) + 1
     assert {r["metadata"]["serializer"]["type"] for r in records} == {"json"}
-    paths = [json.loads(r["result"]) for r in records]
-    assert any(isinstance(p, dict) and "adapter_sha256" in p for p in paths)
+    results = [json.loads(r["result"]) for r in records]
+    assert all(r["__class__"].startswith("desctune.results.") for r in results)
+    [trained] = {json.dumps(r["data"]["adapter"]) for r in results if r["__class__"] == "desctune.results.TrainResult"
+                 and r["data"]["adapter"]["sha256"] == two_runs[1].result().train.adapter.sha256}
+    assert set(json.loads(trained)) == {"path", "sha256", "size"}
+
+
+def test_a_cached_split_rewritten_with_other_contents_is_recomputed_not_trained_on(two_runs, tiny_tokenizer):
+    """A cached train.parquet rewritten as valid Parquet with other contents: the rerun that tokenizes again finds it
+    is not the file the sample stage wrote, recomputes the split, and the examples are the original records."""
+    cfg, first, _ = two_runs
+    out = first.result()
+    split = Path(out.sample.train.path)
+    original = pd.read_parquet(split)
+    original.assign(content="ALTERED " + original["content"]).to_parquet(split)
+    shutil.rmtree(Path(out.tokenize.train.path).parent)
+
+    state = finetune(config=cfg, return_state=True)
+    states = asyncio.run(task_states(state.state_details.flow_run_id))
+    assert {s: states[s] for s in CACHED_STAGES} == {"ingest": "Cached", "clean": "Cached", "sample": "Completed",
+                                                     "tokenize": "Completed", "train": "Cached"}
+    assert pd.read_parquet(split).equals(original) and file_sha256(split) == out.sample.train.sha256
+    again = state.result().tokenize.train
+    assert again.sha256 == out.tokenize.train.sha256
+    texts = [tiny_tokenizer.decode(ids) for ids in pq.read_table(again.path).column("input_ids").to_pylist()]
+    assert not any("ALTERED" in t for t in texts)
+
+
+def test_a_flipped_byte_in_a_cached_split_is_one_line_and_the_run_recovers(two_runs, tmp_path):
+    """`desctune run` after a byte of a cached val.parquet flipped, with the tokens to compute again: one line names
+    the file and the stage it recomputes, no traceback, exit 0."""
+    cfg, first, _ = two_runs
+    out = first.result()
+    split = Path(out.sample.val.path)
+    damaged = bytearray(split.read_bytes())
+    damaged[len(damaged) // 3] ^= 0xFF
+    split.write_bytes(bytes(damaged))
+    shutil.rmtree(Path(out.tokenize.val.path).parent)
+    (tmp_path / "profile.yaml").write_text(config_to_yaml(cfg))
+
+    home = tmp_path / "prefect"  # a Prefect database of its own; the stage cache is the one of the runs above
+    env = {**os.environ, "PREFECT_HOME": str(home),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "run", "--config", str(tmp_path / "profile.yaml")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in printed, printed[-4000:]
+    [line] = [ln for ln in printed.splitlines() if "changed since it was written" in ln]
+    assert str(split) in line and line.endswith("recomputing sample"), line
+    assert file_sha256(split) == out.sample.val.sha256

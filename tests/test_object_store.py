@@ -10,11 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, SAMPLE, head_records
+from desctune.results import Split, StageFile, StageFolder
 
 BUCKET = "desctune-test"
 STAGES = ("ingest", "clean", "sample", "tokenize", "train", "evaluate")
@@ -76,14 +78,15 @@ def test_a_published_folder_is_fetched_whole_by_another_worker(s3, tmp_path, mon
     url = f"s3://{BUCKET}/unit-publish"
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "worker-a"))
     folder = stage_folder_with_files(store.local_root(url))
-    result = store.publish(url, folder, {"path": str(folder / "a.parquet"), "rows": 3})
-    assert result == {"path": f"{url}/stages/demo-0123456789ab/a.parquet", "rows": 3}
+    result = store.publish(url, folder, Split.written(folder / "a.parquet", rows=3))
+    assert result == Split(path=f"{url}/stages/demo-0123456789ab/a.parquet", sha256=sha256(b"a" * 1000).hexdigest(),
+                           size=1000, rows=3)
     assert f"unit-publish/stages/demo-0123456789ab/{store.MARKER}" in keys("unit-publish/")
 
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "worker-b"))
     local = store.localize(url, result)
-    assert local["path"].startswith(str(tmp_path / "worker-b"))
-    fetched = Path(local["path"]).parent
+    assert local.path.startswith(str(tmp_path / "worker-b"))
+    fetched = Path(local.path).parent
     assert (fetched / "adapter" / "weights.bin").read_bytes() == (folder / "adapter" / "weights.bin").read_bytes()
     assert store.portable(url, local) == result
 
@@ -92,7 +95,7 @@ def test_a_folder_without_its_marker_is_never_used(s3, tmp_path, monkeypatch):
     """An upload that stopped half-way leaves no marker: readers refuse the folder, the stage cache forgets a result
     naming it, and publishing again completes it."""
     from desctune import store
-    from tasks.stage import missing_outputs
+    from tasks.stage import output_problem
 
     url = f"s3://{BUCKET}/unit-interrupted"
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "writer"))
@@ -109,8 +112,9 @@ def test_a_folder_without_its_marker_is_never_used(s3, tmp_path, monkeypatch):
         store.publish(url, folder, {})
     uploaded = keys("unit-interrupted/")
     assert len(uploaded) == 1 and not any(k.endswith(store.MARKER) for k in uploaded)
-    cached = {"path": f"{url}/stages/demo-0123456789ab/a.parquet"}
-    assert missing_outputs(cached, url) == [f"{url}/stages/demo-0123456789ab"]
+    cached = StageFile(path=f"{url}/stages/demo-0123456789ab/a.parquet", sha256=sha256(b"a" * 1000).hexdigest(),
+                       size=1000)
+    assert output_problem(cached, url) == (f"{url}/stages/demo-0123456789ab", "missing")
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "reader"))
     with pytest.raises(store.StoreError, match="not published"):
         store.localize(url, cached)
@@ -118,9 +122,35 @@ def test_a_folder_without_its_marker_is_never_used(s3, tmp_path, monkeypatch):
     monkeypatch.setattr(store, "upload", real_upload)
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "writer"))
     store.publish(url, folder, {})
-    assert missing_outputs(cached, url) == []
+    assert output_problem(cached, url) is None
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "reader"))
-    assert Path(store.localize(url, cached)["path"]).read_bytes() == b"a" * 1000
+    assert Path(store.localize(url, cached).path).read_bytes() == b"a" * 1000
+
+
+def test_a_changed_file_is_fetched_again_from_the_store_or_its_stage_recomputed(s3, tmp_path, monkeypatch):
+    """A cached result's files are checked as the worker would read them: a changed copy in the worker's mirror is
+    fetched again from the store; a file changed in the store itself (its marker intact) makes the stage recompute."""
+    import boto3
+
+    from desctune import store
+    from tasks.stage import output_problem
+
+    url = f"s3://{BUCKET}/unit-verify"
+    monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "writer"))
+    folder = stage_folder_with_files(store.local_root(url))
+    cached = store.publish(url, folder, StageFolder.written(folder / "adapter"))
+    assert output_problem(cached, url) is None
+
+    weights = folder / "adapter" / "weights.bin"
+    written = weights.read_bytes()
+    weights.write_bytes(os.urandom(len(written)))
+    assert output_problem(cached, url) is None and weights.read_bytes() == written
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="unit-verify/stages/demo-0123456789ab/adapter/weights.bin",
+                                  Body=os.urandom(len(written)))
+    monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "reader"))
+    assert output_problem(cached, url) == (f"{url}/stages/demo-0123456789ab",
+                                           "its files in the store do not match the folder's publication marker")
 
 
 def test_a_bad_store_is_one_line(s3, monkeypatch):

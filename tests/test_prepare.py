@@ -244,3 +244,24 @@ def test_the_input_hash_started_first_is_the_one_ingest_takes(tmp_path, capsys, 
     assert main(["prepare", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
     kept = json.loads(next((tmp_path / "o" / "stages").glob("ingest-*/result.json")).read_text())
     assert kept["input_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_a_cached_file_that_changed_since_it_was_written_is_recomputed(tmp_path, capsys, caplog):
+    """A kept clean.parquet with one byte flipped is not handed out again: the rerun says which file changed in one
+    line, cleans again and writes the file the first run wrote."""
+    out = tmp_path / "o"
+    assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    kept = (out / "clean.parquet").read_bytes()
+    cached = next((out / "stages").glob("clean-*/clean.parquet"))
+    damaged = bytearray(cached.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (out / "clean.parquet").unlink()  # the published copy is a hard link to the cached file: flip only the cached one
+    cached.write_bytes(bytes(damaged))
+
+    with caplog.at_level("WARNING"):
+        assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == first
+    [line] = [r.getMessage() for r in caplog.records if "changed since it was written" in r.getMessage()]
+    assert line.startswith(f"{cached} changed since it was written (sha256 ") and line.endswith("recomputing clean")
+    assert cached.read_bytes() == kept == (out / "clean.parquet").read_bytes()

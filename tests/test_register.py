@@ -11,6 +11,8 @@ from desctune.evaluation.significance import paired_mean, verdict
 from desctune.files import dir_sha256
 from desctune.registry.lineage import start_run
 from desctune.registry.register import register_model, should_promote
+from desctune.results import (BaseModelResult, CleanResult, EvaluateResult, IngestResult, RunStages, SampleResult,
+                              Split, StageFile, StageFolder, TrainResult)
 from desctune.tracking import client, tracking_uri
 from test_evaluate import save_adapter
 
@@ -50,9 +52,23 @@ def stages_for(adapter, base_dir, rougeL: float, base_rougeL: float = 0.1,
     }
 
 
+def typed(stages: dict) -> RunStages:
+    """`stages_for`'s dict as the stage results register reads (those fields only: the others are left unset)."""
+    s = stages
+    return RunStages.model_construct(
+        base=BaseModelResult.model_construct(**s["base"]),
+        ingest=IngestResult.model_construct(**s["ingest"]),
+        clean=CleanResult.model_construct(clean=StageFile.model_construct(**s["clean"])),
+        sample=SampleResult.model_construct(**{k: Split.model_construct(**v) for k, v in s["sample"].items()}),
+        train=TrainResult.model_construct(adapter=StageFolder.model_construct(path=s["train"]["adapter_path"],
+                                                                              sha256=s["train"]["adapter_sha256"])),
+        evaluate=EvaluateResult.model_construct(table=StageFile.model_construct(path=s["evaluate"]["eval_path"]),
+                                                metrics=s["evaluate"]["metrics"]))
+
+
 def register(cfg, stages) -> dict:
     run_id = start_run(cfg)
-    return register_model(cfg, run_id, stages)
+    return register_model(cfg, run_id, typed(stages))
 
 
 def champion_store(tmp, tiny_model_dir, max_new_tokens: int):
@@ -161,7 +177,7 @@ def test_the_same_adapter_and_evaluation_name_the_existing_version(tmp_path, tin
     c = client(cfg)
     assert len(c.search_model_versions("name = 'tiny-same'")) == 1
     assert c.get_run(again["run_id"]).data.tags["desctune.model_version"] == "tiny-same/1"
-    retried = register_model(cfg, first["run_id"], stages_for(adapter, tiny_model_dir, 0.3))
+    retried = register_model(cfg, first["run_id"], typed(stages_for(adapter, tiny_model_dir, 0.3)))
     assert retried["version"] == "1" and len(c.search_model_versions("name = 'tiny-same'")) == 1
 
 
@@ -230,7 +246,7 @@ def test_two_different_runs_racing_to_register_leave_the_better_one_champion(tmp
     def race(i: int) -> None:
         try:
             start.wait()
-            results[i] = register_serialized(cfg, run_ids[i], stages[i], {})
+            results[i] = register_serialized(cfg, run_ids[i], typed(stages[i]), {})
         except Exception as exc:  # surfaced below
             errors.append(exc)
 

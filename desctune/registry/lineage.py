@@ -27,6 +27,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from desctune.config import Config, config_to_yaml
 from desctune.evaluation.evaluate import MODELS
+from desctune.results import CleanResult, EvaluateResult, IngestResult, RunStages
 from desctune.tracking import client, experiment_id, hide_password, public_config, run_url
 
 
@@ -199,22 +200,22 @@ def log_dataset(run_id: str, name: str, path: str, digest: str, context: str, ro
         mlflow.log_input(dataset, context=context)
 
 
-def stage_metrics(stages: dict) -> dict:
+def stage_metrics(stages: RunStages) -> dict:
     """The single-valued numbers every run logs, grouped by prefix so MLflow charts them apart: `data/` (records per
     stage, split sizes, tokens), `train/` (what the training stream does not already log at its steps) and `eval/`."""
-    ing, cln, spl, tok, trn, ev = (stages[k] for k in ("ingest", "clean", "sample", "tokenize", "train", "evaluate"))
+    ing, cln, spl, tok, trn = stages.ingest, stages.clean, stages.sample, stages.tokenize, stages.train
     data = {
-        "lines_read": ing["lines_read"], "records_ingested": ing["records"], "records_kept": cln["kept"],
-        "records_rejected": cln["rejected"], "duplicates": cln.get("duplicates", 0),
-        **{f"{s}_rows": spl[s]["rows"] for s in ("train", "val", "test")},
-        "train_examples": tok["train"]["rows"], "train_tokens": tok["train"]["tokens"],
-        "train_supervised_tokens": tok["train"]["supervised_tokens"],
-        **{f"rejected_{reason}": n for reason, n in cln.get("by_reason", {}).items()},
+        "lines_read": ing.lines_read, "records_ingested": ing.records, "records_kept": cln.kept,
+        "records_rejected": cln.rejected, "duplicates": cln.duplicates,
+        **{f"{s}_rows": getattr(spl, s).rows for s in ("train", "val", "test")},
+        "train_examples": tok.train.rows, "train_tokens": tok.train.tokens,
+        "train_supervised_tokens": tok.train.supervised_tokens,
+        **{f"rejected_{reason}": n for reason, n in cln.by_reason.items()},
     }
     m = {f"data/{k}": v for k, v in data.items()}
-    m.update({"train/loss_mean": trn["train_loss_mean"], "train/overall_tokens_per_s": trn["tokens_per_s"],
-              "train/seconds": trn["seconds"]})
-    m.update(evaluation_metrics(ev["metrics"]))
+    m.update({"train/loss_mean": trn.train_loss_mean, "train/overall_tokens_per_s": trn.tokens_per_s,
+              "train/seconds": trn.seconds})
+    m.update(evaluation_metrics(stages.evaluate.metrics))
     return {k: float(v) for k, v in m.items() if v is not None}
 
 
@@ -232,35 +233,34 @@ def evaluation_metrics(metrics: dict) -> dict:
     return m
 
 
-def log_results(cfg: Config, run_id: str, stages: dict) -> None:
+def log_results(cfg: Config, run_id: str, stages: RunStages) -> None:
     """Metrics, lineage and report files of one flow run, into its MLflow run. Each metric is logged once: the
     step-indexed training series come from training itself, or, when training was reused from an earlier run, are
     copied here at their steps."""
     c = client(cfg)
-    trained, evaluated = stages["train"], stages["evaluate"]
+    trained, evaluated = stages.train, stages.evaluate
     for key, value in stage_metrics(stages).items():
         c.log_metric(run_id, key, value)
-    if trained.get("mlflow_run_id") != run_id:
-        for row in trained["history"]:
+    if trained.mlflow_run_id != run_id:
+        for row in trained.history:
             for k, v in row.items():
                 if k != "step":
                     c.log_metric(run_id, f"train/{k}", v, step=row["step"])
-        last = trained["steps"]
-        c.log_metric(run_id, "train/val_loss", trained["val_loss"], step=last)
-        if trained.get("peak_memory_mb") is not None:
-            c.log_metric(run_id, "train/peak_memory_mb", trained["peak_memory_mb"], step=last)
-    ing, cln, spl = stages["ingest"], stages["clean"], stages["sample"]
-    log_dataset(run_id, "raw", ing["input_path"], ing["input_sha256"], "raw", rows=ing["records"])
-    log_dataset(run_id, "clean", cln["path"], cln["sha256"], "clean", rows=cln["kept"])
-    for split in ("train", "test"):
-        frame = pd.read_parquet(spl[split]["path"])
-        log_dataset(run_id, split, spl[split]["path"], spl[split]["sha256"], split, frame=frame)
-    reports = ("plot_path", "eval_path", "report_path", "metrics_path")
-    for path in (trained.get("loss_plot"), *(evaluated.get(k) for k in reports), cln.get("rejects_path")):
-        if path and Path(path).is_file():
-            c.log_artifact(run_id, path, artifact_path="report")
-    c.set_tag(run_id, "desctune.base_model", stages["base"]["name"])
-    c.set_tag(run_id, "desctune.base_model_sha256", stages["base"]["sha256"])
+        last = trained.steps
+        c.log_metric(run_id, "train/val_loss", trained.val_loss, step=last)
+        if trained.peak_memory_mb is not None:
+            c.log_metric(run_id, "train/peak_memory_mb", trained.peak_memory_mb, step=last)
+    ing, cln, spl = stages.ingest, stages.clean, stages.sample
+    log_dataset(run_id, "raw", ing.input_path, ing.input_sha256, "raw", rows=ing.records)
+    log_dataset(run_id, "clean", cln.clean.path, cln.clean.sha256, "clean", rows=cln.kept)
+    for name, split in (("train", spl.train), ("test", spl.test)):
+        log_dataset(run_id, name, split.path, split.sha256, name, frame=pd.read_parquet(split.path))
+    reports = (evaluated.plot, evaluated.table, evaluated.report, evaluated.metrics_file)
+    for file in (trained.loss_plot, *reports, cln.rejects):
+        if file is not None and Path(file.path).is_file():
+            c.log_artifact(run_id, file.path, artifact_path="report")
+    c.set_tag(run_id, "desctune.base_model", stages.base.name)
+    c.set_tag(run_id, "desctune.base_model_sha256", stages.base.sha256)
 
 
 
@@ -274,31 +274,32 @@ def fail_run(cfg: Config, flow_run_id: str) -> None:
 
 
 def log_evaluation(
-    cfg: Config, model: dict, raw: dict, cleaned: dict, result: dict, lineage: dict | None = None
+    cfg: Config, model: dict, raw: IngestResult, cleaned: CleanResult, result: EvaluateResult,
+    lineage: dict | None = None,
 ) -> dict:
     """An MLflow run of its own for one evaluation of a model version: metrics, datasets, report, version tags."""
     c = client(cfg)
     label = model["label"]
     tags = {"desctune.model_version": label, "desctune.model_ref": model["ref"], "desctune.kind": "evaluation",
-            "desctune.data_path": raw["input_path"], "desctune.data_sha256": raw["input_sha256"], **process_tags(),
+            "desctune.data_path": raw.input_path, "desctune.data_sha256": raw.input_sha256, **process_tags(),
             **(lineage or {}),
-            **source_tags(lineage, f"Evaluation of {label} against its base model on {raw['input_path']} (BLEU and "
+            **source_tags(lineage, f"Evaluation of {label} against its base model on {raw.input_path} (BLEU and "
                                    "chrF++ 0-100, ROUGE-L 0-1)")}
     run_id = c.create_run(experiment_id(cfg), tags=tags, run_name=f"evaluate {label}").info.run_id
     try:
-        metrics = result["metrics"]
+        metrics = result.metrics
         for key, value in evaluation_metrics(metrics).items():
             c.log_metric(run_id, key, float(value))
         for k in ("n", "identical_outputs"):
             c.log_metric(run_id, f"eval/{k}", float(metrics[k]))
-        log_dataset(run_id, "eval-raw", raw["input_path"], raw["input_sha256"], "evaluation-raw", rows=raw["records"])
-        log_dataset(run_id, "eval", cleaned["path"], cleaned["sha256"], "evaluation", rows=cleaned["kept"])
-        for key in ("plot_path", "eval_path", "report_path", "metrics_path"):
-            c.log_artifact(run_id, result[key], artifact_path="report")
+        log_dataset(run_id, "eval-raw", raw.input_path, raw.input_sha256, "evaluation-raw", rows=raw.records)
+        log_dataset(run_id, "eval", cleaned.clean.path, cleaned.clean.sha256, "evaluation", rows=cleaned.kept)
+        for file in (result.plot, result.table, result.report, result.metrics_file):
+            c.log_artifact(run_id, file.path, artifact_path="report")
         if model["version"]:
             c.set_model_version_tag(model["name"], model["version"], "last_evaluation_run", run_id)
     except Exception:
         c.set_terminated(run_id, "FAILED")
         raise
     c.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "run_url": run_url(cfg, run_id), "model": label, "metrics": result["metrics"]}
+    return {"run_id": run_id, "run_url": run_url(cfg, run_id), "model": label, "metrics": result.metrics}

@@ -21,6 +21,7 @@ import pandas as pd
 from desctune.config import Config
 from desctune.errors import RegistryError
 from desctune.registry.lineage import git_commit
+from desctune.results import RunStages, Split
 from desctune.tracking import TRAINING_VIEW, client, hide_password, run_url, tracking_uri, ui_base
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -147,11 +148,11 @@ def resolve_model(cfg: Config, ref: str) -> dict:
             "adapter_path": str(found.adapter_dir), "adapter_sha256": dir_sha256(found.adapter_dir)}
 
 
-def champion_examples(cfg: Config, champion, test: dict, eval_cfg) -> pd.DataFrame:
+def champion_examples(cfg: Config, champion, test: Split, eval_cfg) -> pd.DataFrame:
     """The champion's per-example evaluation on this run's test set: the table it was registered with when it was
     measured there with the same settings, else a fresh evaluation of it."""
     tags = champion.tags
-    if tags.get("data.test_sha256") == test["sha256"] and tags.get("eval_config") == eval_cfg.digest():
+    if tags.get("data.test_sha256") == test.sha256 and tags.get("eval_config") == eval_cfg.digest():
         try:
             path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=EVAL_ARTIFACT,
                                                        tracking_uri=tracking_uri(cfg))
@@ -162,8 +163,8 @@ def champion_examples(cfg: Config, champion, test: dict, eval_cfg) -> pd.DataFra
     from desctune.stages import stage_folder
 
     model = resolve_model(cfg, f"models:/{cfg.registry.model_name}/{champion.version}")
-    out = stage_folder(cfg.artifacts_dir, "evaluate-champion", model["adapter_sha256"], test["sha256"], eval_cfg)
-    result = evaluate_adapter(model["adapter_path"], test["path"], eval_cfg, cfg.artifacts_dir, out)
+    out = stage_folder(cfg.artifacts_dir, "evaluate-champion", model["adapter_sha256"], test.sha256, eval_cfg)
+    result = evaluate_adapter(model["adapter_path"], test.path, eval_cfg, cfg.artifacts_dir, out)
     return pd.read_parquet(result["eval_path"])
 
 
@@ -182,22 +183,22 @@ def versus_champion(key: str, challenger: pd.DataFrame, champion: pd.DataFrame) 
     return sig.corpus_score(key, a.sum(axis=0)), sig.paired_corpus(key, a, b)
 
 
-def description(stages: dict, run_id: str) -> str:
+def description(stages: RunStages, run_id: str) -> str:
     """The model version's description, for people: what it is, and whether it beat its base and how surely."""
     from desctune.evaluation.evaluate import significance_lines
 
-    m = stages["evaluate"]["metrics"]
+    m = stages.evaluate.metrics
     b, f = m["base"], m["finetuned"]
-    return (f"LoRA adapter on {stages['base']['name']} that writes a product description from a product title, "
+    return (f"LoRA adapter on {stages.base.name} that writes a product description from a product title, "
             f"trained by MLflow run {run_id}. Test set ({m['n']} examples), base -> fine-tuned: "
             f"BLEU {b['bleu']:.2f} -> {f['bleu']:.2f} (0-100), ROUGE-L {b['rougeL']:.4f} -> {f['rougeL']:.4f} (0-1), "
             f"chrF++ {b['chrf']:.2f} -> {f['chrf']:.2f} (0-100). " + "; ".join(significance_lines(m))
             + f"; better on {m['better']}, worse on {m['worse']} examples (by ROUGE-L).")
 
 
-def model_description(stages: dict) -> str:
+def model_description(stages: RunStages) -> str:
     """The registered model's description: what its versions do and how to use them."""
-    return (f"LoRA adapters on {stages['base']['name']} that write an e-commerce product description from a product "
+    return (f"LoRA adapters on {stages.base.name} that write an e-commerce product description from a product "
             "title, fine-tuned and evaluated by desctune's finetune flow. Each version is a pyfunc model: input a "
             "`title` column, output the description. @champion is the version in use (it beat the base and the "
             "previous champion on the registry metric, significantly); @challenger is the newest. Scores in each "
@@ -233,7 +234,7 @@ def unchanged(cfg: Config, c, version, run_id: str) -> dict:
     }
 
 
-def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None = None) -> dict:
+def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | None = None) -> dict:
     """Log the adapter as an MLflow pyfunc model version, tag its lineage (plus `lineage`, the orchestrator's run),
     set challenger and maybe champion. The run's whole config travels with the model as its model_config, so the
     registered model decodes with the run's evaluation settings."""
@@ -241,8 +242,8 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
 
     c = client(cfg)
     name = cfg.registry.model_name
-    trained, metrics, test = stages["train"], stages["evaluate"]["metrics"], stages["sample"]["test"]
-    same = same_model(c, name, trained["adapter_sha256"], test["sha256"], cfg.eval.digest())
+    trained, metrics, test = stages.train, stages.evaluate.metrics, stages.sample.test
+    same = same_model(c, name, trained.adapter.sha256, test.sha256, cfg.eval.digest())
     if same is not None and same.run_id != run_id:
         return unchanged(cfg, c, same, run_id)
     retried = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -254,11 +255,11 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
                 name="model",
                 python_model=str(MODEL_CODE),
                 code_paths=[str(PACKAGE_DIR)],
-                artifacts={"adapter": trained["adapter_path"]},
+                artifacts={"adapter": trained.adapter.path},
                 signature=SIGNATURE,
-                pip_requirements=requirements(stages["base"]["name"]),
+                pip_requirements=requirements(stages.base.name),
                 registered_model_name=name,
-                metadata={"base_model": stages["base"]["name"], "base_model_sha256": stages["base"]["sha256"]},
+                metadata={"base_model": stages.base.name, "base_model_sha256": stages.base.sha256},
                 model_config=json.loads(cfg.model_dump_json()),
             )
         version = str(info.registered_model_version)
@@ -267,13 +268,13 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
         "desctune.run_id": run_id,
         "desctune.config_hash": cfg.digest(),
         "desctune.git_commit": git_commit(),
-        "base_model": stages["base"]["name"],
-        "base_model_sha256": stages["base"]["sha256"],
-        "adapter_sha256": trained["adapter_sha256"],
-        "data.input_sha256": stages["ingest"]["input_sha256"],
-        "data.clean_sha256": stages["clean"]["sha256"],
-        "data.train_sha256": stages["sample"]["train"]["sha256"],
-        "data.test_sha256": test["sha256"],
+        "base_model": stages.base.name,
+        "base_model_sha256": stages.base.sha256,
+        "adapter_sha256": trained.adapter.sha256,
+        "data.input_sha256": stages.ingest.input_sha256,
+        "data.clean_sha256": stages.clean.clean.sha256,
+        "data.train_sha256": stages.sample.train.sha256,
+        "data.test_sha256": test.sha256,
         "eval_config": cfg.eval.digest(),
         **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned")
            for k in ("bleu", "rougeL", "chrf")},
@@ -282,10 +283,10 @@ def register_model(cfg: Config, run_id: str, stages: dict, lineage: dict | None 
     }
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, str(v))
-    evaluation = pd.read_parquet(stages["evaluate"]["eval_path"])
+    evaluation = pd.read_parquet(stages.evaluate.table.path)
     folder, filename = EVAL_ARTIFACT.rsplit("/", 1)
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copyfile(stages["evaluate"]["eval_path"], Path(tmp) / filename)
+        shutil.copyfile(stages.evaluate.table.path, Path(tmp) / filename)
         c.log_artifact(run_id, str(Path(tmp) / filename), artifact_path=folder)
     c.update_model_version(name, version, description=description(stages, run_id))
     if not c.get_registered_model(name).description:
