@@ -23,15 +23,21 @@ def one_registration_at_a_time(model_name: str):
     and overwrite each other's alias, nor both add the same adapter.
 
     The limit is created through Prefect's tag-limit endpoint (a limit named `tag:<name>`, which no task's tags
-    name), its only create-or-update: it reads and writes in one transaction, so two runs creating it at once both
-    succeed. The global-limit endpoint only inserts, and the loser of that race fails with a UNIQUE violation that
-    the server logs as an ERROR with its traceback."""
+    name), its only create-or-update: it reads and writes in one transaction, so on SQLite two runs creating it at
+    once both succeed. The global-limit endpoint only inserts, and the loser of that race fails with a UNIQUE
+    violation that the server logs as an ERROR with its traceback. On PostgreSQL both transactions can still read
+    "none" and one insert fail (409): the limit then exists, which is all this needs."""
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import PrefectHTTPStatusError
 
     tag = "desctune-register-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
     with get_client(sync_client=True) as prefect:
-        prefect.create_concurrency_limit(tag=tag, concurrency_limit=1)
+        try:
+            prefect.create_concurrency_limit(tag=tag, concurrency_limit=1)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 409:
+                raise
     return concurrency(f"tag:{tag}", occupy=1, strict=True)
 
 
