@@ -32,7 +32,8 @@ test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
-# The fast tier: the import contract and the fast tests.
+# The fast tier, under 2 minutes on 2 cores: the import contract and the tests not marked slow, integration or browser
+# (no served stack, server process, browser, torchrun, whole finetune flow or embedded model; tests/conftest.py marks).
 check: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow and not integration and not browser"

@@ -112,6 +112,77 @@ def embedded_base() -> dict:
     return provision("smollm2-135m-instruct", ROOT / "artifacts")
 
 
+# The test tiers (pyproject.toml registers the markers; `make check` deselects all three). A test is marked by the
+# fixtures it uses, or here by name where what it starts is inside the test itself.
+MARKED_BY_FIXTURE = {
+    "embedded_base": "slow",  # the embedded SmolLM2 model
+    "browser": "browser",  # headless Chromium
+    "serve_stack": "integration",  # `desctune serve` (test_servers, test_ui_browser)
+    "served": "integration",  # `desctune serve` (test_servers, test_serve_auth)
+    "prefect_server": "integration",  # a Prefect server process (test_pools)
+    "demo_server": "integration",  # `desctune demo` (test_demo_browser)
+    "s3": "integration",  # moto's S3 server (test_object_store)
+    "pg_uri": "integration",  # a PostgreSQL role and database (test_secrets)
+    "two_runs": "integration",  # the whole finetune flow, three times (test_flow)
+    "registered": "integration",  # the whole finetune flow (test_demo)
+    "registry": "slow",  # four versions registered, each logged with its code (test_register)
+}
+MARKED_BY_NAME = {
+    # torchrun: two gloo processes per run
+    "test_distributed.py::test_two_gloo_processes_train_the_adapter_one_process_trains": "integration",
+    "test_distributed.py::test_the_comparison_would_see_a_wrong_gradient": "integration",
+    "test_distributed.py::test_kill_9_of_a_rank_fails_the_task": "integration",
+    # whole commands in processes of their own, each with a Prefect server or a flow
+    "test_prepare.py::test_early_server_is_the_one_prefect_uses_and_is_stopped": "integration",
+    "test_prepare.py::test_cli_process_prepares_a_file": "integration",
+    "test_prepare.py::test_a_temporary_server_that_does_not_come_up": "integration",
+    "test_bench_ingest.py::test_data_stage_benchmark_reports_each_way_of_running": "integration",
+    "test_bench_gpu.py::test_gpu_check_script_runs_in_one_go": "integration",
+    "test_bench_gpu.py::test_the_cuda_tests_collect_where_prefect_and_mlflow_are_not_installed": "integration",
+    "test_standalone.py::test_the_data_tests_pass_in_a_copy_with_nothing_beside_it": "integration",
+    "test_resume.py::test_kill_9_after_a_checkpoint_then_rerun_resumes": "integration",
+    "test_export.py::test_mlflow_models_serve_answers": "integration",  # `mlflow models serve`
+    "test_registration_lock.py::": "integration",  # a Prefect server and two processes racing on it
+    "test_server_lifetime.py::": "integration",  # `desctune run` killed with its temporary Prefect server
+    # the whole finetune flow, or a flow of evaluations
+    "test_cli.py::test_run_prints_the_summary": "integration",
+    "test_register.py::test_guarded_flow_run_registers_nothing": "integration",
+    "test_register.py::test_evaluate_champion_flow_logs_its_own_run": "integration",
+    # tens of seconds each on 2 cores: trainings of many steps, several versions registered, exports and their checks
+    "test_train.py::test_overfits_a_handful_of_records": "slow",
+    "test_train.py::test_the_same_training_twice_writes_the_same_adapter_bytes": "slow",
+    "test_train.py::test_streams_loss_lr_speed_and_memory_to_mlflow": "slow",
+    "test_cuda.py::test_a_resumed_run_equals_an_uninterrupted_one[cpu]": "slow",
+    "test_cuda.py::test_compiled_layers_keep_their_names": "slow",
+    "test_bench_gpu.py::test_smoke_run_on_cpu_trains": "slow",
+    "test_resume.py::test_a_tampered_checkpoint_is_refused": "slow",
+    "test_register.py::test_a_challenger_better_on_average": "slow",
+    "test_register.py::test_the_same_adapter_and_evaluation_name_the_existing_version": "slow",
+    "test_register.py::test_min_improvement_raises_the_bar": "slow",
+    "test_register.py::test_two_different_runs_racing_to_register": "slow",
+    "test_register.py::test_a_first_version_not_significantly_better": "slow",
+    "test_export.py::test_export_errors_are_one_line": "slow",
+    "test_export.py::test_hf_export_loads_without_peft": "slow",
+    "test_export.py::test_gguf_exports_load_back": "slow",
+    "test_export.py::test_register_attaches_the_export": "slow",
+    "test_export.py::test_registered_model_carries_its_code": "slow",
+    "test_export.py::test_files_written_into_the_output_folder": "slow",
+    "test_export.py::test_an_output_folder_that_cannot_be_created": "slow",
+    "test_layers.py::test_the_core_and_the_registered_model_load_without_prefect": "slow",
+    "test_layers.py::test_registered_model_decodes_with_the_runs_eval_settings": "slow",
+    "test_modelref.py::test_a_cached_version_from_a_deleted_store": "slow",
+}
+
+
+def pytest_itemcollected(item):
+    """Mark each test as it is collected, before -m selects by the marks."""
+    marks = {MARKED_BY_FIXTURE[f] for f in item.fixturenames if f in MARKED_BY_FIXTURE}
+    name = f"{item.path.name}::{item.name}"
+    marks |= {mark for prefix, mark in MARKED_BY_NAME.items() if name.startswith(prefix)}
+    for mark in sorted(marks):
+        item.add_marker(mark)
+
+
 def tiny_config(tmp_path: Path, model_dir: Path, records: Path = SAMPLE, **sections):
     """A Config for the tiny model that runs the whole flow in seconds."""
     from desctune.config import Config
