@@ -131,7 +131,7 @@ def test_crashed_runs_are_marked_failed_and_runs_still_being_written_are_left_al
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = client(uri)
     exp = c.create_experiment("desctune", (tmp_path / "mlruns").as_uri())
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     host = socket.gethostname()

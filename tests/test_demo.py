@@ -55,7 +55,7 @@ def app(monkeypatch, config: Path, model: str | None = None) -> AppTest:
         monkeypatch.delenv("DESCTUNE_DEMO_MODEL", raising=False)
     else:
         monkeypatch.setenv("DESCTUNE_DEMO_MODEL", model)
-    return AppTest.from_file(APP, default_timeout=60).run()
+    return AppTest.from_file(APP, default_timeout=180).run()
 
 
 def cached(cfg, version) -> Path:

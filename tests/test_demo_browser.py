@@ -41,7 +41,7 @@ def save_screen(driver, name: str) -> Path:
     return path
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,7 +104,7 @@ def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, t
     from selenium.webdriver.support.ui import WebDriverWait
 
     # Streamlit re-renders elements while it streams: a predicate that met one mid-replacement just looks again
-    wait = WebDriverWait(browser, 90, ignored_exceptions=(StaleElementReferenceException,))
+    wait = WebDriverWait(browser, 240, ignored_exceptions=(StaleElementReferenceException,))
     try:
         browser.get(demo_server)
         title = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'input[aria-label="Product title"]')))

@@ -1,6 +1,7 @@
 """The flow-run watchdog (desctune/watchdog.py) without Prefect: a process whose parent is killed -9 logs why and
 sends itself SIGTERM within seconds; through a pipe to that parent it notices at once, without one by the parent pid;
-a process that ignores SIGTERM still ends."""
+a process that ignores SIGTERM still ends. The limits leave room for a loaded machine: "at once" is well under the
+30 s look at the parent pid."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def orphan(tmp_path, output: str, interval: float, grace: float, on_term: str) -
     parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(tmp_path), output, str(interval), str(grace),
                                on_term], cwd=ROOT)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while not (tmp_path / "ready").exists():
             assert parent.poll() is None and time.monotonic() < deadline, "the child never started its watchdog"
             time.sleep(0.05)
@@ -64,10 +65,10 @@ def orphan(tmp_path, output: str, interval: float, grace: float, on_term: str) -
         parent.wait(10)
         killed = time.monotonic()
         try:
-            child.wait(15)
+            child.wait(60)
         except psutil.TimeoutExpired:
             child.kill()
-            pytest.fail("the child outlived its parent by 15 s")
+            pytest.fail("the child outlived its parent by 60 s")
         return parent.pid, time.monotonic() - killed
     finally:
         parent.kill()
@@ -75,14 +76,14 @@ def orphan(tmp_path, output: str, interval: float, grace: float, on_term: str) -
 
 def test_a_process_writing_into_a_pipe_to_its_killed_parent_logs_why_and_terminates_itself_at_once(tmp_path):
     parent, took = orphan(tmp_path, "pipe", interval=30, grace=30, on_term="handle")
-    assert took < 5  # the pipe woke it, not the 30 s look at the parent pid
+    assert took < 20, took  # the pipe woke it, not the 30 s look at the parent pid
     assert (tmp_path / "signal").read_text() == "15"
     assert (tmp_path / "log").read_text().strip() == message(parent)
 
 
 def test_without_a_pipe_it_notices_by_the_parent_pid_and_ends_a_process_that_ignores_sigterm(tmp_path):
     parent, took = orphan(tmp_path, "file", interval=0.2, grace=0.5, on_term="ignore")
-    assert took < 5 and not (tmp_path / "signal").exists()
+    assert took < 20 and not (tmp_path / "signal").exists(), took
     assert (tmp_path / "log").read_text().strip() == message(parent)
 
 
