@@ -4,7 +4,7 @@
 
 With a Prefect API configured (PREFECT_API_URL or a Prefect profile), or with --prefect (a temporary server where none
 is configured), the stages run as the prepare flow's tasks, so the run shows in Prefect's UI. Otherwise they run in
-this process: the same functions and stage folders, without the 5-6 s of CPU a temporary Prefect server and its
+this process: the same functions and stage folders, without the CPU time a temporary Prefect server and its
 client cost, a server whose record of the run no one would look at. Stage outputs and cached results live under DIR
 (Prefect's results, or each stage folder's result.json), so a rerun on the same content is instant and deleting DIR
 forgets both. Exit 0 when the input was usable (even with rejects), 2 with one line when it was not.
@@ -13,11 +13,8 @@ forgets both. Exit 0 when the input was usable (even with rejects), 2 with one l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -36,46 +33,6 @@ def _publish(src: str, dest: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
-
-
-def _hash_early(path: str) -> tuple[str, os.stat_result, Future] | None:
-    """Start the sha256 of a plain input file on a thread now, before this command imports the stages' libraries
-    (half a second on a 2-core machine, which the hash now overlaps); `_start_ingest` hands it to ingest."""
-    if not os.path.isfile(path):
-        return None
-    st, sha256 = os.stat(path), Future()
-
-    def run() -> None:
-        # `desctune.files.file_sha256`'s loop, written here because importing that module (pandas, pyarrow) before
-        # the hash starts, even on this thread, made the command 0.9 s slower. 64 MiB a read, as `source_fingerprint`
-        # reads: each read takes the GIL back, and beside a busy thread that waits up to a switch interval (5 ms).
-        h, buf = hashlib.sha256(), bytearray(64 << 20)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    h.update(memoryview(buf)[:n])
-            sha256.set_result(h.hexdigest())
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the hash
-            sha256.set_exception(exc)
-
-    threading.Thread(target=run, name="desctune-input-sha256", daemon=True).start()
-    return path, st, sha256
-
-
-def _start_ingest(data, out: Path, hashing: tuple[str, os.stat_result, Future] | None = None) -> None:
-    """Hash the input and ingest it on a thread now, while Prefect is imported (and its server starts); the flow's
-    fingerprint and ingest tasks, or `run_stages`, take what it computed (`desctune.data.ingest.ingest_early`). Nothing is
-    ingested when the stage folder holds its output already: then the task's cache or the folder's result answers."""
-    from desctune.data.ingest import fingerprint_under_way, ingest_early, ingest_folder
-
-    if hashing is not None:
-        fingerprint_under_way(*hashing)
-
-    def folder_for(input_sha256: str) -> Path | None:
-        folder = ingest_folder(str(out), data, input_sha256)
-        return None if (folder / "raw.parquet").exists() else folder
-
-    ingest_early(data, folder_for)
 
 
 # What a stage run in this process keeps in its folder, written last: its result, as Prefect's task cache keeps it.
@@ -104,8 +61,7 @@ def kept_or_run(folder: Path, out: Path, stage: str, kind: type[R], run: Callabl
 
 
 def run_stages(data, out: Path) -> tuple[IngestResult, CleanResult]:
-    """Ingest and clean in this process, into the folders the prepare flow's tasks use; ingest takes the run
-    `_start_ingest` began."""
+    """Ingest and clean in this process, into the folders the prepare flow's tasks use."""
     from desctune.data.clean import clean_file, clean_folder
     from desctune.data.ingest import ingest_file, ingest_folder, source_fingerprint
     from desctune.results import CleanResult, IngestResult
@@ -136,11 +92,10 @@ def summary(raw: IngestResult, cleaned: CleanResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    hashing = _hash_early(str(args.data))
     from app.apiserver import EarlyServer
     from app.runtime import prefect_env, quiet_user_errors
     from desctune.config import load_config
-    from desctune.data.ingest import check_source
+    from desctune.data.readers import check_source
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     cfg = load_config(args.config, [])
@@ -150,11 +105,9 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prefect_env(str(out))
     # With --prefect, Prefect's temporary server starts now, in its own process, while this one imports Prefect and
-    # the flow. Either way a thread hashes and ingests the input from here on (on worker processes for a large file):
-    # the fingerprint and ingest tasks, or `run_stages`, take what it computed.
+    # the flow.
     server = EarlyServer() if args.prefect else None
     try:
-        _start_ingest(data, out, hashing)
         if server is None and not prefect_api_configured():
             raw, cleaned = run_stages(data, out)
         else:

@@ -11,7 +11,6 @@ import pytest
 
 from conftest import ABT_DATA
 from desctune.config import DataConfig
-from desctune.data import ingest as ingest_mod
 from desctune.data import jsonlines
 from desctune.data.ingest import ingest_file
 from desctune.data.records import EXCERPT_CHARS, REASONS, content_uid
@@ -211,39 +210,3 @@ def test_unusable_input_is_one_line_error(tmp_path, payload, name, message):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         ingest_file(DataConfig(path=str(tmp_path / "nope.jsonl")), tmp_path / "out")
-
-
-def test_an_early_run_is_taken_once_by_the_call_for_its_folder(tmp_path, monkeypatch):
-    """`desctune prepare` ingests on a thread while Prefect starts: the task's call for the same settings and folder
-    takes that run's result (the input is read once); a call for another folder, or after the early run found the
-    stage done, reads the input itself."""
-    runs = []
-    real = ingest_mod._ingest
-    monkeypatch.setattr(ingest_mod, "_ingest", lambda data, out: runs.append(out) or real(data, out))
-    data = DataConfig(path=str(SAMPLE))
-    fresh = ingest_file(data, tmp_path / "fresh")
-    assert len(runs) == 1
-
-    seen = []
-    ingest_mod.ingest_early(data, lambda sha: seen.append(sha) or tmp_path / "early")
-    took = ingest_file(data, tmp_path / "early")
-    assert len(runs) == 2 and seen == [ingest_mod.source_fingerprint(SAMPLE)]
-    assert {k: took[k] for k in ("sha256", "rejects_sha256", "records")} == {
-        k: fresh[k] for k in ("sha256", "rejects_sha256", "records")}
-    ingest_file(data, tmp_path / "early")  # taken once: a second call reads again
-    assert len(runs) == 3
-
-    ingest_mod.ingest_early(data, lambda sha: tmp_path / "elsewhere")
-    assert ingest_file(data, tmp_path / "asked")["path"] == str(tmp_path / "asked" / "raw.parquet")
-    ingest_mod.ingest_early(data, lambda sha: None)
-    ingest_file(data, tmp_path / "again")
-    assert runs[3:] == [tmp_path / "elsewhere", tmp_path / "asked", tmp_path / "again"]
-
-
-def test_an_early_run_hands_its_error_to_the_call(tmp_path):
-    src = tmp_path / "page.jsonl"
-    src.write_bytes(b"<html><body>not json</body></html>\n")
-    data = DataConfig(path=str(src))
-    ingest_mod.ingest_early(data, lambda sha: tmp_path / "out")
-    with pytest.raises(DataError, match="not JSON Lines"):
-        ingest_file(data, tmp_path / "out")

@@ -202,7 +202,7 @@ def test_without_a_prefect_api_stages_run_here_and_a_rerun_takes_their_kept_resu
     assert all((d / "result.json").is_file() for d in stage_dirs)
 
     with monkeypatch.context() as m:  # a rerun reads nothing: both stages' kept results answer
-        m.setattr(desctune.data.ingest, "_ingest", _fail)
+        m.setattr(desctune.data.ingest, "ingest_file", _fail)
         m.setattr(desctune.data.clean, "clean_file", _fail)
         assert main(["prepare", "--data", str(SAMPLE), "--out", str(out)]) == 0
     assert capsys.readouterr().out == first
@@ -228,22 +228,6 @@ def test_prefect_flag_or_a_configured_api_runs_the_flow(tmp_path, capsys, monkey
         assert app.prepare.prefect_api_configured()
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert app.prepare.prefect_api_configured()
-
-
-def test_the_input_hash_started_first_is_the_one_ingest_takes(tmp_path, capsys, monkeypatch):
-    """`desctune prepare` hashes a plain file on a thread before its imports; ingest's fingerprint takes that hash
-    (the file is read for it once) and it is the file's sha256."""
-    import hashlib
-    import shutil
-
-    import desctune.data.ingest
-
-    data = tmp_path / "copy.jsonl"  # a path no earlier test hashed in this process
-    shutil.copyfile(SAMPLE, data)
-    monkeypatch.setattr(desctune.data.ingest, "file_sha256", _fail)
-    assert main(["prepare", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
-    kept = json.loads(next((tmp_path / "o" / "stages").glob("ingest-*/result.json")).read_text())
-    assert kept["input_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
 
 
 def test_a_cached_file_that_changed_since_it_was_written_is_recomputed(tmp_path, capsys, caplog):

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import threading
 from collections import Counter
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,35 +31,16 @@ INGEST_FIELDS = ("uid_field", "title_field", "content_field", "max_records", "ma
 
 
 # raw.parquet is an intermediate that clean reads once, in order: uncompressed, without dictionaries (the texts are
-# nearly all distinct) or statistics it writes and reads several times faster than with zstd (its size is then close
-# to the text's); the outputs users keep (clean.parquet, rejects) stay zstd.
+# nearly all distinct) or statistics, so it is cheap to write and read; the outputs users keep (clean.parquet,
+# rejects) are zstd.
 RAW_PARQUET = {"compression": "none", "use_dictionary": False, "write_statistics": False}
-# Rejects (here and in clean): zstd; a dictionary only for the reason, the one column whose values repeat (trying one
-# on the uids and excerpts, nearly all distinct, cost more than the rest of the write); statistics on the short
-# columns a reader may filter on.
+# Rejects (here and in clean): zstd; a dictionary only for the reason, the one column whose values repeat;
+# statistics on the short columns a reader may filter on.
 REJECT_PARQUET = {"compression": "zstd", "use_dictionary": ["reason"], "write_statistics": ["line", "uid", "reason"]}
 
 
-_FINGERPRINTS: dict[tuple, Future] = {}
-_FINGERPRINTS_LOCK = threading.Lock()
-
-
-def _file_key(path: str | Path, st: os.stat_result) -> tuple:
-    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
-
-
-def fingerprint_under_way(path: str | Path, st: os.stat_result, sha256: Future) -> None:
-    """Let `source_fingerprint` take a file's sha256 that a caller started computing when the file was as `st` says
-    (`desctune prepare` starts it before its imports)."""
-    with _FINGERPRINTS_LOCK:
-        _FINGERPRINTS.setdefault(_file_key(path, st), sha256)
-
-
 def source_fingerprint(path: str | Path) -> str:
-    """A hash of the input's content: the file's sha256, a folder's files, or a hub dataset's own fingerprint.
-
-    A file's hash is remembered for this process by (path, size, mtime), and a second caller waits for the first, so
-    `desctune prepare` can start hashing on a thread while Prefect starts and the fingerprint task picks it up."""
+    """A hash of the input's content: the file's sha256, a folder's files, or a hub dataset's own fingerprint."""
     check_source(path)
     kind = source_kind(path)
     if kind == "hf":
@@ -71,68 +48,18 @@ def source_fingerprint(path: str | Path) -> str:
         return hashlib.sha256(f"{path}\x1f{ds._fingerprint}".encode()).hexdigest()
     if kind == "hf-folder":
         return dir_sha256(path)
-    key = _file_key(path, os.stat(path))
-    with _FINGERPRINTS_LOCK:
-        future, owner = _FINGERPRINTS.get(key), False
-        if future is None:
-            future = _FINGERPRINTS[key] = Future()
-            owner = True
-    if owner:
-        try:
-            # 64 MiB a read: each read takes the GIL back, and beside a busy thread (the command importing, Prefect's
-            # engine) that waits up to a switch interval; in 1 MiB reads the 1.3 GB file took 14 s beside one, not 2.
-            future.set_result(file_sha256(path, chunk=64 << 20))
-        except BaseException as exc:
-            with _FINGERPRINTS_LOCK:
-                _FINGERPRINTS.pop(key, None)
-            future.set_exception(exc)
-    return future.result()
+    # 64 MiB a read: each read takes the GIL back, which beside a busy thread (Prefect's engine) waits up to a switch
+    # interval.
+    return file_sha256(path, chunk=64 << 20)
 
 
 def ingest_folder(artifacts_dir: str | Path, data: DataConfig, input_sha256: str) -> Path:
-    """The ingest stage's folder for this input and these settings (what the ingest task and `ingest_early` use)."""
+    """The ingest stage's folder for this input and these settings (what the ingest task and `desctune prepare` use)."""
     return stage_folder(artifacts_dir, "ingest", input_sha256, data.subset(INGEST_FIELDS))
 
 
-# `desctune prepare` starts ingest on a thread as soon as it has read its arguments, while it imports Prefect (and,
-# for a flow run, Prefect's server starts); the flow's ingest task, or the command's own call, then takes that run's
-# result instead of reading the input again. Entries are keyed by the data settings and taken once.
-_EARLY: dict[str, Future] = {}
-_EARLY_LOCK = threading.Lock()
-
-
-def ingest_early(data: DataConfig, folder_for: Callable[[str], Path | None]) -> None:
-    """Start ingesting `data` on a thread now. `folder_for(input sha256)` names the stage folder, or None when there
-    is nothing to do (the stage is there already). The next `ingest_file` call for the same settings in this process
-    waits for this run and takes its result (or its error) when it wrote the folder that call asks for."""
-    future: Future = Future()
-    with _EARLY_LOCK:
-        _EARLY[data.model_dump_json()] = future
-
-    def run() -> None:
-        try:
-            folder = folder_for(source_fingerprint(data.path))
-            future.set_result(None if folder is None else (Path(folder), _ingest(data, Path(folder))))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller that takes the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="desctune-early-ingest", daemon=True).start()
-
-
 def ingest_file(data: DataConfig, out_dir: Path) -> dict:
-    """Stream `data.path` into out_dir/raw.parquet and out_dir/ingest_rejects.parquet; return counts and hashes.
-    Takes the result of an `ingest_early` run of the same settings into the same folder when there is one."""
-    with _EARLY_LOCK:
-        early = _EARLY.pop(data.model_dump_json(), None)
-    if early is not None:
-        done = early.result()
-        if done is not None and done[0] == Path(out_dir):
-            log.info("ingest: took the run started early (%s)", out_dir)
-            return done[1]
-    return _ingest(data, Path(out_dir))
-
-
-def _ingest(data: DataConfig, out_dir: Path) -> dict:
+    """Stream `data.path` into out_dir/raw.parquet and out_dir/ingest_rejects.parquet; return counts and hashes."""
     check_source(data.path)
     path = data.path if source_kind(data.path) == "hf" else Path(data.path)
     out_dir = start_stage(out_dir, log)
