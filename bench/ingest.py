@@ -6,7 +6,7 @@ Prefect's temporary server, its start included), and the ingest + clean stages a
 run). Two baselines, in the same run:
 - DuckDB (`pip install -e .[bench]`): `read_json` of the three fields as VARCHAR, the length filters and DISTINCT, on
   2 threads, written to Parquet. It decodes no entity, strips no tag, repairs no mojibake and gives no reason for a
-  reject, so it is a floor, not a peer: the target is `desctune prepare` within 3x of it.
+  reject, so it is a floor, not a peer: the target is `desctune prepare` within 4.5x of it.
 - pandas, what notebooks do: `pd.read_json(lines=True)`, `html.unescape` per row, the same filters and duplicate rule.
 Ends with one key=value line, the ratio (pandas' time over desctune's stage time) first, then
 `duckdb_ratio` (desctune prepare's time over DuckDB's), `stages_duckdb_ratio` and `prefect_duckdb_ratio`.

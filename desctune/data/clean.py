@@ -43,8 +43,7 @@ CLEAN_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("conten
 BATCH_ROWS = 65_536
 # From this many records on, cleaning runs in worker processes (one per core); below, starting them costs more.
 PARALLEL_MIN_ROWS = 200_000
-# clean.parquet: zstd, no dictionary (titles and contents are nearly all distinct: building one only to give it up
-# was 40% of the writer's time), statistics only on the uid.
+# clean.parquet: zstd, no dictionary (titles and contents are nearly all distinct), statistics only on the uid.
 CLEAN_PARQUET = {"compression": "zstd", "use_dictionary": False, "write_statistics": ["uid"]}
 
 ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
@@ -188,7 +187,7 @@ def _apply(arr: pa.Array, mask: pa.Array | np.ndarray, fn) -> pa.Array:
 
 
 def _strings(a: pa.Array):
-    """Python strings of an Arrow array (to_numpy is several times faster than to_pylist here)."""
+    """Python strings of an Arrow array (to_numpy: cheaper than to_pylist)."""
     return a.to_numpy(zero_copy_only=False)
 
 
@@ -204,8 +203,7 @@ def _nfc(s: str) -> str:
 # buffer) and returns the positions where what it looks for begins; `_rows_where` turns them into rows. A comparison
 # or two over the buffer finds the few candidates, which are then tested further, so a repair runs on the rows that
 # may need it instead of on every row a broader test picks. A match that would run from one row into the next can
-# mark the first row too: every repair leaves a row that has nothing to repair as it is. (For tests that many bytes
-# pass, a single RE2 pass costs less than several numpy ones: the whitespace and control tests stay regexes.)
+# mark the first row too: every repair leaves a row that has nothing to repair as it is.
 
 
 def _offsets(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
@@ -313,8 +311,7 @@ _CONTROL_LEADS = sorted({chr(c).encode()[0] for a, b in _CONTROL_CODES for c in 
 
 
 def _control_positions(raw: np.ndarray) -> np.ndarray:
-    """Lead bytes of _CONTROL characters: the bytes below 0x20 or equal to a lead byte of one, decoded (an RE2 pass
-    over the rows cost 20 times as much)."""
+    """Lead bytes of _CONTROL characters: the bytes below 0x20 or equal to a lead byte of one, decoded."""
     maybe = raw < 0x20
     for lead in _CONTROL_LEADS:
         if lead >= 0x20:
@@ -390,8 +387,7 @@ def _excerpt(title: pa.Array, content: pa.Array, where: pa.Array | None = None) 
 
 class _HashSet:
     """A set of 64-bit hashes, membership tested and members added for a whole array at a time: pandas' open-addressing
-    hash table over uint64, 3x faster here than sorted numpy runs searched with searchsorted, at 20-35 bytes a member
-    (the runs took 8). `pandas._libs.hashtable` is not public API: test_clean checks it against a set of ints."""
+    hash table over uint64. `pandas._libs.hashtable` is not public API: test_clean checks it against a set of ints."""
 
     def __init__(self) -> None:
         self._table = UInt64HashTable()
@@ -411,8 +407,8 @@ def _repeated(h: np.ndarray) -> np.ndarray:
 
 
 def _hashes(a: pa.Array) -> np.ndarray:
-    """The 64-bit xxh3 hash of each string's UTF-8 bytes, read straight from the Arrow buffers: no Python str is made
-    (making them was most of dedup's time), and a hash is the same in every process, so workers can compute them."""
+    """The 64-bit xxh3 hash of each string's UTF-8 bytes, read straight from the Arrow buffers (no Python str is made),
+    and a hash is the same in every process, so workers can compute them."""
     a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
     if len(a) == 0:
         return np.empty(0, np.uint64)
@@ -541,8 +537,8 @@ def _split_batch(group: dict, dedup: _Dedup) -> tuple[pa.Table, pa.Table]:
 
 
 def _batches(path: str) -> Iterator[pa.RecordBatch]:
-    """A Parquet file's batches in order. pre_buffer (pyarrow's default) keeps every buffered row group until the
-    reader goes away, so reading raw.parquet held about 800 MB by its end on the 2.25M-line file; without it, ~30 MB."""
+    """A Parquet file's batches in order, without pre_buffer (pyarrow's default), which keeps every buffered row
+    group until the reader goes away: memory would grow with the file."""
     return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS)
 
 

@@ -73,8 +73,8 @@ def _line_starts(block: bytes, rows: list[int]) -> dict[int, tuple[int, int]]:
 
 
 def _valid_utf8(block: bytes) -> bool:
-    """Whether `block` is valid UTF-8, checked by Arrow in place: `bytes.decode` made a str of up to 4x the block
-    only to throw it away, and that str was the largest allocation of ingest."""
+    """Whether `block` is valid UTF-8, checked by Arrow in place (`bytes.decode` would make a str of up to 4x the
+    block only to throw it away)."""
     offsets = pa.array([0, len(block)], pa.int64()).buffers()[1]
     try:
         pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(block)]).validate(full=True)

@@ -12,9 +12,9 @@ Arrow reset in a forked child, and they leave with `os._exit`, so no exit handle
 
 Results come back through shared memory: a worker pickles its result with its Arrow and numpy buffers out of band,
 writes those buffers to a file in /dev/shm and sends only the small rest through the pool's pipe; the caller maps the
-file, removes it at once, and the result's arrays are views of the mapping. Pickled whole, each result was copied
-four times on the way (into the pickle, into and out of the pipe, out of the pickle): a fifth of ingest's CPU time and
-a twelfth of clean's on the 2.25M-line file. Where the folder is missing or full, results travel pickled whole.
+file, removes it at once, and the result's arrays are views of the mapping: pickled whole, each result would be
+copied four times on the way (into the pickle, into and out of the pipe, out of the pickle). Where the folder is
+missing or full, results travel pickled whole.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def usable_cores() -> int:
 
 def _start_worker() -> None:
     """Workers allocate with the C library's malloc: Arrow's default allocator (mimalloc) gives freed pages back to
-    the system within milliseconds, so a worker that builds and frees tens of megabytes a task faulted them in anew
-    each time, and a quarter of the workers' CPU time was the kernel's (measured on the data stages)."""
+    the system within milliseconds, so a worker that builds and frees tens of megabytes a task would fault them in
+    anew each time."""
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())
