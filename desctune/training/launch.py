@@ -53,7 +53,7 @@ def rank_env(t: TrainConfig) -> dict:
     """The ranks' environment: this checkout first on the path (the ranks run the caller's code), output unbuffered
     and without progress bars, and each rank an equal share of the CPU's threads unless OMP_NUM_THREADS says
     otherwise (torchrun would give each one thread)."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
            "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}  # lines go to a log: no progress bars
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc_per_node)))
