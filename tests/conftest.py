@@ -174,6 +174,10 @@ MARKED_BY_NAME = {
 }
 
 
+# Stops the session's `serve_stack`, so it runs after every other test.
+STOPS_SERVE_STACK = "test_servers.py::test_ctrl_c_stops_every_process_it_started[sqlite]"
+
+
 def pytest_itemcollected(item):
     """Mark each test as it is collected, before -m selects by the marks."""
     marks = {MARKED_BY_FIXTURE[f] for f in item.fixturenames if f in MARKED_BY_FIXTURE}
@@ -181,6 +185,23 @@ def pytest_itemcollected(item):
     marks |= {mark for prefix, mark in MARKED_BY_NAME.items() if name.startswith(prefix)}
     for mark in sorted(marks):
         item.add_marker(mark)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture
+def pytest_collection_modifyitems(config, items):
+    last = [item for item in items if f"{item.path.name}::{item.name}" == STOPS_SERVE_STACK]
+    items[:] = [item for item in items if item not in last] + last
+
+
+@pytest.fixture(scope="session")
+def serve_stack(tmp_path_factory):
+    """`desctune serve` on its SQLite defaults, started once for tests/test_servers.py and tests/test_ui_browser.py;
+    the former's Ctrl-C test stops it (last in the session), or the session's end does."""
+    from test_servers import start_serve
+
+    stack = start_serve(tmp_path_factory.mktemp("serve-sqlite"), "sqlite", [])
+    yield stack
+    stack.stop()
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, records: Path = SAMPLE, **sections):

@@ -2,7 +2,8 @@
 chromium-driver): the Prefect UI reaches its own API (no "Can't connect" banner) and lists the three deployments,
 with the schedules that cannot run here paused and said so; a finetune run's link artifact opens the MLflow run it
 names; the model version's page shows its description and the flow run's link on the served port. Each test keeps
-the screens the README shows under docs/screens/."""
+the screens the README shows under docs/screens/. The served stack is the session's (conftest.py's `serve_stack`),
+which tests/test_servers.py uses too."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser, save_screen  # noqa: F401  (the browser fixture)
 
 from conftest import ROOT, SAMPLE, head_records, tiny_config
-from test_servers import READY_TIMEOUT, Served, read_deployment, serve_env, trigger_and_wait
+from test_servers import read_deployment, trigger_and_wait
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -32,7 +33,7 @@ def page_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def wait_for_text(driver, *texts: str, timeout: float = 60) -> str:
+def wait_for_text(driver, *texts: str, timeout: float = 180) -> str:
     """The page's text once it shows every one of `texts`; fails naming the ones missing (and a Prefect banner)."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
@@ -46,15 +47,9 @@ def wait_for_text(driver, *texts: str, timeout: float = 60) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-ui")
-    env = serve_env("sqlite", tmp / "prefect-home", [])
-    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the test session's WARNING would hide the runs' progress lines
-    served = Served(tmp, env)
-    assert {served.prefect_port, served.mlflow_port}.isdisjoint({4200, 5000})
-    served.wait_ready(READY_TIMEOUT)
-    yield served
-    served.stop()
+def stack(serve_stack):
+    assert {serve_stack.prefect_port, serve_stack.mlflow_port}.isdisjoint({4200, 5000})
+    return serve_stack
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ async def newest_logs(api_url: str, flow_run_id) -> list[str]:
     return [log.message for log in logs]
 
 
-def wait_for_log(api_url: str, flow_run_id, match, timeout: float = 30) -> list[str]:
+def wait_for_log(api_url: str, flow_run_id, match, timeout: float = 120) -> list[str]:
     """The run's log lines that `match`, waiting for its last lines to reach the server (they are sent in batches)."""
     deadline = time.monotonic() + timeout
     while True:
