@@ -126,12 +126,10 @@ MARKED_BY_FIXTURE = {
     "two_runs": "integration",  # the whole finetune flow, three times (test_flow)
     "registered": "integration",  # the whole finetune flow (test_demo)
     "registry": "slow",  # four versions registered, each logged with its code (test_register)
+    "runs": "integration",  # one training in one process and in two under torchrun (test_distributed)
 }
 MARKED_BY_NAME = {
-    # torchrun: two gloo processes per run
-    "test_distributed.py::test_two_gloo_processes_train_the_adapter_one_process_trains": "integration",
-    "test_distributed.py::test_the_comparison_would_see_a_wrong_gradient": "integration",
-    "test_distributed.py::test_kill_9_of_a_rank_fails_the_task": "integration",
+    "test_distributed.py::test_kill_9_of_a_rank_fails_the_task": "integration",  # torchrun under a flow
     # whole commands in processes of their own, each with a Prefect server or a flow
     "test_prepare.py::test_early_server_is_the_one_prefect_uses_and_is_stopped": "integration",
     "test_prepare.py::test_cli_process_prepares_a_file": "integration",
