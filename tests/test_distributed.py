@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import tiny_config
@@ -136,7 +137,11 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
 
         warning = info
 
-    two = train_under_torchrun(tokens, base, distributed(cfg), tmp / "two", Lines())
+    tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    run_id = MlflowClient(tracking_uri).create_run(
+        MlflowClient(tracking_uri).create_experiment("ddp", artifact_location=str(tmp / "mlruns"))).info.run_id
+    two = train_under_torchrun(tokens, base, distributed(cfg), tmp / "two", Lines(), run_id, tracking_uri)
+    two["tracking"] = (tracking_uri, run_id)
     return cfg, tokens, base, one, two, lines, tmp
 
 
@@ -159,12 +164,37 @@ def test_two_gloo_processes_train_the_adapter_one_process_trains(runs):
     assert not any(line.startswith("[rank 1]") for line in lines)  # the other rank only warns
 
 
+def test_rank_0_logs_to_mlflow_and_the_tracking_uri_never_reaches_the_job_file(runs):
+    """The tracking URI may carry a database password: the ranks get it in their environment, not on disk."""
+    *_, two, _, tmp = runs
+    tracking_uri, run_id = two["tracking"]
+    assert tracking_uri not in (tmp / "two" / "torchrun" / "job.json").read_text()
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert "train/loss" in run.data.metrics and any(k.startswith("train_plan.") for k in run.data.params)
+
+
 def test_the_comparison_would_see_a_wrong_gradient(runs):
     """Each rank stepping on its own half of the batch (no all-reduce, or the loss normalised per rank) trains
     like one process with half the batch: that adapter is far outside the tolerance."""
     cfg, tokens, base, one, _, _, tmp = runs
     half = cfg.model_copy(update={"train": cfg.train.updated(batch_size=2)})
     assert max_difference(adapter(one), adapter(train_adapter(tokens, base, half, tmp / "half"))) > 100 * ATOL
+
+
+def typed(tokens: dict, base: dict):
+    """The tokenize stage's result for token files written by the tests' helper (`test_train.token_files`)."""
+    import pyarrow.parquet as pq
+
+    from desctune.results import Location, TokenizeResult, TokenSplit
+
+    def split(name: str) -> TokenSplit:
+        table = pq.read_table(tokens[name]["path"])
+        ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+        return TokenSplit.written(tokens[name]["path"], tokens[name]["sha256"], rows=table.num_rows, dropped={},
+                                  truncated=0, tokens=sum(map(len, ids)),
+                                  supervised_tokens=sum(t != -100 for row in labels for t in row))
+
+    return TokenizeResult(tokenizer=Location(path=base["path"]), train=split("train"), val=split("val"))
 
 
 def descendant_with_rank(root: int, rank: int) -> int | None:
@@ -216,6 +246,7 @@ def test_kill_9_of_a_rank_fails_the_task_in_one_line_and_prefects_retry_resumes_
     from prefect import flow
     from prefect.logging import LogEavesdropper
 
+    from desctune.results import BaseModelResult
     from tasks.train import train
 
     cfg, tokens, base, _, _, _, tmp = runs
@@ -225,7 +256,8 @@ def test_kill_9_of_a_rank_fails_the_task_in_one_line_and_prefects_retry_resumes_
 
     @flow(name="train-under-torchrun")
     def train_only(config):
-        return train(tokens, base, config.model, config.lora, config.train, config.artifacts_dir)
+        return train(typed(tokens, base), BaseModelResult.from_core(base), config.model, config.lora, config.train,
+                     config.artifacts_dir)
 
     two = distributed(cfg)
     out = stage_folder(two.artifacts_dir, "train", tokens["train"]["sha256"], tokens["val"]["sha256"], base["sha256"],
@@ -241,6 +273,6 @@ def test_kill_9_of_a_rank_fails_the_task_in_one_line_and_prefects_retry_resumes_
         f"/checkpoints') - Retry 1/1 will start" in failed[0]
     assert "resuming from checkpoint-" in log.text()
     assert descendant_with_rank(os.getpid(), 0) is None  # nothing of the group is left
-    assert resumed["resumed_from"] and int(resumed["resumed_from"].rsplit("-", 1)[1]) >= 2
-    assert resumed["steps"] == 14 and resumed["adapter_path"] == str(out / "adapter")
-    assert max_difference(adapter(whole), adapter(resumed)) < ATOL
+    assert resumed.resumed_from and int(resumed.resumed_from.path.rsplit("-", 1)[1]) >= 2
+    assert resumed.steps == 14 and resumed.adapter.path == str(out / "adapter")
+    assert max_difference(adapter(whole), adapter({"adapter_path": resumed.adapter.path})) < ATOL

@@ -49,13 +49,16 @@ def torchrun_args(t: TrainConfig) -> list[str]:
             f"--master-port={port}"]
 
 
-def rank_env(t: TrainConfig) -> dict:
+def rank_env(t: TrainConfig, tracking_uri: str | None = None) -> dict:
     """The ranks' environment: this checkout first on the path (the ranks run the caller's code), output unbuffered
     and without progress bars, and each rank an equal share of the CPU's threads unless OMP_NUM_THREADS says
-    otherwise (torchrun would give each one thread)."""
+    otherwise (torchrun would give each one thread). The tracking URI travels here rather than in the job file, so a
+    password in it is never written to disk."""
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
            "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}  # lines go to a log: no progress bars
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc_per_node)))
     return env
 
@@ -84,14 +87,14 @@ def train_under_torchrun(tokens: dict, base: dict, cfg: Config, out_dir: Path,
     with atomic_path(job) as tmp:
         tmp.write_text(json.dumps({
             "tokens": tokens, "base": base, "config": json.loads(cfg.model_dump_json()), "out_dir": str(out_dir),
-            "run_id": run_id, "tracking_uri": tracking_uri, "progress_seconds": progress_seconds,
+            "run_id": run_id, "progress_seconds": progress_seconds,
             "result": str(result),
         }))
     cmd = [sys.executable, "-m", "desctune.training.launch", str(failure), *torchrun_args(t),
            "-m", "desctune.training.rank", str(job)]
     logger.info("training in %d process(es) on %d machine(s) under torchrun", t.nproc_per_node * t.nnodes, t.nnodes)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env=rank_env(t), start_new_session=True)
+                            env=rank_env(t, tracking_uri), start_new_session=True)
     try:
         for line in proc.stdout:
             if line.strip():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     world = World.from_env()
     logger = rank_logger(world)
     log_params, log_metrics = (lambda params: None), (lambda metrics, step: None)
-    if world.main and job.get("run_id") and job.get("tracking_uri"):
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if world.main and job.get("run_id") and tracking_uri:
         from desctune.tracking import mlflow_sink
 
-        log_params, log_metrics = mlflow_sink(job["run_id"], job["tracking_uri"])
+        log_params, log_metrics = mlflow_sink(job["run_id"], tracking_uri)
     result = train_adapter(job["tokens"], job["base"], Config.model_validate(job["config"]), Path(job["out_dir"]),
                            logger, log_params, log_metrics, progress_seconds=float(job.get("progress_seconds", 20)),
                            world=world)
