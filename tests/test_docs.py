@@ -7,7 +7,6 @@ import argparse
 import re
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 README = ROOT / "README.md"
@@ -25,9 +24,6 @@ COMMAND = r"(?<![\w.-]){}[ \t]+([a-z][\w-]*)"
 PYTHON_M = re.compile(r"(?<![\w.-])python3?[ \t]+-m[ \t]+([A-Za-z_][\w.]*)")
 OURS = {"desctune", "app", "bench", "deployments", "flows", "tasks"}
 PY_PATH = re.compile(r"(?<![\w./-])((?:desctune|app|bench|deployments|flows|tasks|tests)/[\w/]*\w\.py)\b")
-# The core library's subpackages (desctune/data, training, evaluation, registry, export): the docs name the modules
-# by their places there. Until that layout is in this tree, the check of desctune's modules is expected to fail.
-CORE_MOVED = (ROOT / "desctune" / "training" / "loop.py").is_file()
 
 
 def prose_and_code(text: str) -> tuple[str, str]:
@@ -125,9 +121,6 @@ def test_every_module_and_file_of_the_checkout_shown_exists_outside_the_core():
     assert not missing, "\n".join(sorted(set(missing)))
 
 
-@pytest.mark.xfail(not CORE_MOVED, strict=False,
-                   reason="the docs name desctune's modules in their subpackages (desctune/data, training, evaluation, "
-                   "registry, export), which this tree does not have yet")
 def test_every_module_and_file_of_the_core_shown_exists():
     modules = [(p, m) for p, m in shown(PYTHON_M) if m.split(".")[0] == "desctune"]
     files = [(p, f) for p, f in shown(PY_PATH) if f.startswith("desctune/")]
