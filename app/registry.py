@@ -36,7 +36,7 @@ def comparison_table(label: str, data_path: str, metrics: dict) -> str:
 
 
 def metrics_json(metrics: dict) -> dict:
-    """The documented metrics.json shape (README, "Evaluating a version on other data"), nothing more."""
+    """The documented metrics.json shape (docs/evaluation.md, "Evaluating a version on other data"), nothing more."""
     models = {m: {k: metrics[m][k] for k in ("bleu", "rougeL", "chrf", "length_ratio")} for m in ("base", "finetuned")}
     comparison = {k: {f: v[f] for f in ("delta", "low", "high", "verdict")} for k, v in metrics["comparison"].items()}
     return {"n": metrics["n"], **models, "difference": comparison,

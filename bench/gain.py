@@ -8,7 +8,7 @@ chosen setting, not to choose. Each scoring prints ROUGE-L for both models, the 
 the per-example tables go to OUT/NAME/{selection,heldout}.parquet. Base outputs are cached per (records, system
 prompt, decoding), so a second setting with the same decoding pays for the fine-tuned model's generation only.
 
-    python -m bench.gain C                     # the default profile as it is (the README's run C)
+    python -m bench.gain C                     # the default profile as it is (run C in docs/LOG.md)
     python -m bench.gain C --adapter OUT/C/train/adapter --heldout --skip-selection
     python -m bench.gain A --set data.reject_blurbs=false --set train.epochs=1 --set eval.repetition_penalty=1.2
 """
