@@ -19,6 +19,14 @@ def prefect_ui_hint(flow_run_id: str) -> str:
     return f".venv/bin/prefect server start   then {LOCAL_PREFECT_UI}/runs/flow-run/{flow_run_id}"
 
 
+def scored_on(result: FinetuneResult) -> str:
+    """Which records the run was scored on: its test split, or the held-out file `eval.test_path` named."""
+    n = result.evaluate.metrics["n"]
+    if result.scored is None:
+        return f"{n} test examples (the run's test split)"
+    return f"{n} held-out examples ({result.scored.ingest.input_path})"
+
+
 def summary_text(result: FinetuneResult, flow_run_id: str) -> str:
     ing, cln, spl, trn, ev = result.ingest, result.clean, result.sample, result.train, result.evaluate
     reg = result.registered
@@ -38,7 +46,8 @@ def summary_text(result: FinetuneResult, flow_run_id: str) -> str:
         f"training   loss {trn.train_loss_first:.3f} -> {trn.train_loss_last:.3f} over {trn.steps} steps, "
         f"val loss {trn.val_loss:.3f}, {trn.tokens_per_s:.0f} tokens/s on {trn.device} ({trn.dtype})",
         f"plan       {trn.plan.get('reason', 'not recorded (trained before plans were explained)')}",
-        f"evaluation {m['n']} test examples    BLEU      ROUGE-L   chrF++   length",
+        f"evaluation {scored_on(result)}",
+        f"{'':31}BLEU      ROUGE-L   chrF++   length",
         *(f"           {label:20}{m[k]['bleu']:8.2f}  {m[k]['rougeL']:9.4f}  {m[k]['chrf']:7.2f}  "
           f"{m[k]['length_ratio']:6.2f}"
           for k, label in (("base", "base"), ("finetuned", "fine-tuned"))),

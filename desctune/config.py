@@ -207,6 +207,10 @@ class EvalConfig(Section):
         "the prompt or the output, the title's own words included"
     )
     no_repeat_ngram_size: int = Field(3, ge=0, description="0: off; stops greedy decoding's loops")
+    test_path: str | None = Field(
+        None, description="score the run on this file (cleaned like the training data, review blurbs kept; its "
+        "first `limit` records) instead of its own test split; the registry's gate then judges on it"
+    )
 
 
 class RegistryConfig(Section):

@@ -246,6 +246,21 @@ class RegisterResult(StageResult):
     tracking_uri: str
 
 
+class ScoredSet(StageResult):
+    """The file a run is scored on instead of its test split (`eval.test_path`), ingested and cleaned."""
+
+    ingest: IngestResult
+    clean: CleanResult
+
+
+def scored_records(sample: SampleResult, scored: ScoredSet | None) -> Split:
+    """The records a run is scored on: the cleaned `eval.test_path` file when there is one, else the test split."""
+    if scored is None:
+        return sample.test
+    f = scored.clean.clean
+    return Split(path=f.path, sha256=f.sha256, size=f.size, rows=scored.clean.kept)
+
+
 class RunStages(StageResult):
     """What the finetune flow's stages returned, as register and the lineage read them."""
 
@@ -256,6 +271,11 @@ class RunStages(StageResult):
     tokenize: TokenizeResult
     train: TrainResult
     evaluate: EvaluateResult
+    scored: ScoredSet | None = None
+
+    def test(self) -> Split:
+        """The records the run was scored on (`scored_records`)."""
+        return scored_records(self.sample, self.scored)
 
 
 class FinetuneResult(RunStages):

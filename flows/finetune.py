@@ -1,4 +1,6 @@
-"""The finetune flow: ingest -> clean -> sample -> tokenize -> train -> evaluate -> register. It only composes."""
+"""The finetune flow: ingest -> clean -> sample -> tokenize -> train -> evaluate -> register. It only composes.
+
+With `eval.test_path` set, that file is ingested and cleaned for scoring and evaluated on instead of the test split."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from prefect import flow
 
 from desctune.config import Config
 from desctune.registry.lineage import fail_run
-from desctune.results import FinetuneResult, RunStages
+from desctune.results import FinetuneResult, RunStages, ScoredSet, scored_records
 from desctune.tracking import tracking_uri
 from tasks.base_model import base_model
 from tasks.clean import clean
@@ -35,9 +37,14 @@ def finetune(config: Config = Config()) -> FinetuneResult:
     splits = sample(cleaned, cfg.data, cfg.artifacts_dir)
     base = base_model(cfg.model.name, cfg.artifacts_dir)
     tokens = tokenize(splits, base, cfg.model, cfg.artifacts_dir)
+    scored = None
+    if cfg.eval.test_path:
+        held_out = cfg.data.for_scoring(cfg.eval.test_path)
+        held_raw = ingest(held_out, cfg.artifacts_dir, fingerprint(held_out.path))
+        scored = ScoredSet(ingest=held_raw, clean=clean(held_raw, held_out, cfg.artifacts_dir))
     trained = train(tokens, base, cfg.model, cfg.lora, cfg.train, cfg.artifacts_dir, run_id, tracking_uri(cfg))
-    evaluated = evaluate(trained, splits, cfg.eval, cfg.artifacts_dir)
+    evaluated = evaluate(trained, scored_records(splits, scored), cfg.eval, cfg.artifacts_dir)
     report(evaluated, cfg.artifacts_dir)
     stages = RunStages(ingest=raw, clean=cleaned, sample=splits, base=base, tokenize=tokens, train=trained,
-                       evaluate=evaluated)
+                       evaluate=evaluated, scored=scored)
     return FinetuneResult(**dict(stages), registered=register(cfg, run_id, stages))

@@ -1,5 +1,6 @@
-"""The evaluate tasks: base vs fine-tuned on the test split (or a registered version on any cleaned data), scored by
-`desctune.evaluation.evaluate`, published as Prefect artifacts; the guard refuses an adapter with no effect."""
+"""The evaluate tasks: base vs fine-tuned on the run's scored records (or a registered version on any cleaned data),
+scored by `desctune.evaluation.evaluate`, published as Prefect artifacts; the guard refuses an adapter with no
+effect."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from desctune import store
 from desctune.config import EvalConfig
 from desctune.errors import AdapterError
 from desctune.evaluation.evaluate import evaluate_adapter, guard_adapter
-from desctune.results import CleanResult, EvaluateResult, SampleResult, TrainResult
+from desctune.results import CleanResult, EvaluateResult, Split, TrainResult
 from desctune.stages import stage_folder
 from tasks.stage import run_logger, stage_cache
 
@@ -31,22 +32,23 @@ def publish(result: EvaluateResult, key: str = "evaluation") -> None:
 
 
 def evaluate_key(context, parameters: dict) -> str:
-    """The evaluation's own inputs: the adapter's and the test split's content, the settings and the code version
+    """The evaluation's own inputs: the adapter's and the scored records' content, the settings and the code version
     (not the rest of the train result, which carries the MLflow run that trained it)."""
     out_dir = stage_folder(parameters["artifacts_dir"], "evaluate", parameters["trained"].adapter.sha256,
-                           parameters["splits"].test.sha256, parameters["cfg"])
+                           parameters["test"].sha256, parameters["cfg"])
     where = store.canonical(parameters["artifacts_dir"], out_dir)  # the same on every worker of a shared store
     return f"{out_dir.name}-{hash_objects(where, context.task.fn.__code__.co_code)}"
 
 
 @task(name="evaluate", cache_policy=stage_cache(CachePolicy.from_cache_key_fn(evaluate_key)), persist_result=True,
       result_serializer="json", retries=0)
-def evaluate(trained: TrainResult, splits: SampleResult, cfg: EvalConfig, artifacts_dir: str) -> EvaluateResult:
-    """Evaluate the trained adapter on the test split and refuse one with no effect (publishing the report first, so
-    a refused run shows why). Cached on the adapter's and the test split's content and the evaluation settings."""
-    out_dir = stage_folder(artifacts_dir, "evaluate", trained.adapter.sha256, splits.test.sha256, cfg)
-    trained, splits = store.localize(artifacts_dir, (trained, splits))
-    result = EvaluateResult.from_core(evaluate_adapter(trained.adapter.path, splits.test.path, cfg, artifacts_dir,
+def evaluate(trained: TrainResult, test: Split, cfg: EvalConfig, artifacts_dir: str) -> EvaluateResult:
+    """Evaluate the trained adapter on `test` (the run's scored records: its test split or the cleaned
+    `eval.test_path` file) and refuse one with no effect (publishing the report first, so a refused run shows why).
+    Cached on the adapter's and the records' content and the evaluation settings."""
+    out_dir = stage_folder(artifacts_dir, "evaluate", trained.adapter.sha256, test.sha256, cfg)
+    trained, test = store.localize(artifacts_dir, (trained, test))
+    result = EvaluateResult.from_core(evaluate_adapter(trained.adapter.path, test.path, cfg, artifacts_dir,
                                                        out_dir, True, logger=run_logger()))
     try:
         guard_adapter(result.adapter_status, result.metrics["identical_outputs"])

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 
-from conftest import ROOT, SAMPLE, head_records, tiny_config
+from conftest import EVAL_DATA, ROOT, SAMPLE, head_records, tiny_config
 from desctune.config import config_to_yaml
 from desctune.files import file_sha256
 from desctune.tracking import tracking_uri
@@ -95,6 +95,55 @@ def test_second_identical_run_takes_ingest_to_train_from_cache(two_runs):
     assert first.result().train.adapter.sha256 == second.result().train.adapter.sha256
     registered = second.result().registered
     assert registered.unchanged and registered.version == first.result().registered.version
+
+
+async def stage_states(flow_run_id) -> dict[str, list[str]]:
+    """Each stage's task run states in one flow run (a stage can run more than once: ingest and clean of the scored
+    file)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    return states
+
+
+def test_a_run_with_eval_test_path_is_scored_and_registered_on_that_file(tmp_path, tiny_model_dir):
+    from app.summary import summary_text
+
+    records = head_records(SAMPLE, tmp_path / "records.jsonl", 40)
+    held_out = head_records(EVAL_DATA, tmp_path / "held_out.jsonl", 12)
+    cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
+                      eval={"limit": 8, "test_path": str(held_out)})
+    first = finetune(config=cfg, return_state=True)
+    out = first.result()
+    scored = pd.read_parquet(out.scored.clean.clean.path)
+    assert out.scored.ingest.input_path == str(held_out) and out.scored.ingest.records == 12
+    table = pd.read_parquet(out.evaluate.table.path)
+    assert out.evaluate.metrics["n"] == len(table) == 8
+    assert table["title"].tolist() == scored["title"].head(8).tolist()
+    assert not set(table["title"]) & set(pd.read_parquet(out.sample.test.path)["title"])
+
+    client = MlflowClient(tracking_uri(cfg))
+    tags = client.get_model_version(cfg.registry.model_name, out.registered.version).tags
+    assert tags["data.test_input"] == str(held_out)
+    assert tags["data.test_input_sha256"] == file_sha256(held_out)
+    assert tags["data.test_sha256"] == out.scored.clean.clean.sha256 != out.sample.test.sha256
+    run = client.get_run(out.registered.run_id)
+    test_inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert test_inputs["test"] == out.scored.clean.clean.sha256[:16]
+    assert test_inputs["test-raw"] == file_sha256(held_out)[:16]
+    assert f"evaluation 8 held-out examples ({held_out})" in summary_text(out, str(first.state_details.flow_run_id))
+
+    second = finetune(config=cfg, return_state=True)
+    states = asyncio.run(stage_states(second.state_details.flow_run_id))
+    assert states["ingest"] == states["clean"] == ["Cached", "Cached"]
+    assert {s: states[s] for s in ("sample", "tokenize", "train", "evaluate")} == {
+        s: ["Cached"] for s in ("sample", "tokenize", "train", "evaluate")}
+    registered = second.result().registered
+    assert registered.unchanged and registered.version == out.registered.version
 
 
 def test_a_changed_setting_reruns_only_the_stages_after_it(two_runs):

@@ -150,8 +150,8 @@ def source_tags(lineage: dict | None, what: str) -> dict:
 
 def run_summary(cfg: Config) -> str:
     return (f"LoRA fine-tuning of {cfg.model.name} (r={cfg.lora.r}, alpha={cfg.lora.alpha}) to write product "
-            f"descriptions from product titles, on {cfg.data.path}; base and fine-tuned model evaluated on the test "
-            f"split (BLEU and chrF++ 0-100, ROUGE-L 0-1)")
+            f"descriptions from product titles, on {cfg.data.path}; base and fine-tuned model evaluated on "
+            f"{cfg.eval.test_path or 'the test split'} (BLEU and chrF++ 0-100, ROUGE-L 0-1)")
 
 
 def start_run(cfg: Config, lineage: dict | None = None) -> str:
@@ -253,8 +253,11 @@ def log_results(cfg: Config, run_id: str, stages: RunStages) -> None:
     ing, cln, spl = stages.ingest, stages.clean, stages.sample
     log_dataset(run_id, "raw", ing.input_path, ing.input_sha256, "raw", rows=ing.records)
     log_dataset(run_id, "clean", cln.clean.path, cln.clean.sha256, "clean", rows=cln.kept)
-    for name, split in (("train", spl.train), ("test", spl.test)):
+    for name, split in (("train", spl.train), ("test", stages.test())):
         log_dataset(run_id, name, split.path, split.sha256, name, frame=pd.read_parquet(split.path))
+    if stages.scored is not None:
+        held = stages.scored.ingest
+        log_dataset(run_id, "test-raw", held.input_path, held.input_sha256, "test-raw", rows=held.records)
     reports = (evaluated.plot, evaluated.table, evaluated.report, evaluated.metrics_file)
     for file in (trained.loss_plot, *reports, cln.rejects):
         if file is not None and Path(file.path).is_file():

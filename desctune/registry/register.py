@@ -183,6 +183,23 @@ def versus_champion(key: str, challenger: pd.DataFrame, champion: pd.DataFrame) 
     return sig.corpus_score(key, a.sum(axis=0)), sig.paired_corpus(key, a, b)
 
 
+def scored_tags(stages: RunStages) -> dict:
+    """The file the version was scored on instead of the test split, and its sha256 (`data.test_sha256` is that of
+    its cleaned records)."""
+    if stages.scored is None:
+        return {}
+    ing = stages.scored.ingest
+    return {"data.test_input": ing.input_path, "data.test_input_sha256": ing.input_sha256}
+
+
+def scored_set(stages: RunStages) -> str:
+    """What the run was scored on, in words."""
+    n = stages.evaluate.metrics["n"]
+    if stages.scored is None:
+        return f"Test set ({n} examples)"
+    return f"Held-out file {stages.scored.ingest.input_path} ({n} examples)"
+
+
 def description(stages: RunStages, run_id: str) -> str:
     """The model version's description, for people: what it is, and whether it beat its base and how surely."""
     from desctune.evaluation.evaluate import significance_lines
@@ -190,7 +207,7 @@ def description(stages: RunStages, run_id: str) -> str:
     m = stages.evaluate.metrics
     b, f = m["base"], m["finetuned"]
     return (f"LoRA adapter on {stages.base.name} that writes a product description from a product title, "
-            f"trained by MLflow run {run_id}. Test set ({m['n']} examples), base -> fine-tuned: "
+            f"trained by MLflow run {run_id}. {scored_set(stages)}, base -> fine-tuned: "
             f"BLEU {b['bleu']:.2f} -> {f['bleu']:.2f} (0-100), ROUGE-L {b['rougeL']:.4f} -> {f['rougeL']:.4f} (0-1), "
             f"chrF++ {b['chrf']:.2f} -> {f['chrf']:.2f} (0-100). " + "; ".join(significance_lines(m))
             + f"; better on {m['better']}, worse on {m['worse']} examples (by ROUGE-L).")
@@ -242,7 +259,7 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
 
     c = client(cfg)
     name = cfg.registry.model_name
-    trained, metrics, test = stages.train, stages.evaluate.metrics, stages.sample.test
+    trained, metrics, test = stages.train, stages.evaluate.metrics, stages.test()
     same = same_model(c, name, trained.adapter.sha256, test.sha256, cfg.eval.digest())
     if same is not None and same.run_id != run_id:
         return unchanged(cfg, c, same, run_id)
@@ -275,6 +292,7 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
         "data.clean_sha256": stages.clean.clean.sha256,
         "data.train_sha256": stages.sample.train.sha256,
         "data.test_sha256": test.sha256,
+        **scored_tags(stages),
         "eval_config": cfg.eval.digest(),
         **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned")
            for k in ("bleu", "rougeL", "chrf")},
