@@ -18,10 +18,10 @@ def preflight(cfg) -> None:
     from desctune.data.readers import HF_PREFIX
     from desctune.tracking import tracking_uri
 
-    data = Path(cfg.data.path)
-    if not cfg.data.path.startswith(HF_PREFIX) and not data.exists():
-        raise DataError(f"data.path {data} does not exist: point it at a JSON Lines, CSV or Parquet file, a Hugging "
-                        "Face save_to_disk folder, or hf://owner/name")
+    for key, path in (("data.path", cfg.data.path), ("eval.test_path", cfg.eval.test_path)):
+        if path and not path.startswith(HF_PREFIX) and not Path(path).exists():
+            raise DataError(f"{key} {path} does not exist: point it at a JSON Lines, CSV or Parquet file, a Hugging "
+                            "Face save_to_disk folder, or hf://owner/name")
     store.check(cfg.artifacts_dir)
     tracking_uri(cfg)
 

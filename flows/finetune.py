@@ -35,13 +35,13 @@ def finetune(config: Config = Config()) -> FinetuneResult:
     raw = ingest(cfg.data, cfg.artifacts_dir, fingerprint(cfg.data.path))
     cleaned = clean(raw, cfg.data, cfg.artifacts_dir)
     splits = sample(cleaned, cfg.data, cfg.artifacts_dir)
-    base = base_model(cfg.model.name, cfg.artifacts_dir)
-    tokens = tokenize(splits, base, cfg.model, cfg.artifacts_dir)
     scored = None
-    if cfg.eval.test_path:
+    if cfg.eval.test_path:  # read before the base model and training, so a bad file fails the run early
         held_out = cfg.data.for_scoring(cfg.eval.test_path)
         held_raw = ingest(held_out, cfg.artifacts_dir, fingerprint(held_out.path))
         scored = ScoredSet(ingest=held_raw, clean=clean(held_raw, held_out, cfg.artifacts_dir))
+    base = base_model(cfg.model.name, cfg.artifacts_dir)
+    tokens = tokenize(splits, base, cfg.model, cfg.artifacts_dir)
     trained = train(tokens, base, cfg.model, cfg.lora, cfg.train, cfg.artifacts_dir, run_id, tracking_uri(cfg))
     evaluated = evaluate(trained, scored_records(splits, scored), cfg.eval, cfg.artifacts_dir)
     report(evaluated, cfg.artifacts_dir)

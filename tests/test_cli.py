@@ -38,5 +38,8 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_model_dir):
     no_data = desctune("run", "--config", write_profile(tmp_path, cfg))
     assert no_data.returncode == 2 and len(no_data.stderr.splitlines()) == 1
     assert "no-such-data.jsonl does not exist" in no_data.stderr
+    no_test = desctune("run", "--set", f"eval.test_path={tmp_path / 'no-such-test.jsonl'}")
+    assert no_test.returncode == 2 and len(no_test.stderr.splitlines()) == 1
+    assert f"eval.test_path {tmp_path / 'no-such-test.jsonl'} does not exist" in no_test.stderr
     bad_set = desctune("run", "--set", "train.epochs=many")
     assert bad_set.returncode == 2 and bad_set.stderr.startswith("desctune: invalid config at train.epochs")
