@@ -134,14 +134,14 @@ MODEL_SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (1024, 576, 49152))  # MLP
 SQUARE = (2048, 2048, 2048)
 
 
-def bf16_matmul_gflops(shapes=(*MODEL_SHAPES, SQUARE), seconds: float = 4.0, device: str = "cpu"
-                       ) -> dict[tuple[int, int, int], float]:
-    """bf16 matmul rate of each (m, k, n) shape on `device` (on the CPU, all threads torch uses)."""
+def bf16_matmul_gflops(shapes=(*MODEL_SHAPES, SQUARE), seconds: float = 4.0, device: str = "cpu",
+                       dtype: torch.dtype = torch.bfloat16) -> dict[tuple[int, int, int], float]:
+    """bf16 (or `dtype`) matmul rate of each (m, k, n) shape on `device` (on the CPU, all threads torch uses)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rates = {}
     for m, k, n in shapes:
-        a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-        b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         sync()
         reps, t0 = 0, time.perf_counter()
