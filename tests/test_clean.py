@@ -305,9 +305,9 @@ def test_control_byte_test_finds_exactly_the_characters_of_the_regex_on_every_co
     assert found.tolist() == pc.match_substring_regex(arr, clean_mod._CONTROL).to_pylist()
 
 
-def test_worker_processes_give_the_same_output_as_one_process(tmp_path):
-    """Row groups cleaned on two real worker processes: same kept rows, rejects and order as in one process, with
-    duplicates across row groups found (the first one is kept) and every reason."""
+def test_cleaning_in_small_batches_gives_the_same_output_as_in_one(tmp_path, monkeypatch):
+    """Batches of 250 rows cleaned two at a time on threads: same kept rows, rejects and order as one batch, with
+    duplicates across batches found (the first one is kept) and every reason."""
     rng = random.Random(3)
     rows = []
     for i in range(3000):
@@ -318,9 +318,10 @@ def test_worker_processes_give_the_same_output_as_one_process(tmp_path):
         rows.append({"uid": f"u{rng.randrange(2500)}", "title": title, "content": content})
     raw = _raw(tmp_path, rows)
     table = pq.read_table(raw["path"])
-    pq.write_table(table, raw["path"], row_group_size=250)  # 12 row groups: 12 tasks for the workers
-    one = clean_file(raw, DataConfig(), tmp_path / "one", workers=1)
-    two = clean_file(raw, DataConfig(), tmp_path / "two", workers=2)
+    pq.write_table(table, raw["path"], row_group_size=250)  # 12 row groups
+    one = clean_file(raw, DataConfig(), tmp_path / "one")
+    monkeypatch.setattr(clean_mod, "BATCH_ROWS", 250)
+    two = clean_file(raw, DataConfig(), tmp_path / "two")
     for key in ("path", "rejects_path"):
         assert pq.read_table(two[key]).equals(pq.read_table(one[key]))
     assert two["by_reason"] == one["by_reason"] and two["kept"] == one["kept"]

@@ -130,16 +130,16 @@ def _mixed_lines(n: int = 400) -> list[bytes]:
     lines[41] = b""
     lines[90] = b'{"uid": "n90", "title": null, "content": "c"}'
     lines[120] = rec("wide", content="w" * 3000)  # longer than the 1 KiB chunk, within max_line_bytes
-    lines[350] = rec("huge", content="h" * 10_000)  # longer than max_line_bytes (the serial reader then skips 1 MiB)
+    lines[350] = rec("huge", content="h" * 10_000)  # over max_line_bytes: rejected, the lines after it read
     lines[200] = b"   "
     lines[300] = b"[1, 2]"
     return lines
 
 
 @pytest.mark.parametrize("shape", ["lf", "crlf-bom", "no-final-newline", "huge-last", "huge-first"])
-def test_parallel_reader_writes_what_the_serial_one_does(tmp_path, monkeypatch, shape):
-    """A large plain file is parsed on worker processes, each reading its own byte range: the same raw.parquet and
-    rejects, byte for byte, as one process reading it through, whatever lines straddle the chunks."""
+def test_reading_in_small_chunks_writes_what_one_chunk_does(tmp_path, monkeypatch, shape):
+    """A file read in 1 KiB chunks, lines straddling them: the same records and rejects, row for row, as read in one
+    chunk, whatever the line ends, BOM, final newline or over-long first and last lines."""
     lines = _mixed_lines()
     if shape == "huge-last":
         lines[-1] = rec("huge-last", content="h" * 10_000)
@@ -153,22 +153,18 @@ def test_parallel_reader_writes_what_the_serial_one_does(tmp_path, monkeypatch, 
     src = tmp_path / "in.jsonl"
     src.write_bytes(payload)
     data = DataConfig(path=str(src), max_line_bytes=8192)
+    whole = ingest_file(data, tmp_path / "whole")
     monkeypatch.setattr(jsonlines, "CHUNK_BYTES", 1024)
-    monkeypatch.setattr(jsonlines, "usable_cores", lambda: 2)
-    results = {}
-    for mode, min_bytes in (("serial", 1 << 60), ("parallel", 0)):
-        monkeypatch.setattr(jsonlines, "PARALLEL_MIN_BYTES", min_bytes)
-        with open(src, "rb") as f:
-            jsonlines.first_bytes(f, src)
-            assert jsonlines._parallel(f, data) == (mode == "parallel")
-        results[mode] = ingest_file(data, tmp_path / mode)
-    serial, parallel = results["serial"], results["parallel"]
-    keys = ("sha256", "rejects_sha256", "lines_read", "records", "by_reason")
-    assert {k: parallel[k] for k in keys} == {k: serial[k] for k in keys}
-    assert serial["by_reason"]["line_too_long"] >= 1 and serial["lines_read"] == len(lines)
-    start = 3 if shape == "crlf-bom" else 0
-    spans = list(jsonlines._line_spans(src, start, start + 4096, data))
-    assert len(spans) > (1 if shape == "huge-first" else 20)  # lines did straddle chunks
+    reads = []
+    read_input = jsonlines.read_input
+    monkeypatch.setattr(jsonlines, "read_input", lambda *a: reads.append(a[1]) or read_input(*a))
+    small = ingest_file(data, tmp_path / "small")
+    keys = ("lines_read", "records", "by_reason")
+    assert {k: small[k] for k in keys} == {k: whole[k] for k in keys}
+    for key in ("path", "rejects_path"):  # the same rows; the files' row groups follow the chunks
+        assert pq.read_table(small[key]).combine_chunks().equals(pq.read_table(whole[key]).combine_chunks())
+    assert whole["by_reason"]["line_too_long"] >= 1 and whole["lines_read"] == len(lines)
+    assert len(reads) > 20  # lines did straddle chunks
 
 
 def test_max_records_stops_early(tmp_path):

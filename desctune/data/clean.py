@@ -5,9 +5,9 @@
 characters, boilerplate stubs, whitespace runs. `clean_column` gives the same result for a whole Arrow column: rows
 that are plain ASCII with no '&', '<', control character or extra whitespace (most of trn.json) are left as they are,
 and each repair of `clean_text` runs only on the rows a cheap test (RE2, or numpy over the bytes) picks for it.
-`clean_file` streams raw.parquet a row group at a time, on one worker process per core for a large input (threads in
-this process for a small one); this process keeps the file's order, finds duplicates by 64-bit hashes the workers
-made, and writes. Memory stays bounded by a few row groups in flight plus 40-70 bytes a kept record for the hashes.
+`clean_file` streams raw.parquet a batch at a time, two batches in flight on threads (Arrow's kernels let go of the
+GIL); it keeps the file's order, finds duplicates by 64-bit hashes of the cleaned texts, and writes. Memory stays
+bounded by the batches in flight plus 40-70 bytes a kept record for the hashes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pandas._libs.hashtable import UInt64HashTable
 from desctune.config import DataConfig
 from desctune.data.ingest import REJECT_PARQUET
 from desctune.data.records import EXCERPT_CHARS, REJECT_SCHEMA
-from desctune.data.parallel import ordered_map, usable_cores
 from desctune.files import HashingSink, atomic_path, start_stage
 from desctune.stages import stage_folder
 
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 
 CLEAN_SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
 BATCH_ROWS = 65_536
-# From this many records on, cleaning runs in worker processes (one per core); below, starting them costs more.
-PARALLEL_MIN_ROWS = 200_000
 # clean.parquet: zstd, no dictionary (titles and contents are nearly all distinct), statistics only on the uid.
 CLEAN_PARQUET = {"compression": "zstd", "use_dictionary": False, "write_statistics": ["uid"]}
 
@@ -407,8 +404,8 @@ def _repeated(h: np.ndarray) -> np.ndarray:
 
 
 def _hashes(a: pa.Array) -> np.ndarray:
-    """The 64-bit xxh3 hash of each string's UTF-8 bytes, read straight from the Arrow buffers (no Python str is made),
-    and a hash is the same in every process, so workers can compute them."""
+    """The 64-bit xxh3 hash of each string's UTF-8 bytes, read straight from the Arrow buffers (no Python str is
+    made)."""
     a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
     if len(a) == 0:
         return np.empty(0, np.uint64)
@@ -476,14 +473,14 @@ def _clean_fields(title, content, data: DataConfig) -> tuple[pa.Array, pa.Array,
 def _clean_group(group: pa.RecordBatch | pa.Table, data: DataConfig) -> dict:
     """All that the ordered writer needs of one group of raw rows: each row's failed filter and the excerpt a reject
     would show, and for the rows that pass (only they can be kept) their cleaned title and content and dedup hashes.
-    Runs in a thread or a worker process."""
+    Runs on a thread."""
     col = {name: group.column(name) for name in ("line", "uid", "title", "content")}
     col = {k: v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v for k, v in col.items()}
     title, content, reason = _clean_fields(col["title"], col["content"], data)
     ok = pc.is_null(reason)
     # A reject's excerpt is of its raw texts. A row that passes the filters is rejected only as a duplicate (a few in a
     # million), and when cleaning left its texts as they were, the writer makes its excerpt from the cleaned texts it
-    # holds: so only rejects and changed rows carry one here (null elsewhere): a third less excerpt text to send.
+    # holds: so only rejects and changed rows carry one here (null elsewhere): a third less excerpt text to hold.
     changed = pc.or_(pc.not_equal(col["title"], title), pc.not_equal(col["content"], content))
     title, content = title.filter(ok), content.filter(ok)
     return {
@@ -492,11 +489,6 @@ def _clean_group(group: pa.RecordBatch | pa.Table, data: DataConfig) -> dict:
         "title": title, "content": content,
         "uid_hash": _hashes(col["uid"].filter(ok)), "pair_hash": _pair_hashes(title, content),
     }
-
-
-def _clean_row_group(path: str, index: int, data: DataConfig) -> dict:
-    """`_clean_group` on one row group of raw.parquet, read here: what a worker process runs."""
-    return _clean_group(pq.ParquetFile(path, pre_buffer=False).read_row_group(index), data)
 
 
 def _without_rows(table: pa.Table, rows: list[int]) -> pa.Table:
@@ -542,14 +534,9 @@ def _batches(path: str) -> Iterator[pa.RecordBatch]:
     return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS)
 
 
-def _cleaned_groups(path: str, data: DataConfig, workers: int) -> Iterator[dict]:
-    """`_clean_group` over raw.parquet, in order. One worker: batches on two threads in this process (Arrow kernels
-    release the GIL), two in flight. More: one row group per task on that many worker processes, each reading its
-    row group itself, so only results travel between processes."""
-    if workers > 1:
-        groups = range(pq.ParquetFile(path, pre_buffer=False).num_row_groups)
-        yield from ordered_map(_clean_row_group, ((path, i, data) for i in groups), workers)
-        return
+def _cleaned_groups(path: str, data: DataConfig) -> Iterator[dict]:
+    """`_clean_group` over raw.parquet's batches, in order, on two threads (Arrow kernels release the GIL), two in
+    flight."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: deque = deque()
         for batch in _batches(path):
@@ -560,22 +547,14 @@ def _cleaned_groups(path: str, data: DataConfig, workers: int) -> Iterator[dict]
             yield pending.popleft().result()
 
 
-def clean_workers(records: int) -> int:
-    """Worker processes for cleaning `records` rows: one per core, or none (threads in this process) for an input so
-    small that starting processes would cost more than it saves."""
-    return usable_cores() if records >= PARALLEL_MIN_ROWS else 1
-
-
 def clean_folder(artifacts_dir: str | Path, raw: dict, data: DataConfig) -> Path:
     """The clean stage's folder for this raw.parquet and these settings (what the clean task and `desctune prepare`
     use)."""
     return stage_folder(artifacts_dir, "clean", raw["sha256"], raw["rejects_sha256"], data.subset(CLEAN_FIELDS))
 
 
-def clean_file(raw: dict, data: DataConfig, out_dir: Path, workers: int | None = None) -> dict:
-    """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in), on
-    `workers` processes (default `clean_workers`); the output is the same whatever their number."""
-    workers = clean_workers(raw.get("records") or 0) if workers is None else workers
+def clean_file(raw: dict, data: DataConfig, out_dir: Path) -> dict:
+    """Stream raw.parquet into out_dir/clean.parquet and out_dir/rejects.parquet (ingest's rejects merged in)."""
     out_dir = start_stage(out_dir, log)
     clean_path, rej_path = out_dir / "clean.parquet", out_dir / "rejects.parquet"
     reasons: Counter[str] = Counter()
@@ -594,7 +573,7 @@ def clean_file(raw: dict, data: DataConfig, out_dir: Path, workers: int | None =
         ) as rw:
             for rej in _batches(raw["rejects_path"]):
                 write_rejects(pa.Table.from_batches([rej]).cast(REJECT_SCHEMA))
-            for cleaned in _cleaned_groups(raw["path"], data, workers):
+            for cleaned in _cleaned_groups(raw["path"], data):
                 good, bad = _split_batch(cleaned, dedup)
                 if good.num_rows:
                     cw.write_table(good)

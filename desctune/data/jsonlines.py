@@ -1,10 +1,9 @@
 """JSON Lines (optionally gzipped; UTF-8 with or without BOM; LF or CRLF) and one top-level JSON array.
 
-JSON Lines are read in fixed-size byte chunks so memory stays bounded whatever the file or one line holds; a large
-plain file's chunks are parsed on one worker process per core, each reading its own byte range, while the caller only
-finds where the chunks end. Each chunk goes through pyarrow's JSON reader; a chunk it cannot take whole (a bad line,
-invalid UTF-8, a blank line, a non-string field) is bisected down to small blocks and only those are parsed line by
-line, so one bad line costs little and every other record in the chunk is kept.
+JSON Lines are read in fixed-size byte chunks so memory stays bounded whatever the file or one line holds. Each chunk
+goes through pyarrow's JSON reader; a chunk it cannot take whole (a bad line, invalid UTF-8, a blank line, a
+non-string field) is bisected down to small blocks and only those are parsed line by line, so one bad line costs
+little and every other record in the chunk is kept.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import codecs
 import gzip
 import io
 import json
-import mmap
-import os
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -26,15 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from desctune.config import DataConfig
-from desctune.data.parallel import ordered_map, usable_cores
 from desctune.data.records import EXCERPT_CHARS, RAW_SCHEMA, REJECT_SCHEMA, Batch, check_record, fill_uids
 from desctune.errors import DataError
 
 CHUNK_BYTES = 32 << 20
 SMALL_BLOCK_LINES = 64
-# From this size on, a plain JSON Lines file is parsed on worker processes (one per core); below, starting them costs
-# more than it saves.
-PARALLEL_MIN_BYTES = 4 * CHUNK_BYTES
 
 
 def _parse_lines(block: bytes, first_line: int, data: DataConfig, out: Batch) -> None:
@@ -83,9 +76,8 @@ def _valid_utf8(block: bytes) -> bool:
     return True
 
 
-def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig, threads: bool = True) -> pa.Table | None:
-    """pyarrow's JSON reader (multithreaded unless `threads` is false: in a worker process, one per core, more threads
-    only contend); None when the block needs the exact path."""
+def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig) -> pa.Table | None:
+    """pyarrow's JSON reader, multithreaded; None when the block needs the exact path."""
     if not block.isascii() and not _valid_utf8(block):
         return None
     for uid_type in (pa.string(), pa.int64()):
@@ -95,7 +87,7 @@ def _parse_fast(block: bytes, first_line: int, nlines: int, data: DataConfig, th
         try:
             table = pj.read_json(
                 io.BytesIO(block),
-                read_options=pj.ReadOptions(use_threads=threads, block_size=max(1 << 20, len(block) // 8 + 1)),
+                read_options=pj.ReadOptions(use_threads=True, block_size=max(1 << 20, len(block) // 8 + 1)),
                 parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
             )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -140,11 +132,11 @@ def _fast_to_batch(table: pa.Table, block: bytes, first_line: int, data: DataCon
 
 
 def _parse_block(
-    block: bytes, first_line: int, data: DataConfig, nlines: int | None = None, threads: bool = True
+    block: bytes, first_line: int, data: DataConfig, nlines: int | None = None
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Parse a block of whole lines (ending in b'\\n'): fast path, else bisect, else line by line."""
     nlines = block.count(b"\n") if nlines is None else nlines
-    table = _parse_fast(block, first_line, nlines, data, threads)
+    table = _parse_fast(block, first_line, nlines, data)
     if table is not None:
         yield _fast_to_batch(table, block, first_line, data)
         return
@@ -157,8 +149,8 @@ def _parse_block(
     if mid < 0 or mid == len(block) - 1:
         mid = block.rfind(b"\n", 0, len(block) - 1)
     left, right = block[: mid + 1], block[mid + 1 :]
-    yield from _parse_block(left, first_line, data, threads=threads)
-    yield from _parse_block(right, first_line + left.count(b"\n"), data, threads=threads)
+    yield from _parse_block(left, first_line, data)
+    yield from _parse_block(right, first_line + left.count(b"\n"), data)
 
 
 def open_input(path: Path):
@@ -203,9 +195,6 @@ def iter_json(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table
         if shape == "array":
             yield from _iter_array(f, buf, path, data)
             return
-        if _parallel(f, data):
-            yield from _iter_lines_parallel(path, f.tell() - len(buf), f.tell(), data)
-            return
         line_no, eof = 1, False
         while not eof:
             more = read_input(f, read_size, path)
@@ -216,7 +205,7 @@ def iter_json(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table
             cut = buf.rfind(b"\n") + 1
             if cut == 0:
                 if len(buf) > data.max_line_bytes:
-                    buf = yield from _skip_long_line(f, buf, line_no, path)
+                    buf = yield from _skip_long_line(f, buf, line_no, path, read_size)
                     line_no += 1
                 continue
             first_end = buf.find(b"\n")
@@ -239,85 +228,6 @@ def iter_json(path: Path, data: DataConfig) -> Iterator[tuple[pa.Table, pa.Table
                 return
 
 
-def _parallel(f, data: DataConfig) -> bool:
-    """Whether the JSON Lines file open as `f` (past `first_bytes`) is parsed on worker processes: a plain file
-    (a gzipped one's offsets are not the file's) of at least PARALLEL_MIN_BYTES, read whole, on more than one core."""
-    if isinstance(f, gzip.GzipFile) or data.max_records is not None or usable_cores() < 2:
-        return False
-    return os.fstat(f.fileno()).st_size >= PARALLEL_MIN_BYTES
-
-
-def _line_spans(path: Path, start: int, read_end: int, data: DataConfig) -> Iterator[tuple[str, int, int]]:
-    """The chunks `iter_json`'s serial loop makes, as byte spans found without reading the file through (mmap):
-    ("lines", begin, end) for a block of whole lines, ("long", begin, begin) for a line longer than
-    data.max_line_bytes (only its start is read, for the excerpt).
-    The spans mirror that loop read by read (`start`: where its buffer begins, `read_end`: its file position), so both
-    paths write the same raw.parquet."""
-    window, limit, skip = min(CHUNK_BYTES, data.max_line_bytes), data.max_line_bytes, 1 << 20
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        size, pos = len(mm), start
-        while True:
-            eof, read_end = read_end >= size, min(read_end + window, size)
-            if eof and pos >= size:
-                return
-            cut = size if eof else mm.rfind(b"\n", pos, read_end) + 1
-            if cut <= pos:  # no whole line in the buffer yet
-                if read_end - pos > limit:
-                    yield "long", pos, pos
-                    nl = mm.find(b"\n", read_end)  # the serial loop skips on in 1 MiB reads
-                    if nl < 0:
-                        pos = read_end = size
-                    else:
-                        pos, read_end = nl + 1, min(read_end + ((nl - read_end) // skip + 1) * skip, size)
-                continue
-            first = mm.find(b"\n", pos, cut)
-            first = cut if first < 0 else first
-            if first - pos > limit:
-                yield "long", pos, pos
-                pos = first + 1
-                continue
-            yield "lines", pos, cut
-            pos = cut
-
-
-def _parse_span(path: str, kind: str, begin: int, end: int, data: DataConfig) -> tuple[list, int]:
-    """What a worker process does with one span of `_line_spans`: read it and parse it, numbering its lines from 1;
-    returns the (records, rejects) pairs and the number of lines."""
-    with open(path, "rb") as f:
-        if kind == "long":
-            out = Batch()
-            out.reject(1, None, "line_too_long", os.pread(f.fileno(), 4 * EXCERPT_CHARS, begin))
-            return [(RAW_SCHEMA.empty_table(), pa.table(out.rej, schema=REJECT_SCHEMA))], 1
-        parts = []
-        while begin < end:
-            parts.append(os.pread(f.fileno(), min(end - begin, 1 << 30), begin))
-            begin += len(parts[-1])
-    block = b"".join(parts) if len(parts) > 1 else parts[0]
-    if not block.endswith(b"\n"):  # the last line of a file without a final newline
-        block += b"\n"
-    n = block.count(b"\n")
-    return list(_parse_block(block, 1, data, n, threads=False)), n
-
-
-def _shift_lines(table: pa.Table, by: int) -> pa.Table:
-    if not table.num_rows or not by:
-        return table
-    i = table.schema.get_field_index("line")
-    return table.set_column(i, "line", pc.add(table.column(i), pa.scalar(by, pa.int64())))
-
-
-def _iter_lines_parallel(
-    path: Path, start: int, read_end: int, data: DataConfig
-) -> Iterator[tuple[pa.Table, pa.Table, int]]:
-    """JSON Lines from `start` on, parsed on worker processes in file order; this process numbers the lines."""
-    spans = ((str(path), kind, begin, end, data) for kind, begin, end in _line_spans(path, start, read_end, data))
-    before = 0
-    for pairs, n in ordered_map(_parse_span, spans, usable_cores()):
-        for records, rejects in pairs:
-            yield _shift_lines(records, before), _shift_lines(rejects, before), before + n
-        before += n
-
-
 def _first_lines(block: bytes, n: int) -> bytes:
     pos = -1
     for _ in range(n):
@@ -325,13 +235,14 @@ def _first_lines(block: bytes, n: int) -> bytes:
     return block[: pos + 1]
 
 
-def _skip_long_line(f, buf: bytes, line_no: int, path: Path):
-    """Reject the over-long line starting `buf` and discard it without holding it; return what follows it."""
+def _skip_long_line(f, buf: bytes, line_no: int, path: Path, read_size: int):
+    """Reject the over-long line starting `buf` and discard it without holding it; return what follows it (less than
+    `read_size` bytes, so the caller still checks each line that follows against data.max_line_bytes)."""
     rej = Batch()
     rej.reject(line_no, None, "line_too_long", buf[: 4 * EXCERPT_CHARS])
     yield RAW_SCHEMA.empty_table(), pa.table(rej.rej, schema=REJECT_SCHEMA), line_no
     while True:
-        chunk = read_input(f, 1 << 20, path)
+        chunk = read_input(f, read_size, path)
         if not chunk:
             return b""
         nl = chunk.find(b"\n")
