@@ -157,6 +157,39 @@ def significance(tags: dict) -> list[str]:
     return lines
 
 
+def claims_line(tags: dict) -> str | None:
+    """The version's invented-claims rates and their difference ("invented claims: base 7% → fine-tuned 11%, +4 pts
+    [-3, +12]"), from its `metric.claims_*` tags; None for versions registered without them."""
+    base, tuned, raw = (tags.get(k) for k in ("metric.claims_base", "metric.claims_finetuned", "metric.delta_claims"))
+    if base is None or tuned is None or not raw:
+        return None
+    d = json.loads(raw)
+    return (f"invented claims: base {float(base):.0%} → fine-tuned {float(tuned):.0%}, {d['delta'] * 100:+.0f} pts "
+            f"[{d['low'] * 100:+.0f}, {d['high'] * 100:+.0f}] ({d.get('verdict', 'not measured')})")
+
+
+CLAIM_COLORS = {"praise": "#f6c453", "boilerplate": "#c9b3f5", "number": "#9fd8a8", "entity": "#f5a3a3"}
+
+
+def highlight_claims(text: str, title: str) -> tuple[str, list[str]]:
+    """`text` as HTML with each claim its title cannot support marked (the kind in the mark's tooltip and colour),
+    and one line a claim ("number: 40 hours") for the caption under it."""
+    import html
+
+    from desctune.evaluation.claims import KIND_LABELS, find_claims
+
+    claims = find_claims(text, title)
+    parts, at = [], 0
+    for c in claims:
+        parts.append(html.escape(text[at : c.start]))
+        parts.append(f'<mark class="claim claim-{c.kind}" title="{KIND_LABELS[c.kind]}" '
+                     f'style="background:{CLAIM_COLORS[c.kind]}">{html.escape(text[c.start : c.end])}</mark>')
+        at = c.end
+    parts.append(html.escape(text[at:]))
+    body = "".join(parts).replace("\n", "<br>")
+    return f'<div style="white-space: pre-wrap">{body}</div>', [f"{c.kind}: {c.text.strip()}" for c in claims]
+
+
 def adapter_problems(status: dict, report: pd.DataFrame | None = None) -> list[str]:
     """Everything that makes the fine-tuned column no different from the base (the evaluation guard's own checks,
     as sentences); empty when the adapter works."""

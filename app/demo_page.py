@@ -125,8 +125,12 @@ title = st.text_input("Product title", key="title", placeholder="e.g. Stainless 
 system_prompt = st.text_area("System prompt", meta["system_prompt"], height=80)
 
 buttons = st.columns([1, 1, 6])
-generate = buttons[0].button("Generate", type="primary", disabled=not title.strip())
+# Never disabled: a title typed but not yet committed (no Enter) reaches the script with the click that commits it.
+generate = buttons[0].button("Generate", type="primary")
 buttons[1].button("Stop", help="stop generating; what was written so far stays")  # a click reruns the page: that stops it
+if generate and not title.strip():
+    st.warning("Type a product title first.")
+    generate = False
 if generate:
     st.session_state.outputs = {"title": title, "base": "", "finetuned": "", "stats": {}, "done": []}
 
@@ -149,11 +153,19 @@ if st.session_state.get("outputs"):
                     boxes[name].text(text + " ▌")
                     boxes[f"{name}_rate"].caption(logic.rate_line(tokens, seconds))
             outputs["done"].append(name)
+            boxes[name].text(outputs[name])  # finished: no cursor while the other column streams
     shown_title, base_out, tuned_out = outputs["title"], outputs["base"], outputs["finetuned"]
     for name, text in (("base", base_out), ("finetuned", tuned_out)):
-        boxes[name].text(text or ("(empty output)" if name in outputs["done"] else "(stopped)"))
-        if name in outputs["stats"]:
-            boxes[f"{name}_rate"].caption(logic.rate_line(*outputs["stats"][name], stopped=name not in outputs["done"]))
+        if not text:
+            boxes[name].text("(empty output)" if name in outputs["done"] else "(stopped)")
+        else:  # the claims the title cannot support, marked (desctune.evaluation.claims)
+            marked, found = logic.highlight_claims(text, shown_title)
+            boxes[name].markdown(marked, unsafe_allow_html=True)
+        stats = logic.rate_line(*outputs["stats"][name], stopped=name not in outputs["done"]) \
+            if name in outputs["stats"] else ""
+        claims = (f"{len(found)} invented claim{'s' * (len(found) != 1)}: " + "; ".join(found)) if text and found \
+            else "no invented claim found" if text else ""
+        boxes[f"{name}_rate"].caption(" · ".join(x for x in (stats, claims) if x))
     finished = outputs["done"] == ["base", "finetuned"]
     if finished and base_out == tuned_out:
         st.error("The base and fine-tuned outputs are identical for this title: the adapter had no effect here.",
@@ -168,8 +180,9 @@ metrics = logic.metrics_frame(resolved.tags, run_metrics)
 if metrics is None:
     st.info("No evaluation metrics recorded for this model.")
 else:
-    for line in logic.significance(resolved.tags):
-        st.markdown(f"- {line}")
+    for line in [*logic.significance(resolved.tags), logic.claims_line(resolved.tags)]:
+        if line:
+            st.markdown(f"- {line}")
     scales = {"BLEU": "corpus BLEU (0–100)", "ROUGE-L": "ROUGE-L F (0–1)", "chrF++": "chrF++ (0–100)"}
     shown = [c for c in scales if c in metrics.columns]
     for column, place in zip(shown, st.columns(len(shown))):

@@ -39,8 +39,11 @@ def metrics_json(metrics: dict) -> dict:
     """The documented metrics.json shape (docs/evaluation.md, "Evaluating a version on other data"), nothing more."""
     models = {m: {k: metrics[m][k] for k in ("bleu", "rougeL", "chrf", "length_ratio")} for m in ("base", "finetuned")}
     comparison = {k: {f: v[f] for f in ("delta", "low", "high", "verdict")} for k, v in metrics["comparison"].items()}
-    return {"n": metrics["n"], **models, "difference": comparison,
-            "wins": {k: metrics[k] for k in ("better", "worse", "same")}, "sign_test_p": metrics["sign_test_p"]}
+    out = {"n": metrics["n"], **models, "difference": comparison,
+           "wins": {k: metrics[k] for k in ("better", "worse", "same")}, "sign_test_p": metrics["sign_test_p"]}
+    if "claims" in metrics:
+        out["claims"] = {"rates": metrics["claims"]["rates"], "difference": metrics["claims"]["comparison"]}
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -222,6 +222,11 @@ class RegistryConfig(Section):
         0.0, ge=0, description="a version becomes champion only when the lower bounds of the paired 95% intervals "
         "of (version - base) and (version - champion) on `metric` are above this"
     )
+    max_claim_increase: float = Field(
+        0.0, ge=0, le=1, description="a version stays challenger when its share of outputs with an invented claim is "
+        "significantly higher than the champion's (a first version: the base's): when the lower bound of the paired "
+        "95% interval of the difference (0-1) is above this"
+    )
 
 
 class Config(Section):

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from streamlit.testing.v1 import AppTest
 
-from app.demo_logic import rate_line
+from app.demo_logic import highlight_claims, rate_line
 from conftest import SAMPLE, head_records, tiny_config
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "demo_page.py")
@@ -142,6 +142,9 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     assert shown.loc["fine-tuned", "chrF++"] == pytest.approx(float(version.tags["metric.finetuned_chrf"]))
     verdicts = [m.value for m in at.markdown if "95% CI" in m.value]
     assert len(verdicts) == 3 and any("ROUGE-L" in v for v in verdicts)
+    claims = [m.value for m in at.markdown if "invented claims: base" in m.value]
+    assert claims == [f"- invented claims: base {float(version.tags['metric.claims_base']):.0%} → fine-tuned "
+                      f"{float(version.tags['metric.claims_finetuned']):.0%}, " + claims[0].split(", ", 1)[1]]
 
 
 def test_generate_puts_base_and_finetuned_side_by_side_as_evaluated(registered, monkeypatch):
@@ -157,10 +160,16 @@ def test_generate_puts_base_and_finetuned_side_by_side_as_evaluated(registered, 
     title, base, tuned = outputs["title"], outputs["base"], outputs["finetuned"]
     assert (title, base, tuned) == (row["title"], row["base_output"], row["finetuned_output"])
     assert outputs["done"] == ["base", "finetuned"] and all(outputs["stats"][m][0] > 0 for m in ("base", "finetuned"))
-    assert [c.value for c in at.caption if "tokens/s" in c.value][:2] == [
-        rate_line(*outputs["stats"][m]) for m in ("base", "finetuned")]
+    captions = [c.value for c in at.caption if "tokens/s" in c.value][:2]
+    assert [c.split(" · ")[0] for c in captions] == [rate_line(*outputs["stats"][m]) for m in ("base", "finetuned")]
     assert base != tuned
-    assert [t.value for t in at.text] == [base or "(empty output)", tuned or "(empty output)", row["reference"]]
+    # each output is shown with the claims its title cannot support marked, and the caption lists them
+    shown = [m.value for m in at.markdown]
+    for text, caption in zip((base, tuned), captions):
+        marked, found = highlight_claims(text, title)
+        assert marked in shown
+        assert caption.endswith(f": {'; '.join(found)}" if found else "no invented claim found")
+    assert [t.value for t in at.text] == [row["reference"]]
     assert not at.error
 
     at.radio[0].set_value("sample").run()

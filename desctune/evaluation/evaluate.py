@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from rouge_score import rouge_scorer
 
 from desctune.config import DataConfig, EvalConfig
 from desctune.errors import AdapterError
+from desctune.evaluation import claims as cl
 from desctune.evaluation import significance as sig
 from desctune.evaluation.generation import adapter_status, base_context, generate, load_adapter_model
 from desctune.files import atomic_path, start_stage, write_parquet
@@ -82,9 +84,24 @@ METRIC_LABELS = {"rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF++"}
 
 
 def significance_lines(metrics: dict) -> list[str]:
-    """For people: one line a metric ('fine-tuned better: ROUGE-L +0.0120 [+0.0040, +0.0200], 95% CI')."""
-    return [sig.describe(METRIC_LABELS[m], metrics["comparison"][m], 4 if m == "rougeL" else 2)
-            for m in ("rougeL", "bleu", "chrf")]
+    """For people: one line a metric ('fine-tuned better: ROUGE-L +0.0120 [+0.0040, +0.0200], 95% CI'), then the
+    invented-claims line where the evaluation measured them."""
+    lines = [sig.describe(METRIC_LABELS[m], metrics["comparison"][m], 4 if m == "rougeL" else 2)
+             for m in ("rougeL", "bleu", "chrf")]
+    if "claims" in metrics:
+        lines.append(cl.describe(metrics["claims"]))
+    return lines
+
+
+def score_claims(df: pd.DataFrame, metrics: dict) -> None:
+    """The claims each output (and each reference) makes that its title cannot support: per-example columns
+    `{base,finetuned,reference}_claims` (JSON lists of {kind, start, end, text}) and `metrics['claims']` (rates per
+    model and kind, paired intervals of fine-tuned - base)."""
+    outputs = {m: df[f"{m}_output"].tolist() for m in MODELS}
+    summary, flags = cl.claim_summary(df["title"].tolist(), outputs, df["reference"].tolist())
+    for name, found in flags.items():
+        df[f"{name}_claims"] = [json.dumps([asdict(c) for c in claims], ensure_ascii=False) for claims in found]
+    metrics["claims"] = summary
 
 
 def adapter_problems(status: dict, identical_outputs: float | None = None) -> list[str]:
@@ -155,11 +172,13 @@ def evaluate_frame(model, tokenizer, test: pd.DataFrame, system_prompt: str, cfg
     with base_context(model):
         base_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg), progress=progress("base"))
     tuned_out = generate(model, tokenizer, titles, system_prompt, **decoding(cfg), progress=progress("fine-tuned"))
-    logger.info("evaluate: scoring %d pairs of outputs (BLEU, ROUGE-L, chrF++, paired bootstrap)", len(titles))
+    logger.info("evaluate: scoring %d pairs of outputs (BLEU, ROUGE-L, chrF++, invented claims, paired bootstrap)",
+                len(titles))
     df, metrics = score(test["content"].tolist(), {"base": base_out, "finetuned": tuned_out})
     df.insert(0, "title", titles)
     if "uid" in test:
         df.insert(0, "uid", test["uid"].tolist())
+    score_claims(df, metrics)
     return df, metrics
 
 
@@ -206,8 +225,45 @@ def _ratio(value: float | None) -> str:
 
 
 def _cell(text, n: int) -> str:
-    """Text shortened and made safe for one markdown table cell."""
-    return str(text)[:n].replace("|", "/").replace("\n", " ")
+    """Text made safe for one markdown table cell, shortened at a word boundary (with "…") when over n characters."""
+    text = str(text).replace("|", "/").replace("\n", " ")
+    if len(text) <= n:
+        return text
+    cut = text[: n - 1].rsplit(" ", 1)[0] if " " in text[: n - 1] else text[: n - 1]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def claims_report(metrics: dict, df: pd.DataFrame, examples: int = 5) -> list[str]:
+    """The invented-claims section of the report: rates per model and kind, the paired interval of each, and the
+    outputs with the most flagged spans, each span with its kind."""
+    c = metrics["claims"]
+    rates = c["rates"]
+    cols = [m for m in ("base", "finetuned", "reference") if m in rates]
+    names = {"base": "base", "finetuned": "fine-tuned", "reference": "reference"}
+    lines = [
+        "### Invented claims",
+        "",
+        "Share of outputs making at least one claim the title cannot support (desctune.evaluation.claims; the "
+        "references are the shop's own texts, shown for what the model learned from).",
+        "",
+        "| kind | " + " | ".join(names[m] for m in cols) + " | fine-tuned − base (95% CI) |",
+        "|---|" + "---|" * len(cols) + "---|",
+    ]
+    for kind in ("any", *cl.KINDS):
+        iv = c["comparison"][kind]
+        label = "any kind" if kind == "any" else cl.KIND_LABELS[kind]
+        lines.append(f"| {label} | " + " | ".join(f"{rates[m][kind]:.0%}" for m in cols)
+                     + f" | {iv['delta'] * 100:+.0f} pts [{iv['low'] * 100:+.0f}, {iv['high'] * 100:+.0f}] "
+                       f"({iv['verdict']}) |")
+    flagged = [(i, json.loads(df.at[i, f"{m}_claims"]), m) for i in df.index for m in MODELS
+               if f"{m}_claims" in df and df.at[i, f"{m}_claims"] != "[]"]
+    flagged.sort(key=lambda x: -len(x[1]))
+    if flagged:
+        lines += ["", "| title | model | flagged spans (kind: text) |", "|---|---|---|"]
+        for i, found, m in flagged[:examples]:
+            spans = "; ".join(f"{x['kind']}: {_cell(x['text'], 60)}" for x in found)
+            lines.append(f"| {_cell(df.at[i, 'title'], 60)} | {names[m]} | {_cell(spans, 300)} |")
+    return lines
 
 
 def markdown_report(metrics: dict, df: pd.DataFrame, worst: int = 5) -> str:
@@ -238,10 +294,15 @@ def markdown_report(metrics: dict, df: pd.DataFrame, worst: int = 5) -> str:
         "| title | base ROUGE-L | fine-tuned ROUGE-L | base output | fine-tuned output |",
         "|---|---|---|---|---|",
     ]
-    for _, row in df.nsmallest(worst, "delta_rougeL").iterrows():
+    got_worse = df[df["delta_rougeL"] < 0]
+    if got_worse.empty:
+        lines[-2:] = ["No example got worse by ROUGE-L."]
+    for _, row in got_worse.nsmallest(worst, "delta_rougeL").iterrows():
         lines.append(
             f"| {_cell(row['title'], 60)} | {row['base_rougeL']:.3f} | {row['finetuned_rougeL']:.3f} "
             f"| {_cell(row['base_output'], 120)} | {_cell(row['finetuned_output'], 120)} |"
         )
+    if "claims" in metrics:
+        lines += ["", *claims_report(metrics, df)]
     return "\n".join(lines)
 

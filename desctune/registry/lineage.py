@@ -222,7 +222,8 @@ def stage_metrics(stages: RunStages) -> dict:
 def evaluation_metrics(metrics: dict) -> dict:
     """An evaluation as MLflow metrics under `eval/`: each model's scores (BLEU and chrF++ 0-100, ROUGE-L 0-1) and
     length ratio, each difference with its 95% interval (`eval/delta_rougeL`, `eval/delta_rougeL_low`,
-    `eval/delta_rougeL_high`), the win counts and the sign test."""
+    `eval/delta_rougeL_high`), the win counts, the sign test, and the invented-claims rates (`eval/claims_base`, ...,
+    `eval/delta_claims` with its interval)."""
     m = {f"eval/{model}_{key}": metrics[model][key] for model in MODELS
          for key in ("bleu", "rougeL", "chrf", "length_ratio")}
     for key, interval in metrics["comparison"].items():
@@ -230,6 +231,12 @@ def evaluation_metrics(metrics: dict) -> dict:
                   f"eval/delta_{key}_high": interval["high"]})
     m.update({f"eval/{k}": metrics[k] for k in ("better", "worse", "same")})
     m["eval/sign_test_p"] = metrics["sign_test_p"]
+    if "claims" in metrics:  # share of outputs with an invented claim (0-1), per model and the paired difference
+        claims = metrics["claims"]
+        m.update({f"eval/claims_{who}": r["any"] for who, r in claims["rates"].items()})
+        iv = claims["comparison"]["any"]
+        m.update({"eval/delta_claims": iv["delta"], "eval/delta_claims_low": iv["low"],
+                  "eval/delta_claims_high": iv["high"]})
     return m
 
 

@@ -43,6 +43,11 @@ def evaluation_table(tags: dict) -> list[str]:
                     else f"{float(tuned) - float(base):+.4f}")
         rows.append(f"| {label} ({SCALES.get(key, '')}) | {float(base):.4f} | {float(tuned):.4f} | {interval} | "
                     f"{delta.get('verdict', 'not measured')} |")
+    if tags.get("metric.claims_base") is not None and tags.get("metric.claims_finetuned") is not None:
+        d = json.loads(tags.get("metric.delta_claims") or "{}")
+        interval = f"{d['delta'] * 100:+.0f} pts [{d['low'] * 100:+.0f}, {d['high'] * 100:+.0f}]" if "low" in d else "-"
+        rows.append(f"| invented claims (share of outputs) | {float(tags['metric.claims_base']):.0%} | "
+                    f"{float(tags['metric.claims_finetuned']):.0%} | {interval} | {d.get('verdict', 'not measured')} |")
     return rows if len(rows) > 2 else ["No evaluation is recorded for this adapter."]
 
 

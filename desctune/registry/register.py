@@ -37,11 +37,38 @@ def version_url(cfg: Config, name: str, version: str) -> str:
 
 def gate(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
          min_improvement: float = 0.0, champion_label: str = "the champion",
-         base_interval: dict | None = None) -> tuple[bool, str]:
+         base_interval: dict | None = None, claims: dict | None = None,
+         max_claim_increase: float = 0.0) -> tuple[bool, str]:
     """Whether a challenger becomes champion, and why, in one sentence: strictly better than the base and than the
     champion on `key` (ties keep the champion), and significantly so: given the paired 95% interval of (challenger -
     base), `base_interval`, or of (challenger - champion), `interval`, on the same test records, its lower bound must
-    lie above `min_improvement`. The first champion is held to the same bar against the base."""
+    lie above `min_improvement`. The first champion is held to the same bar against the base.
+
+    Before any of that, the claims rule: `claims` is the paired interval of the share of outputs with an invented
+    claim, challenger - champion (or - base for a first version; `against` names which, `rate` and `against_rate` are
+    the two shares); when its lower bound lies above `max_claim_increase`, the challenger stays challenger whatever
+    its score."""
+    if claims is not None and claims["low"] > max_claim_increase:
+        return False, (f"stays challenger by the claims rule: invented claims {claims['rate']:.0%} against "
+                       f"{claims['against']}'s {claims['against_rate']:.0%}, {_pts(claims)}, significantly more than "
+                       f"registry.max_claim_increase {max_claim_increase:g} allows")
+    promoted, why = _score_gate(challenger, base, champion, key, interval, min_improvement, champion_label,
+                                base_interval)
+    if claims is not None:
+        why += (f"; invented claims {claims['rate']:.0%} against {claims['against']}'s {claims['against_rate']:.0%}, "
+                f"{_pts(claims)}, not significantly more")
+    return promoted, why
+
+
+def _pts(interval: dict) -> str:
+    """'+4 pts [-3, +12], 95% CI': a difference of shares in percentage points."""
+    return (f"{interval['delta'] * 100:+.0f} pts [{interval['low'] * 100:+.0f}, {interval['high'] * 100:+.0f}], "
+            "95% CI")
+
+
+def _score_gate(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None,
+                min_improvement: float, champion_label: str, base_interval: dict | None) -> tuple[bool, str]:
+    """The score rules of `gate`."""
     value, over_base = challenger[key], f"{key} {challenger[key]:.4g} beats base {base[key]:.4g}"
     if value <= base[key]:
         return False, f"stays challenger: {key} {value:.4g} does not beat base {base[key]:.4g}"
@@ -67,9 +94,11 @@ def _ci(interval: dict) -> str:
 
 
 def should_promote(challenger: dict, base: dict, champion: float | None, key: str, interval: dict | None = None,
-                   min_improvement: float = 0.0, base_interval: dict | None = None) -> bool:
+                   min_improvement: float = 0.0, base_interval: dict | None = None, claims: dict | None = None,
+                   max_claim_increase: float = 0.0) -> bool:
     """The gate's decision without its sentence."""
-    return gate(challenger, base, champion, key, interval, min_improvement, base_interval=base_interval)[0]
+    return gate(challenger, base, champion, key, interval, min_improvement, base_interval=base_interval,
+                claims=claims, max_claim_increase=max_claim_increase)[0]
 
 
 def current_user() -> str:
@@ -183,6 +212,29 @@ def versus_champion(key: str, challenger: pd.DataFrame, champion: pd.DataFrame) 
     return sig.corpus_score(key, a.sum(axis=0)), sig.paired_corpus(key, a, b)
 
 
+def claims_versus_champion(challenger: pd.DataFrame, champion: pd.DataFrame, label: str) -> dict | None:
+    """The paired interval of (challenger - champion) in share of outputs with an invented claim, on the same
+    records, for the gate's claims rule; None for a table without titles (older evaluations)."""
+    from desctune.evaluation import claims as cl
+    from desctune.evaluation import significance as sig
+
+    if "title" not in challenger or "title" not in champion:
+        return None
+    has = [[float(bool(c)) for c in cl.claim_flags(t["finetuned_output"].tolist(), t["title"].tolist())]
+           for t in (champion, challenger)]
+    return {**sig.paired_mean(*has), "rate": sum(has[1]) / max(len(has[1]), 1),
+            "against": label, "against_rate": sum(has[0]) / max(len(has[0]), 1)}
+
+
+def claims_versus_base(metrics: dict) -> dict | None:
+    """The evaluation's paired interval of (fine-tuned - base) in share of outputs with an invented claim."""
+    if "claims" not in metrics:
+        return None
+    rates = metrics["claims"]["rates"]
+    return {**metrics["claims"]["comparison"]["any"], "rate": rates["finetuned"]["any"], "against": "the base",
+            "against_rate": rates["base"]["any"]}
+
+
 def scored_tags(stages: RunStages) -> dict:
     """The file the version was scored on instead of the test split, and its sha256 (`data.test_sha256` is that of
     its cleaned records)."""
@@ -198,6 +250,16 @@ def scored_set(stages: RunStages) -> str:
     if stages.scored is None:
         return f"Test set ({n} examples)"
     return f"Held-out file {stages.scored.ingest.input_path} ({n} examples)"
+
+
+def claim_tags(metrics: dict) -> dict:
+    """The invented-claims rates (share of outputs, 0-1) of base, fine-tuned and references, and the paired interval
+    of fine-tuned - base, as version tags."""
+    if "claims" not in metrics:
+        return {}
+    rates = metrics["claims"]["rates"]
+    return {**{f"metric.claims_{who}": repr(float(r["any"])) for who, r in rates.items()},
+            "metric.delta_claims": json.dumps(metrics["claims"]["comparison"]["any"])}
 
 
 def description(stages: RunStages, run_id: str) -> str:
@@ -297,6 +359,7 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
         **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned")
            for k in ("bleu", "rougeL", "chrf")},
         **{f"metric.delta_{k}": json.dumps(v) for k, v in metrics["comparison"].items()},
+        **claim_tags(metrics),
         **(lineage or {}),
     }
     for k, v in tags.items():
@@ -310,13 +373,15 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
     if not c.get_registered_model(name).description:
         c.update_registered_model(name, description=model_description(stages))
     champion = get_alias(c, name, CHAMPION)
-    champion_value, interval = None, None
+    champion_value, interval, claims = None, None, claims_versus_base(metrics)
     if champion is not None:
-        champion_value, interval = versus_champion(key, evaluation, champion_examples(cfg, champion, test, cfg.eval))
+        champion_table = champion_examples(cfg, champion, test, cfg.eval)
+        champion_value, interval = versus_champion(key, evaluation, champion_table)
+        claims = claims_versus_champion(evaluation, champion_table, f"champion version {champion.version}")
     c.set_registered_model_alias(name, CHALLENGER, version)
     promoted, why = gate(metrics["finetuned"], metrics["base"], champion_value, key, interval,
                          cfg.registry.min_improvement, f"champion version {champion.version}" if champion else "",
-                         metrics["comparison"][key])
+                         metrics["comparison"][key], claims, cfg.registry.max_claim_increase)
     c.set_model_version_tag(name, version, "champion_gate", why)
     if promoted:
         set_champion(c, name, version, "finetune flow", f"metric gate: {why}")
