@@ -20,7 +20,8 @@ def test_evaluate_champion_on_the_eval_file_writes_metrics_json(store, tmp_path,
     ref = f"models:/{cfg.registry.model_name}@champion"
     assert main(["evaluate", "--model", ref, "--data", str(EVAL_DATA), "--limit", "3", "--out", str(out), *flags]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"n", "base", "finetuned", "difference", "wins", "sign_test_p"} and metrics["n"] == 3
+    assert set(metrics) == {"n", "base", "finetuned", "difference", "wins", "sign_test_p", "claims"}
+    assert metrics["n"] == 3 and set(metrics["claims"]["rates"]) == {"base", "finetuned", "reference"}
     for model in ("base", "finetuned"):
         assert set(metrics[model]) == {"bleu", "rougeL", "chrf", "length_ratio"}
         assert 0 <= metrics[model]["bleu"] <= 100 and 0 <= metrics[model]["rougeL"] <= 1
