@@ -10,7 +10,7 @@ import torch
 from conftest import SAMPLE, head_records
 from desctune.config import Config, DataConfig, EvalConfig, ModelConfig
 from desctune.errors import AdapterError
-from desctune.evaluation.evaluate import evaluate_adapter, evaluate_file, guard_adapter, score
+from desctune.evaluation.evaluate import evaluate_adapter, evaluate_file, guard_adapter, markdown_report, score
 from desctune.evaluation.generation import adapter_status, base_context, generate
 
 SYSTEM_PROMPT = "Describe the product."
@@ -25,6 +25,20 @@ def test_scores_reward_the_reference_and_count_better_worse():
     assert (m["better"], m["worse"], m["same"]) == (1, 0, 1)
     assert m["identical_outputs"] == 0.5
     assert list(df.columns[:1]) == ["reference"] and "delta_rougeL" in df
+
+
+def test_the_report_lists_as_worst_only_examples_that_got_worse_cut_at_a_word():
+    refs = ["a sturdy steel kettle that boils water fast"] * 3
+    long = "a sturdy steel kettle " + "with a very long and winding description of its many handsome parts " * 3
+    df, m = score(refs, {"base": ["a sturdy steel kettle", "a phone", "a sturdy steel kettle that boils"],
+                         "finetuned": [long, "a steel kettle", "a sturdy steel kettle that boils water fast"]})
+    df.insert(0, "title", ["Kettle"] * 3)
+    report = markdown_report(m, df)
+    worst = report.split("### Examples that got worst")[1].split("###")[0]
+    rows = [line for line in worst.splitlines() if line.startswith("| Kettle")]
+    assert len(rows) == 1 and (df["delta_rougeL"] < 0).sum() == 1  # the two that improved are not listed
+    cell = rows[0].split(" | ")[-1].rstrip(" |")
+    assert cell.endswith("…") and long.startswith(cell[:-1]) and long[len(cell) - 1] == " "  # cut between words
 
 
 def peft_tiny(tiny_model_dir, init_nonzero: bool, seed: int = 0):
