@@ -36,10 +36,10 @@ def adapter_model(adapter, artifacts_dir):
     return load_adapter_model(adapter, artifacts_dir, cfg)
 
 
-def greedy(model, tokenizer, system_prompt, titles=TITLES, n=16):
+def greedy(model, tokenizer, system_prompt, titles=TITLES, n=16, batch_size=1):
     from desctune.evaluation.generation import generate
 
-    return generate(model, tokenizer, titles, system_prompt, batch_size=1, max_new_tokens=n)
+    return generate(model, tokenizer, titles, system_prompt, batch_size=batch_size, max_new_tokens=n)
 
 
 def test_export_errors_are_one_line_exit_2_and_write_nothing(store, tmp_path, tiny_model_dir, capsys):
@@ -184,7 +184,7 @@ def test_embedded_model_gguf_matches_llama_cpp_layout_and_generates_the_same(tmp
     merged_dir = tmp_path / "merged"
     merge(adapter, artifacts, merged_dir)
     merged, tokenizer = AutoModelForCausalLM.from_pretrained(merged_dir), AutoTokenizer.from_pretrained(merged_dir)
-    expected = greedy(merged, tokenizer, cfg.model.system_prompt, n=24)
+    expected = greedy(merged, tokenizer, cfg.model.system_prompt, n=24, batch_size=len(TITLES))
     reference = gguf.GGUFReader(embedded_gguf("smollm2-135m-instruct"))
     same = {}
     for quant in ("f16", "q8_0"):
@@ -199,11 +199,11 @@ def test_embedded_model_gguf_matches_llama_cpp_layout_and_generates_the_same(tmp
             assert ours.fields[key].contents() == reference.fields[key].contents(), key
         name = f"model-{quant}.gguf"
         loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
-        same[quant] = sum(a == b for a, b in zip(greedy(loaded, tokenizer, cfg.model.system_prompt, n=24), expected,
-                                                  strict=True))
+        outputs = greedy(loaded, tokenizer, cfg.model.system_prompt, n=24, batch_size=len(TITLES))  # as `expected`
+        same[quant] = sum(a == b for a, b in zip(outputs, expected, strict=True))
     print(f"greedy generations equal to the merged model's on {len(TITLES)} titles: {same}")
     assert same["f16"] == len(TITLES), same
-    assert same["q8_0"] >= 3, same  # 6 of 10 over 24 tokens on a 2-core Xeon; a broken quantizer gives 0
+    assert same["q8_0"] >= 2, same  # 4 of 10 over 24 tokens on a 2-core AMD EPYC; a broken quantizer gives 0
 
 
 def wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:

@@ -36,6 +36,7 @@ from desctune.config import load_config
 
 READY_TIMEOUT = 300
 RUN_TIMEOUT = 900  # a tiny finetune run takes a minute on two quiet cores; a loaded machine has needed over 4
+MAX_STEPS = 200  # of a run killed mid-training (start_run)
 CRASH_TIMEOUT = 300  # kill to Crashed: the automation acts CRASH_WINDOW after the last heartbeat, if the server keeps up
 CRASH_WINDOW = 45  # seconds without a heartbeat (they come every 30 s, Prefect's minimum) before a run is Crashed
 PG = dict(host="127.0.0.1", port=5432, user="postgres")
@@ -405,10 +406,12 @@ class Kills:
 
 
 def start_run(served: Served, tiny_model_dir: Path, tmp_path: Path, model_name: str) -> tuple[dict, object]:
-    """A `finetune` run of the tiny model, long enough to be killed mid-training."""
+    """A `finetune` run of the tiny model, long enough to be killed mid-training: the kill comes at the first
+    checkpoint (step 20) of both runs, and the 180 steps after it outlast the few seconds between the two runs'
+    first checkpoints on a loaded machine too (each step slows alike); the same run again trains them."""
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
     cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
-                      train={"max_steps": 600, "save_steps": 20}, registry={"model_name": model_name})
+                      train={"max_steps": MAX_STEPS, "save_steps": 20}, registry={"model_name": model_name})
     parameters = {"config": json.loads(cfg.model_dump_json())}
     return parameters, asyncio.run(create_run(served.api_url, "finetune/finetune", parameters))
 
@@ -497,8 +500,8 @@ def assert_the_same_run_again_resumed(served: Served, killed: Killed) -> Path:
     assert states["train"] == "Completed"
     result = json.loads((first.parents[1] / "result.json").read_text())
     resumed = Path(result["resumed_from"])
-    assert resumed.parent == first.parent and 20 <= int(resumed.name.split("-")[1]) < 600
-    assert result["steps"] == 600 and result["history"][-1]["step"] == 600
+    assert resumed.parent == first.parent and 20 <= int(resumed.name.split("-")[1]) < MAX_STEPS
+    assert result["steps"] == MAX_STEPS and result["history"][-1]["step"] == MAX_STEPS
     return resumed
 
 
