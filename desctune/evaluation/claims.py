@@ -47,12 +47,17 @@ _SOURCES = (
     r"Pulitzer(?: Prize)?|Booker(?: Prize)?|Newbery(?: Medal| Honor)?|Caldecott(?: Medal| Honor)?|"
     r"National Book Award|Hugo Award|Nebula Award|Edgar Award|Costa (?:Book )?Award"
 )
+# An attribution names its source (one to five capitalised words, not a sentence's opening word) and is followed by
+# the end of the text or line, another quotation, or a dash: "...' Daily Mail 'Joyous...'", '..." --Time'.
+_SOURCE_NAME = r"(?!(?:It|He|She|They|We|You|I|In|The|This|That|These|A|An|And|But|So|If|As|With|For|From|Its|His|Her|" \
+    r"Their|Our|Your|My|What|When|While|Whether|Here|There)\b)[A-Z][\w.&'’]*(?:[ \t]+(?:of[ \t]+)?[A-Z][\w.&'’]*){0,4}"
+_AFTER_SOURCE = r"(?=[ \t]*(?:$|\n|[\"'“‘(\[]|--|—|–|\*))"
 _PRAISE = re.compile(
     rf"\b(?:{_SOURCES})\b"
-    # the end of a quotation and its source: "...' Daily Mail", '..." --Time', "...’SFX"
-    rf"|(?<=[.!?…][{_Q_CLOSE}])\s*(?:-{{1,2}}|—|–)?\s*[A-Z][\w.&'’]*(?:\s+[A-Z][\w.&'’]*){{0,4}}"
+    # the end of a quotation and its source
+    rf"|(?<=[.!?…][{_Q_CLOSE}])[ \t]*(?:-{{1,2}}|—|–)?[ \t]*{_SOURCE_NAME}{_AFTER_SOURCE}"
     # a dash attribution after a sentence: "... read. --John Smith", "... — The Times"
-    r"|(?<=[.!?])\s*(?:--|—|–)\s*(?!This text)[A-Z][\w.&'’]*(?:\s+(?:of\s+)?[A-Z][\w.&'’]*){0,4}",
+    rf"|(?<=[.!?])[ \t]*(?:--|—|–)[ \t]*(?!This text){_SOURCE_NAME}{_AFTER_SOURCE}",
 )
 _PRAISE_CI = re.compile(
     r"\b(?:best[- ]?sell(?:ing|er)s?|award[- ]winning|prize[- ]winning|winner of the|critically acclaimed)\b",
@@ -60,11 +65,11 @@ _PRAISE_CI = re.compile(
 )
 
 _BOILERPLATE = re.compile(
-    r"Copyright\s*(?:©|\(c\))?(?:\s*\d{4})?|©\s*\d{0,4}|\(c\)\s*\d{4}|All rights reserved|"
-    r"Reed Business Information|Cahners Business Information|This text refers to(?: an?| the)?|"
-    r"Amazon\.com Review|Book Description|Product Description|From the Back Cover|From the Publisher|"
-    r"About the Author|Editorial Reviews|Book Synopsis",
-    re.IGNORECASE,
+    r"Copyright\s*(?:©|\(c\))?(?:\s*\d{4})?|COPYRIGHT|©\s*\d{0,4}|\(c\)\s*\d{4}|All rights reserved|"
+    r"Reed Business Information|Cahners Business Information|This text refers to(?: an?| the)?|Amazon\.com Review|"
+    # a listing's section heading, at the start of a line
+    r"(?:^|(?<=\n))[ \t]*(?:Book Description|Product Description|From the Back Cover|From the Publisher|"
+    r"About the Author|Editorial Reviews|Book Synopsis)\b",
 )
 
 _UNITS = (
@@ -86,11 +91,19 @@ _TITLE_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # Words that start a sentence or a span without naming anything, and connectors allowed inside a name.
 _CONNECTORS = {"of", "the", "and", "de", "la", "le", "von", "van", "der", "du", "&", "for", "on", "in", "a", "to"}
 _WORD = r"[A-Z](?:[\w'’&-]|\.(?=[A-Z]))*"  # no trailing period: a name does not run over a sentence's end
-_CAPS_RUN = re.compile(
-    rf"{_WORD}(?:\s+(?:(?:of|the|and|de|la|le|von|van|der|du|&|for|on|in|a|to)\s+)*{_WORD})+"
+_CAPS_RUN = re.compile(  # words on one line: a heading above a line is not part of a name
+    rf"{_WORD}(?:[ \t]+(?:(?:of|the|and|de|la|le|von|van|der|du|&|for|on|in|a|to)[ \t]+)*{_WORD})+"
 )
 _QUOTED = re.compile(r"[\"“]([^\"“”]{2,120})[\"”]|(?<!\w)[‘']([A-Z][^‘’']{1,100})[’'](?!\w)")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n\s*|[\"“(]\s*)$")
+# Adjectives of nations and languages: a run of only these names nothing ("British and American").
+_DEMONYMS = set(
+    "american british english french german italian spanish irish scottish welsh european african asian chinese "
+    "japanese indian russian canadian australian mexican greek roman latin christian jewish muslim catholic "
+    "western eastern northern southern".split()
+)
+# Leading words dropped from a capitalised run wherever it stands ("The Palace of Reason" -> "Palace of Reason").
+_DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "our", "your", "its", "his", "her", "their", "my"}
 # Words that open a sentence or a heading without naming anything ("This Book", "The Perfect Gift").
 _COMMON = set(
     "a an the this that these those it its he she they we you i our your their his her my each every all any some "
@@ -146,35 +159,32 @@ def _entities(text: str, title_norm: str, title_words: set[str]) -> list[Claim]:
         if _title_like(inner) and not _in_title(inner, title_norm, title_words):
             claims.append(Claim("entity", m.start(), m.end(), m.group()))
     for m in _CAPS_RUN.finditer(text):
-        words = m.group().split()
-        start = m.start()
-        # drop leading words that open a sentence or name nothing ("The", "This", "Perfect")
-        while words and (words[0].lower().strip(".") in _COMMON or words[0].lower() in _CONNECTORS
-                         or (_SENTENCE_START.search(text[:start]) and not _looks_named(words[0]))):
-            start = text.index(words[0], start) + len(words[0])
-            words = words[1:]
-            while start < len(text) and text[start].isspace():
-                start += 1
-        while words and words[-1].lower() in _CONNECTORS:
-            words = words[:-1]
-        named = [w for w in words if w.lower() not in _CONNECTORS]
-        if len(named) < 2 or any(a <= start < b for a, b in quoted_spans):
+        tokens = [(t.start() + m.start(), t.end() + m.start(), t.group()) for t in re.finditer(r"\S+", m.group())]
+        # drop leading words that open a sentence or name nothing ("The", "This", "Perfect"), trailing connectors
+        while tokens and (tokens[0][2].lower() in _DETERMINERS or tokens[0][2].lower() in _CONNECTORS
+                          or (_SENTENCE_START.search(text[: tokens[0][0]]) and not _looks_named(tokens[0][2]))):
+            tokens = tokens[1:]
+        while tokens and tokens[-1][2].lower() in _CONNECTORS:
+            tokens = tokens[:-1]
+        named = [w for _, _, w in tokens if w.lower() not in _CONNECTORS]
+        if len(named) < 2 or any(a <= tokens[0][0] < b for a, b in quoted_spans):
             continue
-        span = " ".join(words)
         if all(w.isupper() and len(w) <= 5 for w in named):  # spec acronyms: "USB HDMI", "LCD TV"
             continue
-        if _in_title(span, title_norm, title_words):
+        if all(w.lower() in _DEMONYMS for w in named):  # "British and American"
             continue
-        end = start + len(text[start:].split(words[-1], 1)[0]) + len(words[-1])
+        start, end = tokens[0][0], tokens[-1][1]
+        if _in_title(text[start:end], title_norm, title_words):
+            continue
         claims.append(Claim("entity", start, end, text[start:end]))
     return claims
 
 
 def _title_like(quoted: str) -> bool:
-    """A quotation that reads as a work's title: at most 12 words, not a sentence, its words capitalised (all but
-    one at most, connectors aside)."""
+    """A quotation that reads as a work's title: two to 12 words (one quoted word is more often a term than a
+    work), not a sentence, its words capitalised (all but one at most, connectors aside)."""
     words = quoted.split()
-    if not words or len(words) > 12 or quoted[-1:] in ".!?,":
+    if len(words) < 2 or len(words) > 12 or quoted[-1:] in ".!?,":
         return False
     named = [w for w in words if w.lower() not in _CONNECTORS]
     return sum(w[:1].isupper() for w in named) >= max(1, len(named) - 1)
@@ -215,7 +225,8 @@ def find_claims(text: str, title: str) -> list[Claim]:
     for c in found:
         if out and c.start < out[-1].end:  # overlapping spans: the first wins (at one start, the surer kind)
             continue
-        if out and c.kind == out[-1].kind and not text[out[-1].end : c.start].strip():  # "Winner of the" "Pulitzer"
+        gap = text[out[-1].end : c.start] if out else ""
+        if out and c.kind == out[-1].kind and not gap.strip() and "\n" not in gap:  # "Winner of the" "Pulitzer"
             c = Claim(c.kind, out[-1].start, c.end, text[out[-1].start : c.end])
             out[-1] = c
             continue
