@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 from desctune.evaluation import significance as sig
 
@@ -60,7 +61,8 @@ _PRAISE = re.compile(
     rf"|(?<=[.!?])[ \t]*(?:--|—|–)[ \t]*(?!This text){_SOURCE_NAME}{_AFTER_SOURCE}",
 )
 _PRAISE_CI = re.compile(
-    r"\b(?:best[- ]?sell(?:ing|er)s?|award[- ]winning|prize[- ]winning|winner of the|critically acclaimed)\b",
+    r"\b(?:best[- ]?sell(?:ing|er)s?|award[- ]winning|prize[- ]winning|winner of the|critically acclaimed)\b"
+    r"|\b(?:sold|selling)\s+(?:over\s+|more\s+than\s+)?[\d,.]+\s*(?:thousand|million|billion)?\s*copies\b",
     re.IGNORECASE,
 )
 
@@ -79,11 +81,14 @@ _UNITS = (
     r"gallons?|hours?|hrs?|minutes?|mins?|seconds?|years?|months?|weeks?|days?|"
     r"megapixels?|MP|channels?|books?|volumes?|novels?|titles?|recipes?|songs?|tracks?|photos?|photographs?|"
     r"illustrations?|stories|puzzles?|chapters?|colou?rs?|languages?|countries|copies|editions?|awards?|"
-    r"episodes?|discs?|DVDs?|CDs?|players?|cards?|patterns?|projects?|exercises?|poems?"
+    r"episodes?|discs?|DVDs?|CDs?|players?|cards?|patterns?|projects?|exercises?|poems?|lessons?|units?|sales|"
+    r"lines?|stations?|presets?|speeds?|levels?|settings?|modes?|ports?"
 )
 _NUMBER = re.compile(
     rf"(?<![\w.,/-])(?P<num>\d{{1,3}}(?:,\d{{3}})+|\d+(?:\.\d+)?)(?:-?(?:1/2|1/4|3/4))?"
-    rf"(?:\s*(?:-\s*)?(?P<unit>{_UNITS})\b|(?P<inch>[\"”])(?!\w))",
+    rf"(?:\s*(?:-\s*)?(?:(?:thousand|million|billion)\s+)?(?P<unit>{_UNITS})(?:\b|(?<=\.))|(?P<inch>[\"”'’])(?!\w))"
+    # a year or a decade: "first published in 1972", "the 1920s"
+    r"|(?<![\w.,/-])(?P<year>1[5-9]\d\d|20\d\d)s?\b",
     re.IGNORECASE,
 )
 _TITLE_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -94,7 +99,9 @@ _WORD = r"[A-Z](?:[\w'’&-]|\.(?=[A-Z]))*"  # no trailing period: a name does n
 _CAPS_RUN = re.compile(  # words on one line: a heading above a line is not part of a name
     rf"{_WORD}(?:[ \t]+(?:(?:of|the|and|de|la|le|von|van|der|du|&|for|on|in|a|to)[ \t]+)*{_WORD})+"
 )
-_QUOTED = re.compile(r"[\"“]([^\"“”]{2,120})[\"”]|(?<!\w)[‘']([A-Z][^‘’']{1,100})[’'](?!\w)")
+# A quotation's text starts and ends next to its marks: the stretch between two quotations ('..." and I added "...')
+# is none.
+_QUOTED = re.compile(r"[\"“](?=\S)([^\"“”]{2,120}?)(?<=\S)[\"”]|(?<!\w)[‘']([A-Z][^‘’']{1,100})[’'](?!\w)")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n\s*|[\"“(]\s*)$")
 # Adjectives of nations and languages: a run of only these names nothing ("British and American").
 _DEMONYMS = set(
@@ -139,6 +146,22 @@ def _in_title(span: str, title_norm: str, title_words: set[str]) -> bool:
                                for w in words)
 
 
+def _close(word: str, title_words: set[str]) -> bool:
+    """A word the title holds, or a misspelling of one (the small model garbles the title's own names: 'Humboldt
+    Pie' for Humble Pie, 'Attenburger' for Attenborough)."""
+    if word in title_words or word.rstrip("s") in title_words or word.removesuffix("'s") in title_words:
+        return True
+    return len(word) >= 4 and any(
+        len(t) >= 4 and (t[:4] == word[:4] or SequenceMatcher(None, word, t).ratio() >= 0.75) for t in title_words)
+
+
+def _garbled_title(span: str, title_words: set[str]) -> bool:
+    """A capitalised run at least half of whose words are the title's, exact or misspelt, model codes aside: a
+    garbled echo of the title ('River of Destin', 'Gates of Night' for At the Gates of Darkness), not a new name."""
+    words = [w for w in _norm(span).split() if w not in _CONNECTORS and not any(ch.isdigit() for ch in w)]
+    return not words or sum(_close(w, title_words) for w in words) * 2 >= len(words)  # model codes aside
+
+
 def _numbers(title: str) -> set[str]:
     out = set()
     for m in _TITLE_NUMBER.findall(title):
@@ -156,7 +179,8 @@ def _entities(text: str, title_norm: str, title_words: set[str]) -> list[Claim]:
         words = inner.split()
         quoted_spans.append((m.start(), m.end()))
         # a short, title-like quotation names a work; a long one is quoted praise (the praise rules see those)
-        if _title_like(inner) and not _in_title(inner, title_norm, title_words):
+        if _title_like(inner) and not _in_title(inner, title_norm, title_words) and not _garbled_title(
+                inner, title_words):
             claims.append(Claim("entity", m.start(), m.end(), m.group()))
     for m in _CAPS_RUN.finditer(text):
         tokens = [(t.start() + m.start(), t.end() + m.start(), t.group()) for t in re.finditer(r"\S+", m.group())]
@@ -174,9 +198,10 @@ def _entities(text: str, title_norm: str, title_words: set[str]) -> list[Claim]:
         if all(w.lower() in _DEMONYMS for w in named):  # "British and American"
             continue
         start, end = tokens[0][0], tokens[-1][1]
-        if _in_title(text[start:end], title_norm, title_words):
+        if _in_title(text[start:end], title_norm, title_words) or _garbled_title(text[start:end], title_words):
             continue
         claims.append(Claim("entity", start, end, text[start:end]))
+
     return claims
 
 
@@ -216,7 +241,7 @@ def find_claims(text: str, title: str) -> list[Claim]:
             found.append(Claim("boilerplate", m.start(), m.end(), m.group()))
     numbers = _numbers(title)
     for m in _NUMBER.finditer(text):
-        if m.group("num").replace(",", "") not in numbers:
+        if (m.group("num") or m.group("year")).replace(",", "") not in numbers:
             found.append(Claim("number", m.start(), m.end(), m.group()))
     found += _entities(text, title_norm, title_words)
     priority = {"boilerplate": 0, "praise": 1, "number": 2, "entity": 3}
