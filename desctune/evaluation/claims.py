@@ -50,8 +50,8 @@ _SOURCES = (
 )
 # An attribution names its source (one to five capitalised words, not a sentence's opening word) and is followed by
 # the end of the text or line, another quotation, or a dash: "...' Daily Mail 'Joyous...'", '..." --Time'.
-_SOURCE_NAME = r"(?!(?:It|He|She|They|We|You|I|In|The|This|That|These|A|An|And|But|So|If|As|With|For|From|Its|His|Her|" \
-    r"Their|Our|Your|My|What|When|While|Whether|Here|There)\b)[A-Z][\w.&'’]*(?:[ \t]+(?:of[ \t]+)?[A-Z][\w.&'’]*){0,4}"
+_SOURCE_NAME = r"(?!(?:It|He|She|They|We|You|I|In|The|This|That|These|A|An|And|But|So|If|As|With|For|From|Its|" \
+    r"His|Her|Their|Our|Your|My|What|When|While|Whether|Here|There)\b)[A-Z][\w.&'’]*(?:[ \t]+(?:of[ \t]+)?[A-Z][\w.&'’]*){0,4}"
 _AFTER_SOURCE = r"(?=[ \t]*(?:$|\n|[\"'“‘(\[]|--|—|–|\*))"
 _PRAISE = re.compile(
     rf"\b(?:{_SOURCES})\b"
@@ -176,7 +176,6 @@ def _entities(text: str, title_norm: str, title_words: set[str]) -> list[Claim]:
     quoted_spans = []
     for m in _QUOTED.finditer(text):
         inner = (m.group(1) or m.group(2)).strip()
-        words = inner.split()
         quoted_spans.append((m.start(), m.end()))
         # a short, title-like quotation names a work; a long one is quoted praise (the praise rules see those)
         if _title_like(inner) and not _in_title(inner, title_norm, title_words) and not _garbled_title(
