@@ -51,7 +51,8 @@ _SOURCES = (
 # An attribution names its source (one to five capitalised words, not a sentence's opening word) and is followed by
 # the end of the text or line, another quotation, or a dash: "...' Daily Mail 'Joyous...'", '..." --Time'.
 _SOURCE_NAME = r"(?!(?:It|He|She|They|We|You|I|In|The|This|That|These|A|An|And|But|So|If|As|With|For|From|Its|" \
-    r"His|Her|Their|Our|Your|My|What|When|While|Whether|Here|There)\b)[A-Z][\w.&'’]*(?:[ \t]+(?:of[ \t]+)?[A-Z][\w.&'’]*){0,4}"
+    r"His|Her|Their|Our|Your|My|What|When|While|Whether|Here|There)\b)" \
+    r"[A-Z][\w.&'’]*(?:[ \t]+(?:of[ \t]+)?[A-Z][\w.&'’]*){0,4}"
 _AFTER_SOURCE = r"(?=[ \t]*(?:$|\n|[\"'“‘(\[]|--|—|–|\*))"
 _PRAISE = re.compile(
     rf"\b(?:{_SOURCES})\b"
