@@ -40,6 +40,29 @@ def demo_config() -> tuple[Config, str]:
     return cfg, ref
 
 
+def no_champion_fallback(ref: str, tracking_uri: str, name: str) -> tuple[str, str | None]:
+    """The page's first model: `ref`, except that the default @champion, when no version has become champion yet
+    (the registry's gate kept each as challenger), gives way to @challenger with a note saying why."""
+    from mlflow.exceptions import MlflowException
+
+    from desctune.tracking import client
+
+    if ref != f"models:/{name}@champion":
+        return ref, None
+    c = client(tracking_uri)
+    try:
+        aliases = c.get_registered_model(name).aliases
+        challenger = c.get_model_version_by_alias(name, "challenger") if "challenger" in aliases else None
+    except MlflowException:
+        return ref, None
+    if "champion" in aliases or challenger is None:
+        return ref, None
+    why = challenger.tags.get("champion_gate", "the registry's gate has not promoted any version")
+    return (f"models:/{name}@challenger",
+            f"No version of {name} is champion yet, so this page shows @challenger (version {challenger.version}): "
+            f"{why}.")
+
+
 def shared() -> bool:
     """Whether the page is served beyond this machine (`desctune demo --host` not loopback)."""
     from app.serve_auth import is_loopback

@@ -58,6 +58,9 @@ except UserError as exc:
     st.stop()
 
 tracking_uri = uri_of(cfg)
+start_ref, no_champion = logic.no_champion_fallback(start_ref, tracking_uri, cfg.registry.model_name)
+if no_champion:
+    st.warning(no_champion)
 with st.sidebar:
     st.header("Model")
     choices = logic.model_choices(tracking_uri, cfg.registry.model_name)

@@ -7,7 +7,7 @@ from conftest import tiny_config
 from desctune.evaluation.claims import KINDS, claim_summary, describe, find_claims
 from desctune.evaluation.evaluate import markdown_report, score, score_claims
 from desctune.registry.register import gate
-from desctune.tracking import client
+from desctune.tracking import client, tracking_uri
 from test_evaluate import save_adapter
 from test_register import register, stages_for
 
@@ -117,10 +117,17 @@ def test_the_registry_keeps_a_version_with_more_claims_than_the_champion_challen
                                                                   "claims 100% against the base's 0%")
     c = client(cfg)
     assert c.get_model_version("tiny-claims", first["version"]).tags["champion_gate"] == first["decision"]
+    # the demo, asked for @champion while there is none, opens on @challenger and says why
+    from app.demo_logic import no_champion_fallback
+
+    ref, note = no_champion_fallback("models:/tiny-claims@champion", tracking_uri(cfg), "tiny-claims")
+    assert ref == "models:/tiny-claims@challenger" and first["decision"] in note
     tags = c.get_model_version("tiny-claims", first["version"]).tags
     assert float(tags["metric.claims_finetuned"]) == 1.0 and float(tags["metric.claims_base"]) == 0.0
     second = register(cfg, _with_claims(stages_for(adapters[1], tiny_model_dir, 0.4, per_example=[0.4] * n),
                                         titles, plain, plain))
+    assert no_champion_fallback("models:/tiny-claims@champion", tracking_uri(cfg), "tiny-claims") == (
+        "models:/tiny-claims@champion", None)
     assert second["promoted"] and second["decision"].endswith("invented claims 0% against the base's 0%, +0 pts "
                                                               "[+0, +0], 95% CI, not significantly more")
     third = register(cfg, _with_claims(stages_for(adapters[2], tiny_model_dir, 0.5, per_example=[0.5] * n),
