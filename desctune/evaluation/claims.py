@@ -35,7 +35,6 @@ KIND_LABELS = {
     "entity": "name or work not in the title",
 }
 
-_Q_OPEN = "\"“‘'"
 _Q_CLOSE = "\"”’'"
 
 # Review sources and prize names that only a blurb names. Ambiguous single words (Time, People, Choice) are left out.
@@ -259,11 +258,8 @@ def find_claims(text: str, title: str) -> list[Claim]:
     return out
 
 
-def kinds_of(claims: list[Claim]) -> set[str]:
-    return {c.kind for c in claims}
-
-
 def claim_flags(outputs: list[str], titles: list[str]) -> list[list[Claim]]:
+    """The claims of each output against its title."""
     return [find_claims(o, t) for o, t in zip(outputs, titles)]
 
 
@@ -276,9 +272,11 @@ def rates(claims: list[list[Claim]]) -> dict:
     return out
 
 
-def claim_summary(titles: list[str], outputs: dict[str, list[str]], references: list[str] | None = None) -> dict:
+def claim_summary(titles: list[str], outputs: dict[str, list[str]],
+                  references: list[str] | None = None) -> tuple[dict, dict[str, list[list[Claim]]]]:
     """Claim rates of base, fine-tuned (and the references, when given), and for each kind the paired 95% bootstrap
-    interval of (fine-tuned - base) in share of outputs, with its verdict ('better' means fewer claims)."""
+    interval of (fine-tuned - base) in share of outputs, with its verdict ('more claims', 'fewer claims' or 'no
+    significant difference'); and each output's claims, by model."""
     flags = {name: claim_flags(outs, titles) for name, outs in outputs.items()}
     if references is not None:
         flags["reference"] = claim_flags(references, titles)
