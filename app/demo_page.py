@@ -96,7 +96,7 @@ run_metrics, run_params = run_data(tracking_uri, resolved.run_id)
 
 with st.sidebar:
     st.header("Generation")
-    max_new_tokens = st.slider("Max new tokens", 1, 512, int(run_params.get("eval.max_new_tokens", 128)),
+    max_new_tokens = st.slider("Max new tokens", 1, 512, int(run_params.get("eval/max_new_tokens", 128)),
                                help="defaults to the budget the model was evaluated with")
     mode = st.radio("Decoding", ["greedy", "sample"], horizontal=True)
     temperature = st.slider("Temperature", 0.05, 2.0, 0.7, step=0.05, disabled=mode == "greedy")

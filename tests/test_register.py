@@ -110,6 +110,16 @@ def test_champion_moves_only_for_a_strictly_better_challenger(registry):
     assert c.get_run(v4.run_id).data.tags["desctune.model_version"] == f"{name}/4"
 
 
+def test_each_config_field_is_one_param_of_the_run(registry):
+    """The run logs its config as `section/key` params, the names MLflow gives the registered model's model_config
+    when it logs that into the same run: each field once, not also as `section.key`."""
+    cfg, _ = registry
+    c = client(cfg)
+    params = c.get_run(c.get_model_version(cfg.registry.model_name, "1").run_id).data.params
+    assert params["data/path"] == cfg.data.path and params["lora/r"] == str(cfg.lora.r)
+    assert [k for k in params if "." in k] == []
+
+
 def test_registered_model_loads_back_through_mlflow_and_generates(registry, monkeypatch):
     cfg, _ = registry
     monkeypatch.setenv("DESCTUNE_ARTIFACTS", cfg.artifacts_dir)

@@ -102,7 +102,7 @@ def test_no_output_record_or_file_of_a_run_holds_the_tracking_password(tmp_path,
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3
     for run in runs:
-        assert run.data.params["registry.tracking_uri"] in ("None", hide_password(uri))
+        assert run.data.params["registry/tracking_uri"] in ("None", hide_password(uri))
         for key, value in {**run.data.params, **run.data.tags}.items():
             assert password not in value, key
     for version in client.search_model_versions("name = 'tiny-secret'"):

@@ -24,6 +24,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Param
 
 from desctune.config import Config, config_to_yaml
 from desctune.evaluation.evaluate import MODELS
@@ -32,13 +33,15 @@ from desctune.tracking import client, experiment_id, hide_password, public_confi
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested sections as `section/key`, lists kept whole: the names and values MLflow itself gives the registered
+    model's model_config when it logs it into the same run, so each param is there once."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
+            out.update(flatten(v, f"{key}/"))
         else:
-            out[key] = v if not isinstance(v, list) else ",".join(map(str, v))
+            out[key] = v
     return out
 
 
@@ -162,9 +165,9 @@ def start_run(cfg: Config, lineage: dict | None = None) -> str:
     tags = {"desctune.config_hash": cfg.digest(), "desctune.git_commit": git_commit(), **process_tags(),
             **(lineage or {}), **source_tags(lineage, run_summary(cfg))}
     run = c.create_run(experiment_id(cfg), tags=tags, run_name=tags.get("prefect.flow_run_name") or None)
-    params = flatten(json.loads(shown.model_dump_json()))
-    for key, value in params.items():
-        c.log_param(run.info.run_id, key, str(value)[:6000])
+    params = [Param(key, str(value)[:6000]) for key, value in flatten(json.loads(shown.model_dump_json())).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+        c.log_batch(run.info.run_id, params=params[i : i + 100])
     c.log_text(run.info.run_id, config_to_yaml(shown), "config.yaml")
     return run.info.run_id
 
