@@ -52,7 +52,7 @@ def start_tracking(cfg: Config) -> str:
 def register_serialized(cfg: Config, run_id: str, stages: RunStages, lineage: dict) -> dict:
     """Register under the model's lock: the champion is read, compared and replaced by one run at a time."""
     with one_registration_at_a_time(cfg.registry.model_name):
-        return register_model(cfg, run_id, stages, lineage)
+        return register_model(cfg, run_id, stages, lineage, logger=run_logger())
 
 
 @task(name="register", retries=2, retry_condition_fn=retry_unless_user_error, retry_delay_seconds=10)

@@ -92,6 +92,19 @@ def test_batched_generation_matches_one_at_a_time_and_adapter_toggle_changes_out
     assert base != batched
 
 
+def test_generation_reports_progress_within_a_batch_and_outputs_stay_the_same(tiny_model_dir, tiny_tokenizer):
+    """One batch of long outputs once left the log at "titles 0/8" for minutes: progress now comes after each token,
+    counting the batch by the share of its token budget spent, and the outputs are those generated without it."""
+    model = peft_tiny(tiny_model_dir, init_nonzero=True)
+    titles = ["Blue Mug", "Acme Stainless Steel Kettle 1.7 Litre with Auto Off", "Shirt", "Desk Lamp"]
+    seen: list[float] = []
+    with_progress = generate(model, tiny_tokenizer, titles, "Describe.", batch_size=4, max_new_tokens=12,
+                             progress=seen.append)
+    assert with_progress == generate(model, tiny_tokenizer, titles, "Describe.", batch_size=4, max_new_tokens=12)
+    within = [x for x in seen if 0 < x < len(titles)]
+    assert len(within) >= 5 and within == sorted(within) and seen[-1] == len(titles)
+
+
 def test_evaluate_file_runs_ingest_and_clean_and_writes_the_full_report(tiny_model_dir, tmp_path):
     adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 12)

@@ -93,6 +93,21 @@ def fit_prompts(tokenizer, titles: list[str], system_prompt: str, budget: int) -
     return prompts
 
 
+def _ticks(progress: Callable[[float], None], done: int, batch: int, width: int, max_new_tokens: int):
+    """A stopping criterion that stops nothing: after each generated token it reports the titles done so far,
+    counting the batch in progress by the share of its token budget spent (`progress` decides whether a line is
+    due)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Ticks(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            spent = (input_ids.shape[1] - width) / max(max_new_tokens, 1)
+            progress(done + batch * min(spent, 0.99))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Ticks()])
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -106,7 +121,7 @@ def generate(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> list[str]:
     """Batched generation with left padding and KV cache; prompts are grouped by length to waste little padding.
 
@@ -131,6 +146,8 @@ def generate(
                   "no_repeat_ngram_size": no_repeat_ngram_size}
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
+        if progress is not None:  # within a batch too: a batch of long outputs can take minutes
+            kwargs["stopping_criteria"] = _ticks(progress, start, len(idx), width, max_new_tokens)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from desctune.errors import RegistryError
 from desctune.registry.lineage import git_commit
 from desctune.results import RunStages, Split
 from desctune.tracking import TRAINING_VIEW, client, hide_password, run_url, tracking_uri, ui_base
+
+log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_TAG = "champion_history"
@@ -177,7 +180,7 @@ def resolve_model(cfg: Config, ref: str) -> dict:
             "adapter_path": str(found.adapter_dir), "adapter_sha256": dir_sha256(found.adapter_dir)}
 
 
-def champion_examples(cfg: Config, champion, test: Split, eval_cfg) -> pd.DataFrame:
+def champion_examples(cfg: Config, champion, test: Split, eval_cfg, logger=log) -> pd.DataFrame:
     """The champion's per-example evaluation on this run's test set: the table it was registered with when it was
     measured there with the same settings, else a fresh evaluation of it."""
     tags = champion.tags
@@ -193,7 +196,9 @@ def champion_examples(cfg: Config, champion, test: Split, eval_cfg) -> pd.DataFr
 
     model = resolve_model(cfg, f"models:/{cfg.registry.model_name}/{champion.version}")
     out = stage_folder(cfg.artifacts_dir, "evaluate-champion", model["adapter_sha256"], test.sha256, eval_cfg)
-    result = evaluate_adapter(model["adapter_path"], test.path, eval_cfg, cfg.artifacts_dir, out)
+    logger.info("register: evaluating champion version %s on this run's test records for the gate (it was measured "
+                "on other records or with other settings)", champion.version)
+    result = evaluate_adapter(model["adapter_path"], test.path, eval_cfg, cfg.artifacts_dir, out, logger=logger)
     return pd.read_parquet(result["eval_path"])
 
 
@@ -313,7 +318,7 @@ def unchanged(cfg: Config, c, version, run_id: str) -> dict:
     }
 
 
-def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | None = None) -> dict:
+def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | None = None, logger=log) -> dict:
     """Log the adapter as an MLflow pyfunc model version, tag its lineage (plus `lineage`, the orchestrator's run),
     set challenger and maybe champion. The run's whole config travels with the model as its model_config, so the
     registered model decodes with the run's evaluation settings."""
@@ -375,7 +380,7 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
     champion = get_alias(c, name, CHAMPION)
     champion_value, interval, claims = None, None, claims_versus_base(metrics)
     if champion is not None:
-        champion_table = champion_examples(cfg, champion, test, cfg.eval)
+        champion_table = champion_examples(cfg, champion, test, cfg.eval, logger)
         champion_value, interval = versus_champion(key, evaluation, champion_table)
         claims = claims_versus_champion(evaluation, champion_table, f"champion version {champion.version}")
     c.set_registered_model_alias(name, CHALLENGER, version)
