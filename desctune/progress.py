@@ -43,3 +43,36 @@ class Progress:
         self.logger.info("%s %d/%d (%d%%): %s", self.what, done, self.total, 100 * done // self.total, ", ".join(parts))
         self.last, self.logged = now, True
         return True
+
+
+class Heartbeat:
+    """A line every `every` seconds while nothing else is logged: for work whose units (a training step on a slow
+    CPU, a validation pass) can each outlast the cadence. `still()` says what is running; `progress`, when given, is
+    the Progress whose lines count as lines (the heartbeat waits `every` after its last one). Use as a context."""
+
+    def __init__(self, logger, still, every: float = 20.0, progress: Progress | None = None, clock=time.monotonic):
+        import threading
+
+        self.logger, self.still, self.every, self.progress, self.clock = logger, still, every, progress, clock
+        self.t0 = self.last = clock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="desctune-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(min(1.0, self.every)):
+            last = max(self.last, self.progress.last if self.progress is not None else self.last)
+            now = self.clock()
+            if now - last >= self.every:
+                self.logger.info("%s (elapsed %s, %s since the last line)", self.still(), duration(now - self.t0),
+                                 duration(now - last))
+                self.last = now
+
+    def __enter__(self) -> "Heartbeat":
+        if self.every > 0:  # 0: progress lines at every step, nothing to fill
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()

@@ -27,6 +27,7 @@ import torch
 from desctune.config import Config
 from desctune.data.tokenize import IGNORE
 from desctune.files import dir_sha256, start_stage
+from desctune.progress import Heartbeat
 from desctune.training.batching import collate, epoch_batches, load_examples, micro_batches, total_steps
 from desctune.training.checkpoint import load_checkpoint, newest_readable, rng_state, save_checkpoint
 from desctune.training.distributed import World, micro_batches_per_step, shard
@@ -273,16 +274,22 @@ def train_steps(run: Run, state: RunState, ckpt_dir: Path, logger, log_metrics: 
     loss_of = run.world.wrap(SupervisedLoss(run.model, run.plan.head_chunk_rows))
     report = Report(run, start, logger, log_metrics, progress_seconds)
     accum: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-    for batch in batches:
-        accum.append(batch)
-        if len(accum) < run.per_step:
-            continue
-        outcome = train_step(run, loss_of, accum, logger, first=state.step == start)
-        accum = []
-        state.add(outcome)
-        report.record(state, outcome)
-        if state.step % run.cfg.train.save_steps == 0 and state.step < run.steps:
-            checkpoint(run, ckpt_dir, state, on_checkpoint)
+
+    def still() -> str:
+        return f"train step {state.step + 1}/{run.steps} running"
+
+    beat = progress_seconds if run.world.main else 0  # a step can outlast the cadence; one rank says so
+    with Heartbeat(logger, still, beat, report.progress):
+        for batch in batches:
+            accum.append(batch)
+            if len(accum) < run.per_step:
+                continue
+            outcome = train_step(run, loss_of, accum, logger, first=state.step == start)
+            accum = []
+            state.add(outcome)
+            report.record(state, outcome)
+            if state.step % run.cfg.train.save_steps == 0 and state.step < run.steps:
+                checkpoint(run, ckpt_dir, state, on_checkpoint)
     report.close()
 
 
@@ -352,8 +359,10 @@ def train_adapter(
     uncompile_layers(run.model)  # the validation pass runs without gradients: eager beats compiling a second graph
 
     logger.info("validation loss on %d examples ...", len(run.val_ex))
-    val_loss = mean_loss(run.model, run.val_ex, cfg.train.batch_size, run.tokenizer.pad_token_id, run.device,
-                         run.plan, world)
+    with Heartbeat(logger, lambda: f"validation loss on {len(run.val_ex)} examples running",
+                   progress_seconds if world.main else 0):
+        val_loss = mean_loss(run.model, run.val_ex, cfg.train.batch_size, run.tokenizer.pad_token_id, run.device,
+                             run.plan, world)
     logger.info("validation loss %.4f after %d steps", val_loss, state.step)
     if not world.main:
         return {}
