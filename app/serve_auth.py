@@ -149,6 +149,9 @@ def mlflow_auth_config(path: Path, artifacts: Path) -> Path:
         "default_permission = NO_PERMISSIONS\n"
         f"database_uri = sqlite:///{artifacts / 'mlflow-auth.db'}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # a checked password is remembered for 5 minutes instead of hashed again for every request (MLflow's default:
+        # off); a password changed through MLflow's API leaves the cache at once
+        "auth_cache_ttl_seconds = 300\n"
     )
     return path
 
