@@ -63,6 +63,14 @@ def no_champion_fallback(ref: str, tracking_uri: str, name: str) -> tuple[str, s
             f"{why}.")
 
 
+def run_link(cfg, tracking_uri: str, run_id: str) -> str:
+    """The MLflow run as a markdown link to its page in the MLflow UI (model-training view)."""
+    from desctune.tracking import TRAINING_VIEW, client, ui_base
+
+    experiment = client(tracking_uri).get_run(run_id).info.experiment_id
+    return f"[`{run_id}`]({ui_base(cfg)}/#/experiments/{experiment}/runs/{run_id}?{TRAINING_VIEW})"
+
+
 def shared() -> bool:
     """Whether the page is served beyond this machine (`desctune demo --host` not loopback)."""
     from app.serve_auth import is_loopback

@@ -106,7 +106,7 @@ with st.sidebar:
 st.markdown(
     "**Loaded:** "
     + (resolved.label if resolved.version else f"adapter folder `{resolved.adapter_dir}` (not in the registry)")
-    + (f" · MLflow run `{resolved.run_id}`" if resolved.run_id else "")
+    + (f" · MLflow run {logic.run_link(cfg, tracking_uri, resolved.run_id)}" if resolved.run_id else "")
     + f" · base model `{meta['base_model']['name']}`"
 )
 cols = st.columns(4)

@@ -124,7 +124,7 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     assert not at.exception and not at.error
     loaded = at.markdown[0].value
     assert f"{cfg.registry.model_name} version {version.version}" in loaded and "@champion" in loaded
-    assert version.run_id in loaded
+    assert version.run_id in loaded and f"/runs/{version.run_id}?" in loaded  # the run id links to its page
     metrics = {m.label: m.value for m in at.metric}
     adapter = load_file(cached(cfg, version) / "artifacts" / "adapter" / "adapter_model.safetensors")
     assert metrics == {
