@@ -279,18 +279,20 @@ def train_steps(run: Run, state: RunState, ckpt_dir: Path, logger, log_metrics: 
         return f"train step {state.step + 1}/{run.steps} running"
 
     beat = progress_seconds if run.world.main else 0  # a step can outlast the cadence; one rank says so
-    with Heartbeat(logger, still, beat, report.progress):
-        for batch in batches:
-            accum.append(batch)
-            if len(accum) < run.per_step:
-                continue
-            outcome = train_step(run, loss_of, accum, logger, first=state.step == start)
-            accum = []
-            state.add(outcome)
-            report.record(state, outcome)
-            if state.step % run.cfg.train.save_steps == 0 and state.step < run.steps:
-                checkpoint(run, ckpt_dir, state, on_checkpoint)
-    report.close()
+    try:
+        with Heartbeat(logger, still, beat, report.progress):
+            for batch in batches:
+                accum.append(batch)
+                if len(accum) < run.per_step:
+                    continue
+                outcome = train_step(run, loss_of, accum, logger, first=state.step == start)
+                accum = []
+                state.add(outcome)
+                report.record(state, outcome)
+                if state.step % run.cfg.train.save_steps == 0 and state.step < run.steps:
+                    checkpoint(run, ckpt_dir, state, on_checkpoint)
+    finally:  # a training that fails closes its progress bar too (left open, it printed at the process's exit)
+        report.close()
 
 
 def peak_memory_mb(device: str) -> float:
