@@ -63,6 +63,17 @@ def no_champion_fallback(ref: str, tracking_uri: str, name: str) -> tuple[str, s
             f"{why}.")
 
 
+def scored_on(tags: dict, run_metrics: dict) -> str | None:
+    """What the version's evaluation was scored on, with its size: the held-out file `eval.test_path` named, or the
+    run's test split; None when the run did not record it."""
+    counts = [run_metrics.get(f"eval/{k}") for k in ("better", "worse", "same")]
+    if any(c is None for c in counts):
+        return None
+    n = int(sum(counts))
+    where = f"the held-out file {tags['data.test_input']}" if tags.get("data.test_input") else "the run's test split"
+    return f"Scored on {n} examples of {where}."
+
+
 def run_link(cfg, tracking_uri: str, run_id: str) -> str:
     """The MLflow run as a markdown link to its page in the MLflow UI (model-training view)."""
     from desctune.tracking import TRAINING_VIEW, client, ui_base

@@ -183,6 +183,9 @@ metrics = logic.metrics_frame(resolved.tags, run_metrics)
 if metrics is None:
     st.info("No evaluation metrics recorded for this model.")
 else:
+    scored = logic.scored_on(resolved.tags, run_metrics)
+    if scored:
+        st.caption(scored)
     for line in [*logic.significance(resolved.tags), logic.claims_line(resolved.tags)]:
         if line:
             st.markdown(f"- {line}")

@@ -140,6 +140,8 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     assert shown.loc["fine-tuned", "ROUGE-L"] == pytest.approx(float(version.tags["metric.finetuned_rougeL"]))
     assert shown.loc["base", "BLEU"] == pytest.approx(float(version.tags["metric.base_bleu"]))
     assert shown.loc["fine-tuned", "chrF++"] == pytest.approx(float(version.tags["metric.finetuned_chrf"]))
+    scored = [c.value for c in at.caption if c.value.startswith("Scored on ")]  # the evaluation says its size
+    assert scored == [f"Scored on {len(report)} examples of the run's test split."]
     verdicts = [m.value for m in at.markdown if "95% CI" in m.value]
     assert len(verdicts) == 3 and any("ROUGE-L" in v for v in verdicts)
     claims = [m.value for m in at.markdown if "invented claims: base" in m.value]
@@ -311,3 +313,13 @@ def test_the_stream_grows_token_by_token_ends_as_side_by_side_and_stops_when_ask
     stop.set()
     *_, (_, tokens, _) = chunks
     assert tokens < 200
+
+
+def test_the_evaluation_panel_names_what_it_was_scored_on_and_its_size():
+    from app.demo_logic import scored_on
+
+    counts = {"eval/better": 56, "eval/worse": 44, "eval/same": 0}
+    assert scored_on({"data.test_input": "data/amazon_titles_eval.jsonl"}, counts) == (
+        "Scored on 100 examples of the held-out file data/amazon_titles_eval.jsonl.")
+    assert scored_on({}, counts) == "Scored on 100 examples of the run's test split."
+    assert scored_on({}, {}) is None
