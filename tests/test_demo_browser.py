@@ -1,6 +1,10 @@
 """The demo in a real browser: `desctune demo` serves the page on a free loopback port, headless Chromium (Debian's
 chromium + chromium-driver, never a downloaded browser) types a title, generates, and finds both columns filled by
-the stream, each with its tokens/s; the screen is kept as docs/screens/demo.png for the README."""
+the stream, each with its tokens/s; the screen is kept as docs/screens/demo.png for the README.
+
+The README's screen shows the default run's real model, not the tiny test model: after `make run`,
+`DESCTUNE_SCREENS=docs/screens DESCTUNE_DEMO_CONFIG=configs/cpu.yaml .venv/bin/python -m pytest
+tests/test_demo_browser.py` serves that profile's registered model instead."""
 
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ pytestmark = pytest.mark.skipif(
 TITLE = "Stainless Steel Electric Kettle 1.7 Litre with Auto Shut-Off"
 # Where the screens go: a temporary folder, or docs/screens/ (the README's images) with DESCTUNE_SCREENS=docs/screens.
 SCREENS = Path(os.environ.get("DESCTUNE_SCREENS") or Path(tempfile.gettempdir()) / "desctune-screens")
+# The profile whose registered model the demo serves: the tiny model's test registry unless set (e.g. configs/cpu.yaml
+# after `make run`, for the README's screen).
+DEMO_CONFIG = os.environ.get("DESCTUNE_DEMO_CONFIG")
 
 
 def save_screen(driver, name: str) -> Path:
@@ -57,13 +64,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 @pytest.fixture
 def demo_server(tmp_path_factory, tiny_model_dir, tmp_path):
-    config = registered_model(tmp_path_factory, tiny_model_dir)
+    config = ROOT / DEMO_CONFIG if DEMO_CONFIG else registered_model(tmp_path_factory, tiny_model_dir)
     port = free_port()
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "demo", "--config", str(config), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "HOME": str(tmp_path)},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            env={**os.environ, "HOME": str(tmp_path)},
         )
     try:
         wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
@@ -109,7 +117,9 @@ def test_type_a_title_generate_and_see_both_descriptions(demo_server, browser, t
         browser.get(demo_server)
         title = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'input[aria-label="Product title"]')))
         page = browser.find_element(By.TAG_NAME, "body").text
-        assert "@champion" in page and "Adapter loaded, active and non-zero" in page
+        # the tiny registry has a champion; the default run's version may have stayed challenger (the demo says why)
+        aliases = ("@champion", "@challenger") if DEMO_CONFIG else ("@champion",)
+        assert any(a in page for a in aliases) and "Adapter loaded, active and non-zero" in page
         assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
 
         wait.until(ec.element_to_be_clickable(
