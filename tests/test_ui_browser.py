@@ -145,7 +145,7 @@ def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_d
     assert "product description" in mlflow.get_registered_model(MODEL).description
     tags = tracked.data.tags
     assert tags["mlflow.source.name"] == flow_run_url and tags["mlflow.source.type"] == "JOB"
-    assert "LoRA fine-tuning" in tags["mlflow.note.content"] and f"Registered as {MODEL} version" in \
+    assert "LoRA fine-tuning" in tags["mlflow.note.content"] and f"Registered as [{MODEL} version" in \
         tags["mlflow.note.content"]
     closing = f"registered {MODEL} version {version.version} (@"
     assert wait_for_log(stack.api_url, run.id, lambda m: m.startswith(closing)), closing
