@@ -1,12 +1,12 @@
 """`desctune run`: the summary a user reads, and one-line errors with exit 2 for mistakes they can fix."""
 
+import shlex
 import subprocess
 import sys
 
 import yaml
 
-from app.cli import main
-from conftest import SAMPLE, head_records, tiny_config
+from conftest import tiny_config
 
 
 def write_profile(tmp_path, cfg) -> str:
@@ -15,15 +15,17 @@ def write_profile(tmp_path, cfg) -> str:
     return str(path)
 
 
-def test_run_prints_the_summary(tmp_path, tiny_model_dir, capsys):
-    records = head_records(SAMPLE, tmp_path / "records.jsonl", 40)
-    cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
-    assert main(["run", "--config", write_profile(tmp_path, cfg), "--set", "registry.model_name=cli-tiny"]) == 0
-    out = capsys.readouterr().out
+def test_run_prints_the_summary(local_run):
+    """The shared `desctune run` (conftest.py's `local_run`): the summary ends with the command that shows the run
+    and its two pages at the addresses that command serves."""
+    out = local_run.stdout
     for expected in ("records    read 40, kept", "splits     train", "training   loss", "plan       cpu: ", "base",
-                     "fine-tuned", "registry   cli-tiny version 1, aliases:", "challenger", "Prefect UI:",
-                     "MLflow UI:"):
+                     "fine-tuned", "registry   cli-tiny version 1, aliases:", "challenger"):
         assert expected in out
+    ui = shlex.join([".venv/bin/desctune", "ui", *local_run.args])
+    assert f"See this run (`{ui}` starts both UIs on this run; Ctrl-C stops them):" in out, out
+    assert f"Prefect UI:  http://127.0.0.1:{local_run.prefect_port}/runs/flow-run/" in out
+    assert f"MLflow UI:   http://127.0.0.1:{local_run.mlflow_port}/#/experiments/" in out
 
 
 def desctune(*args: str) -> subprocess.CompletedProcess:
