@@ -1,6 +1,8 @@
 """`desctune run`: the summary a user reads, and one-line errors with exit 2 for mistakes they can fix."""
 
+import os
 import shlex
+import socket
 import subprocess
 import sys
 
@@ -28,8 +30,26 @@ def test_run_prints_the_summary(local_run):
     assert f"MLflow UI:   http://127.0.0.1:{local_run.mlflow_port}/#/experiments/" in out
 
 
-def desctune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120)
+def desctune(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_ui_refuses_a_bad_or_taken_port_in_one_line_with_exit_2(tmp_path):
+    at = ["--set", f"artifacts_dir={tmp_path / 'artifacts'}"]
+    bad_flag = desctune("ui", *at, "--mlflow-port", "70000")
+    assert (bad_flag.returncode, bad_flag.stderr) == (2, "desctune: --mlflow-port 70000: a port is a number from 1 "
+                                                         "to 65535\n")
+    bad_env = desctune("ui", *at, env={**os.environ, "DESCTUNE_UI_PREFECT_PORT": "http"})
+    assert (bad_env.returncode, bad_env.stderr) == (2, "desctune: DESCTUNE_UI_PREFECT_PORT=http: a port is a number "
+                                                       "from 1 to 65535\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        taken = desctune("ui", *at, "--prefect-port", str(port))
+    assert taken.returncode == 2 and len(taken.stderr.splitlines()) == 1, taken.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in taken.stderr and "--prefect-port" in taken.stderr
 
 
 def test_user_errors_are_one_line_with_exit_2(tmp_path, tiny_model_dir):
