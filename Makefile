@@ -13,7 +13,7 @@ WHEELS ?= .whl
 GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	typing-extensions==4.16.0 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
-.PHONY: install run test check serve demo bench clean-artifacts gpu-wheels image image-cuda
+.PHONY: install run ui test check serve demo bench clean-artifacts gpu-wheels image image-cuda
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(STAMP)
 
 run: install
 	$(VENV)/bin/desctune run --config $(CONFIG)
+
+# The Prefect UI (:4200) and MLflow UI (:5000) of the runs `make run` recorded, where their links lead; Ctrl-C stops both.
+ui: install
+	$(VENV)/bin/desctune ui --config $(CONFIG)
 
 # The import contract first (seconds: an upward import fails here), then the suite.
 test: install
@@ -46,7 +50,7 @@ demo: install
 	$(VENV)/bin/desctune demo --config $(CONFIG)
 
 clean-artifacts:
-	rm -rf artifacts/stages artifacts/models artifacts/prefect-results artifacts/mlflow.db artifacts/mlruns
+	rm -rf artifacts/stages artifacts/models artifacts/prefect-results artifacts/prefect.db* artifacts/mlflow.db artifacts/mlruns
 
 # Downloads GPU_WHEELS into $(WHEELS) (git-ignored); with the working tree they must stay under 64 MiB.
 gpu-wheels:

@@ -55,13 +55,13 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _spawn(port: int) -> subprocess.Popen:
+def _spawn(port: int, env: dict) -> subprocess.Popen:
     app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # found without importing Prefect
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
-        env={**os.environ, **SERVER_ENV}, preexec_fn=_die_with_parent,
+        env={**os.environ, **env, **SERVER_ENV}, preexec_fn=_die_with_parent,
     )
 
 
@@ -94,17 +94,22 @@ def _drain_prefect_workers(timeout: float = 30) -> None:
 class EarlyServer:
     """Prefect's temporary API server, started on construction (before Prefect is imported, from the thread that
     stays until the command ends: the server dies with it); `use()` points Prefect at it once it answers, `stop()`
-    ends it. Starts nothing when an API URL is in the environment or Prefect is already loaded in this process."""
+    ends it. Starts nothing when an API URL is in the environment or Prefect is already loaded in this process.
 
-    def __init__(self) -> None:
+    `env` adds to the server's environment (`desctune run`: its database, PREFECT_API_DATABASE_CONNECTION_URL).
+    `ui_url`: the Prefect UI that will show what this server records (it has none itself), PREFECT_UI_URL inside
+    `use()`, so the links Prefect and desctune make name it instead of this server's passing port."""
+
+    def __init__(self, env: dict | None = None, ui_url: str | None = None) -> None:
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
+        self.env, self.ui_url = dict(env or {}), ui_url
         if "prefect" not in sys.modules and not os.environ.get("PREFECT_API_URL"):
             self._start()
 
     def _start(self) -> None:
         port = _free_port()
-        self.proc, self.url = _spawn(port), f"http://127.0.0.1:{port}/api"
+        self.proc, self.url = _spawn(port, self.env), f"http://127.0.0.1:{port}/api"
 
     @contextlib.contextmanager
     def use(self) -> Iterator[None]:
@@ -117,20 +122,26 @@ class EarlyServer:
         from prefect.settings import (
             PREFECT_API_URL,
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            PREFECT_UI_URL,
             temporary_settings,
         )
 
         self._wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        settings = {"PREFECT_API_URL": self.url}
+        if self.ui_url and not PREFECT_UI_URL.value():
+            settings["PREFECT_UI_URL"] = self.ui_url
         # The environment too, for what reads settings outside this context (threads Prefect starts for events).
-        os.environ["PREFECT_API_URL"] = self.url
+        os.environ.update(settings)
         try:
-            with temporary_settings(updates={PREFECT_API_URL: self.url}):
+            updates = {PREFECT_API_URL: self.url, **({PREFECT_UI_URL: self.ui_url} if len(settings) > 1 else {})}
+            with temporary_settings(updates=updates):
                 try:
                     yield
                 finally:
                     _drain_prefect_workers()
         finally:
-            os.environ.pop("PREFECT_API_URL", None)
+            for name in settings:
+                os.environ.pop(name, None)
 
     def _wait(self, timeout: float) -> None:
         deadline, retried = time.monotonic() + timeout, False

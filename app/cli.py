@@ -1,4 +1,4 @@
-"""The `desctune` command: run, prepare, evaluate, promote, rollback, export, serve, demo.
+"""The `desctune` command: run, prepare, evaluate, promote, rollback, export, serve, ui, demo.
 
 Errors a user can fix print one plain line and exit 2; tracebacks are for bugs. Each subcommand lives in its own
 module with an `add_parser(subparsers)`; this file only puts them together.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import demo, export, prepare, registry, run, serve
+from app import demo, export, prepare, registry, run, serve, ui
 from app.runtime import unwrap, user_errors
 
-COMMANDS = (run, prepare, registry, export, serve, demo)
+COMMANDS = (run, prepare, registry, export, serve, ui, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,8 @@ def preflight(cfg) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from app.apiserver import EarlyServer
-    from app.runtime import password_to_env, prefect_env, quiet_user_errors
+    from app.runtime import password_to_env, prefect_database, prefect_env, quiet_user_errors
+    from desctune import localui
     from desctune.config import load_config
 
     cfg = password_to_env(load_config(args.config, args.set))
@@ -37,8 +38,10 @@ def main(args: argparse.Namespace) -> int:
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     # Without a configured API, Prefect's temporary server starts now, in its own process, while this one imports
-    # Prefect and the flow; it dies with this process, however that ends.
-    server = EarlyServer()
+    # Prefect and the flow; it dies with this process, however that ends. It records into a database in the artifacts
+    # folder, which `desctune ui` serves at the address the run's links name.
+    server = EarlyServer(env={"PREFECT_API_DATABASE_CONNECTION_URL": prefect_database(cfg.artifacts_dir)},
+                         ui_url=localui.url("prefect"))
     try:
         from app.summary import summary_text
         from flows.finetune import finetune
@@ -52,8 +55,19 @@ def main(args: argparse.Namespace) -> int:
             result = state.result()
     finally:
         server.stop()
-    print(summary_text(result, str(state.state_details.flow_run_id)))
+    print(summary_text(result, str(state.state_details.flow_run_id), ui_command(args)))
     return 0
+
+
+def ui_command(args: argparse.Namespace) -> str:
+    """The `desctune ui` command that shows what this run recorded: the same profile, artifacts folder and registry."""
+    import shlex
+
+    from desctune.tracking import hide_password
+
+    flags = [*(["--config", args.config] if args.config else []),
+             *(x for s in args.set if s.startswith(("artifacts_dir=", "registry.")) for x in ("--set", s))]
+    return hide_password(shlex.join([".venv/bin/desctune", "ui", *flags]))
 
 
 def add_parser(sub) -> None:

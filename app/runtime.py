@@ -64,6 +64,19 @@ def prefect_env(artifacts_dir: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def prefect_database(artifacts_dir: str) -> str:
+    """The database `desctune run` records its flow runs in and `desctune ui` shows: PREFECT_API_DATABASE_CONNECTION_URL
+    when set, else a SQLite file in the (local) artifacts folder, which outlives the run's temporary server and is
+    deleted with the artifacts it describes (the folder is created: SQLite creates no folder)."""
+    from desctune.store import local_root
+
+    if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+        return os.environ["PREFECT_API_DATABASE_CONNECTION_URL"]
+    folder = local_root(artifacts_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
+
+
 def password_to_env(cfg):
     """`cfg` without a password in registry.tracking_uri: a URI that has one moves to this process's
     MLFLOW_TRACKING_URI (which `desctune.tracking.tracking_uri` reads next), since the config becomes the flow run's

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+from desctune import localui
 from desctune.evaluation.evaluate import significance_lines
 from desctune.results import FinetuneResult
-from desctune.tracking import LOCAL_MLFLOW_UI
 
 
-def prefect_ui_hint(flow_run_id: str) -> str:
-    """The served UI's link to this flow run, or how to start a UI on the local database that recorded it."""
+def prefect_ui_link(flow_run_id: str) -> tuple[str, bool]:
+    """This flow run's page in the Prefect UI, and whether that UI is `desctune ui`'s (the run's own server was a
+    temporary one) rather than a served one's."""
     from prefect.settings import PREFECT_UI_URL
 
-    from tasks.stage import LOCAL_PREFECT_UI
-
     ui = PREFECT_UI_URL.value()
-    if ui:
-        return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
-    return f".venv/bin/prefect server start   then {LOCAL_PREFECT_UI}/runs/flow-run/{flow_run_id}"
+    return f"{(ui or localui.url('prefect')).rstrip('/')}/runs/flow-run/{flow_run_id}", not ui
 
 
 def scored_on(result: FinetuneResult) -> str:
@@ -27,16 +24,14 @@ def scored_on(result: FinetuneResult) -> str:
     return f"{n} held-out examples ({result.scored.ingest.input_path})"
 
 
-def summary_text(result: FinetuneResult, flow_run_id: str) -> str:
+def summary_text(result: FinetuneResult, flow_run_id: str, ui_command: str = ".venv/bin/desctune ui") -> str:
+    """What `desctune run` prints at its end. `ui_command` starts the UIs that show a run recorded locally."""
     ing, cln, spl, trn, ev = result.ingest, result.clean, result.sample, result.train, result.evaluate
     reg = result.registered
     m = ev.metrics
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(cln.by_reason.items())) or "none"
-    uri = reg.tracking_uri
-    mlflow_ui = reg.run_url if uri.startswith("http") else (
-        f".venv/bin/mlflow ui --backend-store-uri {uri} --port {LOCAL_MLFLOW_UI.rsplit(':', 1)[1]}"
-        f"   then {reg.run_url}"
-    )
+    prefect_link, local_prefect = prefect_ui_link(flow_run_id)
+    local = local_prefect or not reg.tracking_uri.startswith("http")
     lines = [
         "",
         "desctune run summary",
@@ -59,8 +54,8 @@ def summary_text(result: FinetuneResult, flow_run_id: str) -> str:
         f"adapter    {trn.adapter.path}",
         f"report     {ev.table.path}  {ev.plot.path}",
         "",
-        "See this run:",
-        f"  Prefect UI:  {prefect_ui_hint(flow_run_id)}",
-        f"  MLflow UI:   {mlflow_ui}",
+        f"See this run{f' (`{ui_command}` starts both UIs on this run; Ctrl-C stops them)' if local else ''}:",
+        f"  Prefect UI:  {prefect_link}",
+        f"  MLflow UI:   {reg.run_url}",
     ]
     return "\n".join(lines)

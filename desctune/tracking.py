@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from desctune import localui
 from desctune.config import Config
 from desctune.errors import ConfigError
 from desctune.store import is_url, store_url
 
-LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 # MLflow 3's UI opens experiments in its GenAI view. The experiment says it is classic model development (the kind
 # MLflow's own experiment-type selector sets), and every link desctune prints or publishes asks for the model-training
 # view, since the UI keeps one view for all experiments (the browser's last choice, GenAI by default).
@@ -129,9 +129,10 @@ def experiment_id(cfg: Config) -> str:
 
 
 def ui_base(cfg: Config) -> str:
-    """The MLflow UI that shows this store: the tracking server itself, else a local `mlflow ui` on its default port."""
+    """The MLflow UI that shows this store: the tracking server itself, else `desctune ui`'s MLflow UI
+    (`desctune.localui`: http://127.0.0.1:5000 unless DESCTUNE_UI_MLFLOW_PORT says otherwise)."""
     uri = tracking_uri(cfg)
-    return (without_userinfo(uri) if uri.startswith("http") else LOCAL_MLFLOW_UI).rstrip("/")
+    return (without_userinfo(uri) if uri.startswith("http") else localui.url("mlflow")).rstrip("/")
 
 
 def run_url(cfg: Config, run_id: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import RemoteFileSystem
 
+from desctune import localui
 from desctune.errors import StoreError, UserError
 from desctune.results import StageFile, locations
 from desctune.store import (fetch, is_published, is_url, localize, refetch, store_hash, store_paths, store_url,
@@ -132,22 +133,13 @@ def report_counts(title: str, rows: list[dict], key: str) -> None:
         create_table_artifact(key=key, table=rows, description=title)
 
 
-LOCAL_PREFECT_UI = "http://127.0.0.1:4200"
-
-
 def prefect_ui_url() -> str:
-    """The UI of the Prefect server this process reports to: PREFECT_UI_URL (derived by Prefect from PREFECT_API_URL),
-    else the API URL of the run's own client, else (an ephemeral server, which has no UI) the default local one."""
-    from prefect.context import FlowRunContext, TaskRunContext
+    """The UI of the Prefect server this process reports to: PREFECT_UI_URL, which Prefect derives from
+    PREFECT_API_URL and `desctune run` sets to `desctune ui`'s address; without either, the API is a temporary server
+    Prefect started itself, without a UI, so `desctune ui`'s Prefect UI (`desctune.localui`)."""
     from prefect.settings import PREFECT_UI_URL
 
-    if PREFECT_UI_URL.value():
-        return PREFECT_UI_URL.value().rstrip("/")
-    ctx = TaskRunContext.get() or FlowRunContext.get()
-    api = str(getattr(getattr(ctx, "client", None), "api_url", "") or "").rstrip("/")
-    if api.startswith("http") and "ephemeral" not in api:
-        return api.removesuffix("/api")
-    return LOCAL_PREFECT_UI
+    return (PREFECT_UI_URL.value() or localui.url("prefect")).rstrip("/")
 
 
 def flow_run_tags() -> dict:

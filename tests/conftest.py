@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,7 @@ MARKED_BY_FIXTURE = {
     "registered": "integration",  # the whole finetune flow (test_demo)
     "registry": "slow",  # four versions registered, each logged with its code (test_register)
     "runs": "integration",  # one training in one process and in two under torchrun (test_distributed)
+    "local_run": "integration",  # `desctune run` in a process of its own (test_cli, test_local_ui)
 }
 MARKED_BY_NAME = {
     "test_distributed.py::test_kill_9_of_a_rank_fails_the_task": "integration",  # torchrun under a flow
@@ -200,6 +202,50 @@ def serve_stack(tmp_path_factory):
     stack = start_serve(tmp_path_factory.mktemp("serve-sqlite"), "sqlite", [])
     yield stack
     stack.stop()
+
+
+@dataclass
+class LocalRun:
+    """A finished `desctune run` and where `desctune ui` is to show it."""
+
+    profile: Path
+    artifacts: Path
+    args: list[str]  # the flags after `desctune run` (and `desctune ui`)
+    env: dict  # the environment of both commands
+    stdout: str
+    prefect_port: int
+    mlflow_port: int
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory, tiny_model_dir) -> LocalRun:
+    """One tiny `desctune run` in a process of its own, as a user runs it: no Prefect API or database configured
+    (so its temporary server records into the artifacts folder) and `desctune ui`'s ports set to free ones, which its
+    links name. Shared by tests/test_cli.py (the summary) and tests/test_local_ui.py (the UIs and their links)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("local-run")
+    records = head_records(SAMPLE, tmp / "records.jsonl", 40)
+    cfg = tiny_config(tmp, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
+    profile = tmp / "tiny.yaml"
+    profile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL", "PREFECT_UI_URL",
+                        "MLFLOW_TRACKING_URI")}
+    ports = free_port(), free_port()
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PYTHONPATH=str(ROOT),
+               DESCTUNE_UI_PREFECT_PORT=str(ports[0]), DESCTUNE_UI_MLFLOW_PORT=str(ports[1]))
+    args = ["--config", str(profile), "--set", "registry.model_name=cli-tiny"]
+    done = subprocess.run([sys.executable, "-m", "app.cli", "run", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=LOCAL_RUN_TIMEOUT)
+    assert done.returncode == 0, f"desctune run exited {done.returncode}: {done.stderr[-3000:]}"
+    return LocalRun(profile, Path(cfg.artifacts_dir), args, env, done.stdout, *ports)
+
+
+LOCAL_RUN_TIMEOUT = 900  # a tiny run takes a minute on two quiet cores; a loaded machine has needed over 4
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, records: Path = SAMPLE, **sections):

@@ -1,8 +1,9 @@
 """`desctune serve` on non-default ports, seen through its UIs in headless Chromium (Debian's chromium and
 chromium-driver): the Prefect UI reaches its own API (no "Can't connect" banner) and lists the three deployments,
 with the schedules that cannot run here paused and said so; a finetune run's link artifact opens the MLflow run it
-names; the model version's page shows its description and the flow run's link on the served port. Each test keeps
-the screens the README shows under docs/screens/. The served stack is the session's (conftest.py's `serve_stack`),
+names; the model version's page shows its description and the flow run's link on the served port; every link
+between the two UIs, clicked, lands on the page it names. Each test keeps the screens the README shows under
+docs/screens/. The served stack is the session's (conftest.py's `serve_stack`),
 which tests/test_servers.py uses too."""
 
 from __future__ import annotations
@@ -44,6 +45,61 @@ def wait_for_text(driver, *texts: str, timeout: float = 180) -> str:
         body = page_text(driver)
         pytest.fail(f"{driver.current_url} never showed {[t for t in texts if t not in body]}: {body[:1500]}")
     return page_text(driver)
+
+
+def follow_link(driver, text: str, timeout: float = 180) -> str:
+    """Click the link whose text contains `text` on the current page, as a person does, and stay on the page it opens
+    (in this tab, or the tab it opened); returns that page's URL. A click that lands on something drawn over the
+    link (a tooltip, a loading overlay, the fade over a long description: its "Show more" is clicked first) is tried
+    again."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before, handles, href, blocked = driver.current_url, set(driver.window_handles), [], []
+
+    def click(d) -> bool:
+        anchor = d.find_element(By.PARTIAL_LINK_TEXT, text)
+        href[:] = [anchor.get_attribute("href")]
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'});", anchor)
+        try:
+            anchor.click()
+        except ElementClickInterceptedException as exc:
+            blocked[:] = [exc.msg.split("\n")[0]]
+            for more in d.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
+                more.click()  # MLflow fades out a long description below its first lines
+            return False
+        return True
+
+    try:
+        WebDriverWait(driver, timeout, ignored_exceptions=(NoSuchElementException,
+                                                           StaleElementReferenceException)).until(click)
+    except TimeoutException:
+        pytest.fail(f"{before} never showed a clickable link {text!r} ({href or 'none found'}; "
+                    f"{blocked or 'never covered'}): {page_text(driver)[:1500]}")
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: set(d.window_handles) - handles or d.current_url != before)
+    except TimeoutException:
+        pytest.fail(f"clicking {text!r} ({href}) on {before} went nowhere")
+    opened = set(driver.window_handles) - handles
+    if opened:
+        driver.close()
+        driver.switch_to.window(opened.pop())
+        WebDriverWait(driver, timeout).until(lambda d: d.current_url not in ("", "about:blank"))
+    return driver.current_url
+
+
+def lands_on(driver, *texts: str) -> str:
+    """The page's text once it shows `texts`, after checking it is no "Page not found" (Prefect's answer to a URL it
+    has no page for) and no "Can't connect" banner."""
+    body = wait_for_text(driver, *texts)
+    assert "Page not found" not in body and CANT_CONNECT not in body, (driver.current_url, body[:1500])
+    return body
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +201,7 @@ def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_d
     assert "product description" in mlflow.get_registered_model(MODEL).description
     tags = tracked.data.tags
     assert tags["mlflow.source.name"] == flow_run_url and tags["mlflow.source.type"] == "JOB"
-    assert "LoRA fine-tuning" in tags["mlflow.note.content"] and f"Registered as {MODEL} version" in \
+    assert "LoRA fine-tuning" in tags["mlflow.note.content"] and f"Registered as [{MODEL} version" in \
         tags["mlflow.note.content"]
     closing = f"registered {MODEL} version {version.version} (@"
     assert wait_for_log(stack.api_url, run.id, lambda m: m.startswith(closing)), closing
@@ -160,21 +216,33 @@ def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_d
     assert CANT_CONNECT not in body
     save_screen(browser, "prefect-flow-run")
 
-    # The Prefect artifact page renders the link; following it lands on the MLflow run it names.
+    # The Prefect artifact page renders the link; clicking it lands on the MLflow run it names, whose description
+    # links back to the flow run.
+    run_page = f"{stack.mlflow_url}/#/experiments/{tracked.info.experiment_id}/runs/{tracked.info.run_id}"
     browser.get(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{links['mlflow-run'].id}")
     wait_for_text(browser, f"MLflow run {tracked.info.run_id}")
     anchor = browser.find_element(By.PARTIAL_LINK_TEXT, f"MLflow run {tracked.info.run_id}")
     assert anchor.get_attribute("href").endswith("?workflowType=machine_learning")
-    browser.get(anchor.get_attribute("href"))
-    wait_for_text(browser, run.name, "Description", "Source")
+    assert follow_link(browser, f"MLflow run {tracked.info.run_id}").startswith(run_page)
+    lands_on(browser, run.name, "Description", "Source")
     save_screen(browser, "mlflow-run")
+    assert follow_link(browser, f"Prefect flow run {run.name}") == flow_run_url
+    lands_on(browser, run.name, "Completed")
     # the experiment opens on its training runs (MLflow's model-training view), not on the GenAI overview
     browser.get(f"{stack.mlflow_url}/#/experiments/{tracked.info.experiment_id}?workflowType=machine_learning")
     wait_for_text(browser, "Model registry", run.name)
     assert "/runs" in browser.current_url and "Tool calls" not in page_text(browser)
 
-    browser.get(links["model-version"].data.split("](", 1)[1].rstrip(")"))
-    assert browser.current_url.endswith("?workflowType=machine_learning")
-    wait_for_text(browser, f"Version {version.version}", "writes a product description", "prefect.flow_run_url",
-                  flow_run_url)
+    # The model-version artifact lands on the version, whose description links its MLflow run and its flow run.
+    browser.get(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{links['model-version'].id}")
+    version_page = follow_link(browser, f"{MODEL} version {version.version}")
+    assert version_page.startswith(f"{stack.mlflow_url}/#/models/{MODEL}/versions/{version.version}")
+    assert version_page.endswith("?workflowType=machine_learning")
+    lands_on(browser, f"Version {version.version}", "writes a product description", "prefect.flow_run_url",
+             flow_run_url)
     save_screen(browser, "mlflow-model-version")
+    assert follow_link(browser, f"MLflow run {tracked.info.run_id}").startswith(run_page)
+    lands_on(browser, run.name, "Description")
+    browser.get(version_page)
+    assert follow_link(browser, f"Prefect flow run {run.name}") == flow_run_url
+    lands_on(browser, run.name, "Completed")

@@ -28,6 +28,7 @@ from mlflow.entities import Param
 
 from desctune.config import Config, config_to_yaml
 from desctune.evaluation.evaluate import MODELS
+from desctune.registry.links import md_link
 from desctune.results import CleanResult, EvaluateResult, IngestResult, RunStages
 from desctune.tracking import client, experiment_id, hide_password, public_config, run_url
 
@@ -133,14 +134,23 @@ def fail_orphaned_runs(tracking_uri: str, flow_run_states: Callable[[list[str]],
     return failed
 
 
+def flow_run_link(lineage: dict | None) -> str | None:
+    """The orchestrator's run as a Markdown link ("[Prefect flow run NAME](URL)"), None without one."""
+    lineage = lineage or {}
+    if not lineage.get("prefect.flow_run_url"):
+        return None
+    name = lineage.get("prefect.flow_run_name") or lineage.get("prefect.flow_run_id")
+    return md_link(f"Prefect flow run {name}", lineage["prefect.flow_run_url"])
+
+
 def source_tags(lineage: dict | None, what: str) -> dict:
-    """MLflow's Source and description of a run: the orchestrator's run when there is one (its UI link), else the
-    command line that made it; `what` says in words what the run does."""
+    """MLflow's Source and description of a run: the orchestrator's run when there is one (its UI link, as a
+    Markdown link in the description), else the command line that made it; `what` says in words what the run does."""
     lineage = lineage or {}
     commit = git_commit()
     if lineage.get("prefect.flow_run_url"):
         source, kind = lineage["prefect.flow_run_url"], "JOB"
-        made_by = f"Prefect flow run {lineage.get('prefect.flow_run_name') or lineage.get('prefect.flow_run_id')} ({source})"
+        made_by = flow_run_link(lineage)
     else:
         source, kind = hide_password(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:500] or "python", "LOCAL"
         made_by = f"the command `{source}`"

@@ -8,6 +8,7 @@ import json
 import yaml
 
 from desctune.evaluation.evaluate import METRIC_LABELS
+from desctune.registry.links import md_link
 
 # Hub ids of the embedded base models, for the card's base_model field.
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -51,6 +52,11 @@ def evaluation_table(tags: dict) -> list[str]:
     return rows if len(rows) > 2 else ["No evaluation is recorded for this adapter."]
 
 
+def _linked(name: str, url: str | None) -> str:
+    """`name` in code type, a Markdown link to `url` when there is one."""
+    return md_link(f"`{name}`", url) if url else f"`{name}`"
+
+
 def card(manifest: dict, origin: dict) -> str:
     """README.md of an export. `origin`: name, version, run_id, tags (the version's), run_tags, run_url, version_url."""
     tags, run_tags = origin.get("tags") or {}, origin.get("run_tags") or {}
@@ -78,12 +84,13 @@ def card(manifest: dict, origin: dict) -> str:
         f"- Adapter sha256: `{manifest['adapter_sha256']}`",
     ]
     if origin.get("run_id"):
-        lines.append(f"- MLflow run: `{origin['run_id']}` ({origin.get('run_url', '')})")
+        lines.append(f"- MLflow run: {_linked(origin['run_id'], origin.get('run_url'))}")
     if origin.get("version"):
-        lines.append(f"- Registered as `models:/{origin['name']}/{origin['version']}` ({origin.get('version_url', '')})")
+        uri = f"models:/{origin['name']}/{origin['version']}"
+        lines.append(f"- Registered as {_linked(uri, origin.get('version_url'))}")
     if run_tags.get("prefect.flow_run_id"):
         lines.append(f"- Prefect flow run: `{run_tags.get('prefect.flow_run_name', '')}` "
-                     f"`{run_tags['prefect.flow_run_id']}` ({run_tags.get('prefect.flow_run_url', '')})")
+                     f"{_linked(run_tags['prefect.flow_run_id'], run_tags.get('prefect.flow_run_url'))}")
     if tags.get("desctune.git_commit"):
         lines.append(f"- Code: desctune commit `{tags['desctune.git_commit']}`, config hash "
                      f"`{tags.get('desctune.config_hash', '')}`")

@@ -21,7 +21,8 @@ import pandas as pd
 
 from desctune.config import Config
 from desctune.errors import RegistryError
-from desctune.registry.lineage import git_commit
+from desctune.registry.lineage import flow_run_link, git_commit
+from desctune.registry.links import md_link
 from desctune.results import RunStages, Split
 from desctune.tracking import TRAINING_VIEW, client, hide_password, run_url, tracking_uri, ui_base
 
@@ -267,14 +268,23 @@ def claim_tags(metrics: dict) -> dict:
             "metric.delta_claims": json.dumps(metrics["claims"]["comparison"]["any"])}
 
 
-def description(stages: RunStages, run_id: str) -> str:
-    """The model version's description, for people: what it is, and whether it beat its base and how surely."""
+def made_by(run_id: str, run_link: str | None = None, lineage: dict | None = None) -> str:
+    """Which MLflow run trained a version and which flow run made it, as Markdown links where their URLs are known
+    ("trained by [MLflow run ID](URL) in [Prefect flow run NAME](URL)")."""
+    run = md_link(f"MLflow run {run_id}", run_link) if run_link else f"MLflow run {run_id}"
+    flow_run = flow_run_link(lineage)
+    return f"trained by {run}" + (f" in {flow_run}" if flow_run else "")
+
+
+def description(stages: RunStages, run_id: str, run_link: str | None = None, lineage: dict | None = None) -> str:
+    """The model version's description, for people (MLflow renders it as Markdown): what it is, links to the run
+    and flow run that made it, and whether it beat its base and how surely."""
     from desctune.evaluation.evaluate import significance_lines
 
     m = stages.evaluate.metrics
     b, f = m["base"], m["finetuned"]
     return (f"LoRA adapter on {stages.base.name} that writes a product description from a product title, "
-            f"trained by MLflow run {run_id}. {scored_set(stages)}, base -> fine-tuned: "
+            f"{made_by(run_id, run_link, lineage)}. {scored_set(stages)}, base -> fine-tuned: "
             f"BLEU {b['bleu']:.2f} -> {f['bleu']:.2f} (0-100), ROUGE-L {b['rougeL']:.4f} -> {f['rougeL']:.4f} (0-1), "
             f"chrF++ {b['chrf']:.2f} -> {f['chrf']:.2f} (0-100). " + "; ".join(significance_lines(m))
             + f"; better on {m['better']}, worse on {m['worse']} examples (by ROUGE-L).")
@@ -374,7 +384,7 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(stages.evaluate.table.path, Path(tmp) / filename)
         c.log_artifact(run_id, str(Path(tmp) / filename), artifact_path=folder)
-    c.update_model_version(name, version, description=description(stages, run_id))
+    c.update_model_version(name, version, description=description(stages, run_id, run_url(cfg, run_id), lineage))
     if not c.get_registered_model(name).description:
         c.update_registered_model(name, description=model_description(stages))
     champion = get_alias(c, name, CHAMPION)
@@ -393,7 +403,8 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
     aliases = sorted(c.get_model_version(name, version).aliases)
     c.set_tag(run_id, "desctune.model_version", f"{name}/{version}")
     note = c.get_run(run_id).data.tags.get("mlflow.note.content", "")
-    c.set_tag(run_id, "mlflow.note.content", f"{note}\n\nRegistered as {name} version {version} "
+    registered_as = md_link(f"{name} version {version}", version_url(cfg, name, version))
+    c.set_tag(run_id, "mlflow.note.content", f"{note}\n\nRegistered as {registered_as} "
                                              f"(@{', @'.join(aliases)}): {why}.".strip())
     return {
         "name": name, "version": version, "aliases": aliases, "promoted": promoted, "unchanged": False,
