@@ -75,3 +75,26 @@ def test_the_demo_charts_give_each_model_its_colour():
     assert colours == [COLORS["base"], COLORS["finetuned"]]
     assert metrics_frame({}, {"eval/base_bleu": 1.0, "eval/base_rougeL": 0.1, "eval/finetuned_bleu": 2.0,
                               "eval/finetuned_rougeL": 0.2}) is not None
+
+
+def test_the_comparison_is_logged_into_the_run_once_as_charts_and_tables(tmp_path):
+    """Into a real MLflow store: one `compare/` image chart a metric and the two tables; a retried task that logs
+    again adds nothing (MLflow's log_table would append the rows, log_image add a second image)."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from desctune.registry.lineage import evaluation_figures, log_comparison
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = c.create_run(c.create_experiment("t", artifact_location=str(tmp_path / "mlruns"))).info.run_id
+    metrics = scored(28)
+    figures = pd.DataFrame(evaluation_figures(metrics), columns=["stage", "figure", "value"])
+    for _ in range(2):
+        log_comparison(c, run_id, metrics, figures)
+    pngs = [a.path for a in c.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert sorted(p.split("+", 1)[0] for p in pngs) == [f"images/compare~{k}" for k in ("bleu", "chrf", "claims",
+                                                                                         "rougeL")]
+    tables = {n: pd.read_json(c.download_artifacts(run_id, f"report/{n}.json", str(tmp_path)), orient="split")
+              for n in ("comparison", "figures")}
+    assert len(tables["comparison"]) == 5 and tables["figures"].set_index("figure")["value"].to_dict()["n"] == 28
+    assert c.get_run(run_id).data.metrics == {}  # no number became a one-bar chart

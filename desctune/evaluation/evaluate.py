@@ -203,7 +203,7 @@ def comparison_images(metrics: dict) -> dict:
 
     images = {}
     for entry in comparisons(metrics):
-        fig, ax = plt.subplots(figsize=(3.6, 3.6))
+        fig, ax = plt.subplots(figsize=(4.4, 3.3))
         draw_comparison(ax, entry)
         fig.tight_layout()
         buf = io.BytesIO()
