@@ -63,15 +63,99 @@ def no_champion_fallback(ref: str, tracking_uri: str, name: str) -> tuple[str, s
             f"{why}.")
 
 
-def scored_on(tags: dict, run_metrics: dict) -> str | None:
-    """What the version's evaluation was scored on, with its size: the held-out file `eval.test_path` named, or the
-    run's test split; None when the run did not record it."""
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a model version: the MLflow run holding it, the examples it scored (`n`, None when not
+    recorded) and on what (`where`, in words), its figures as the version tags the panel reads (`metric.*`) and the
+    run's metrics; `own` for the run that registered the version."""
+
+    run_id: str
+    n: int | None
+    where: str
+    tags: dict
+    metrics: dict
+    own: bool
+    started: int = 0
+
+    def scored_on(self, link: str, count: int) -> str:
+        """What the panel says it shows: "Scored on 200 examples of the file data/eval.jsonl, by evaluation run
+        LINK (the largest of the 2 evaluations of this version)."."""
+        size = f"{self.n} examples" if self.n is not None else "an unrecorded number of examples"
+        by = "the run that registered this version" if self.own else "evaluation run"
+        largest = f" (the largest of the {count} evaluations of this version)" if count > 1 else ""
+        return f"Scored on {size} of {self.where}, by {by} {link}{largest}."
+
+
+def examples_scored(tags: dict, run_metrics: dict) -> int | None:
+    """How many examples an evaluation scored: the version's `metric.n`, else the run's `eval/n`, else its ROUGE-L
+    wins, losses and ties added up (runs logged before either); None when none is recorded."""
+    if tags.get("metric.n"):
+        return int(tags["metric.n"])
+    if run_metrics.get("eval/n") is not None:
+        return int(run_metrics["eval/n"])
     counts = [run_metrics.get(f"eval/{k}") for k in ("better", "worse", "same")]
-    if any(c is None for c in counts):
-        return None
-    n = int(sum(counts))
+    return None if any(c is None for c in counts) else int(sum(counts))
+
+
+def own_evaluation(tags: dict, run_id: str, run_metrics: dict) -> Evaluation:
+    """The evaluation the version was registered with: on the held-out file `eval.test_path` named, or on the
+    run's test split."""
     where = f"the held-out file {tags['data.test_input']}" if tags.get("data.test_input") else "the run's test split"
-    return f"Scored on {n} examples of {where}."
+    return Evaluation(run_id, examples_scored(tags, run_metrics), where, tags, run_metrics, own=True)
+
+
+def evaluation_runs(tracking_uri: str, name: str, version: str) -> list[Evaluation]:
+    """The finished evaluation runs of `name` version `version` (evaluate-champion's, tagged with the version),
+    their figures not yet loaded (`with_figures`)."""
+    import re
+
+    from desctune.tracking import client
+
+    c = client(tracking_uri)
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    if not experiments:
+        return []
+    runs = c.search_runs(experiments, "tags.`desctune.kind` = 'evaluation' and attributes.status = 'FINISHED'",
+                         max_results=1000)
+    label = re.compile(rf"{re.escape(name)} version {re.escape(str(version))}(?: \(|$)")  # runs tagged before
+    found = []
+    for r in runs:
+        t = r.data.tags
+        if (t.get("desctune.registered_model"), t.get("desctune.registered_version")) == (name, str(version)) or (
+                "desctune.registered_version" not in t and label.match(t.get("desctune.model_version", ""))):
+            found.append(Evaluation(r.info.run_id, examples_scored({}, r.data.metrics),
+                                    f"the file {t.get('desctune.data_path', '(not recorded)')}", {}, r.data.metrics,
+                                    own=False, started=r.info.start_time or 0))
+    return found
+
+
+def with_figures(tracking_uri: str, evaluation: Evaluation) -> Evaluation:
+    """An evaluation run's figures as version tags, from its `report/metrics.json` (else its `eval/` metrics)."""
+    import dataclasses
+
+    import mlflow
+
+    from desctune.registry.register import metric_tags
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=evaluation.run_id, artifact_path="report/metrics.json",
+                                                   tracking_uri=tracking_uri)
+        tags = metric_tags(json.loads(Path(path).read_text()))
+    except Exception:  # an unreadable report: the scores the run logged as metrics still show
+        tags = {f"metric.{k.removeprefix('eval/')}": str(v) for k, v in evaluation.metrics.items()}
+    return dataclasses.replace(evaluation, tags=tags)
+
+
+def best_evaluation(tracking_uri: str, name: str | None, version: str | None, tags: dict, run_id: str | None,
+                    run_metrics: dict) -> tuple[Evaluation | None, int]:
+    """The most trustworthy evaluation the registry has of a version, the one that scored the most examples (on a
+    tie the newest evaluation run), with how many there are: the one it was registered with and each evaluation
+    run tagged with it. (None, 0) for an adapter that is not in the registry."""
+    if run_id is None or version is None:
+        return None, 0
+    found = [own_evaluation(tags, run_id, run_metrics), *evaluation_runs(tracking_uri, name, version)]
+    best = max(found, key=lambda e: (e.n if e.n is not None else -1, not e.own, e.started))
+    return (best if best.own else with_figures(tracking_uri, best)), len(found)
 
 
 def run_link(cfg, tracking_uri: str, run_id: str) -> str:

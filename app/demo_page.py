@@ -178,15 +178,18 @@ if st.session_state.get("outputs"):
         with st.expander("Reference description from the test split", expanded=True):
             st.text(match["reference"].iloc[0])
 
-st.header("Latest evaluation")
-metrics = logic.metrics_frame(resolved.tags, run_metrics)
+st.header("Evaluation")
+# the registry's most trustworthy evaluation of this version: the one that scored the most examples
+evaluation, evaluations = logic.best_evaluation(tracking_uri, resolved.name, resolved.version, resolved.tags,
+                                                resolved.run_id, run_metrics)
+figures = evaluation.tags if evaluation else resolved.tags
+metrics = logic.metrics_frame(figures, evaluation.metrics if evaluation else run_metrics)
 if metrics is None:
     st.info("No evaluation metrics recorded for this model.")
 else:
-    scored = logic.scored_on(resolved.tags, run_metrics)
-    if scored:
-        st.caption(scored)
-    for line in [*logic.significance(resolved.tags), logic.claims_line(resolved.tags)]:
+    if evaluation:
+        st.caption(evaluation.scored_on(logic.run_link(cfg, tracking_uri, evaluation.run_id), evaluations))
+    for line in [*logic.significance(figures), logic.claims_line(figures)]:
         if line:
             st.markdown(f"- {line}")
     scales = {"BLEU": "corpus BLEU (0–100)", "ROUGE-L": "ROUGE-L F (0–1)", "chrF++": "chrF++ (0–100)"}

@@ -141,7 +141,8 @@ def test_page_shows_champion_adapter_status_examples_and_metrics(registered, mon
     assert shown.loc["base", "BLEU"] == pytest.approx(float(version.tags["metric.base_bleu"]))
     assert shown.loc["fine-tuned", "chrF++"] == pytest.approx(float(version.tags["metric.finetuned_chrf"]))
     scored = [c.value for c in at.caption if c.value.startswith("Scored on ")]  # the evaluation says its size
-    assert scored == [f"Scored on {len(report)} examples of the run's test split."]
+    assert scored == [f"Scored on {len(report)} examples of the run's test split, by the run that registered this "
+                      f"version [`{version.run_id}`]({scored[0].split('](', 1)[1]}"]
     verdicts = [m.value for m in at.markdown if "95% CI" in m.value]
     assert len(verdicts) == 3 and any("ROUGE-L" in v for v in verdicts)
     claims = [m.value for m in at.markdown if "invented claims: base" in m.value]
@@ -316,10 +317,50 @@ def test_the_stream_grows_token_by_token_ends_as_side_by_side_and_stops_when_ask
 
 
 def test_the_evaluation_panel_names_what_it_was_scored_on_and_its_size():
-    from app.demo_logic import scored_on
+    from app.demo_logic import Evaluation, examples_scored, own_evaluation
 
     counts = {"eval/better": 56, "eval/worse": 44, "eval/same": 0}
-    assert scored_on({"data.test_input": "data/amazon_titles_eval.jsonl"}, counts) == (
-        "Scored on 100 examples of the held-out file data/amazon_titles_eval.jsonl.")
-    assert scored_on({}, counts) == "Scored on 100 examples of the run's test split."
-    assert scored_on({}, {}) is None
+    held_out = own_evaluation({"data.test_input": "data/amazon_titles_eval.jsonl"}, "r1", counts)
+    assert held_out.scored_on("LINK", 1) == (
+        "Scored on 100 examples of the held-out file data/amazon_titles_eval.jsonl, by the run that registered this "
+        "version LINK.")
+    assert own_evaluation({"metric.n": "28"}, "r1", {}).scored_on("LINK", 1) == (
+        "Scored on 28 examples of the run's test split, by the run that registered this version LINK.")
+    check = Evaluation("r2", 200, "the file data/eval.jsonl", {}, {}, own=False)
+    assert check.scored_on("LINK", 2) == ("Scored on 200 examples of the file data/eval.jsonl, by evaluation run LINK "
+                                          "(the largest of the 2 evaluations of this version).")
+    assert examples_scored({}, {"eval/n": 12.0}) == 12 and examples_scored({}, {}) is None
+
+
+def test_the_panel_shows_the_largest_evaluation_the_registry_has_of_the_version(tmp_path, tiny_model_dir,
+                                                                                monkeypatch):
+    """A version registered with its evaluation on 6 test examples, then checked by the evaluate-champion flow on
+    more held-out records: the panel shows that check, its size, its file and its run, not the 6-example one."""
+    from desctune.config import config_to_yaml
+    from desctune.tracking import client
+    from flows.evaluate_champion import evaluate_champion
+    from test_register import champion_store
+
+    cfg, _, _ = champion_store(tmp_path, tiny_model_dir, 6)
+    name = cfg.registry.model_name
+    version = client(cfg).get_model_version_by_alias(name, "champion")
+    assert version.tags["metric.n"] == "6"
+    records = head_records(SAMPLE, tmp_path / "held-out.jsonl", 14)
+    checked = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 10, "max_new_tokens": 6})})
+    out = evaluate_champion(config=checked, dataset=str(records))
+    metrics, run_id = out["evaluate"].metrics, out["mlflow"]["run_id"]
+    assert metrics["n"] > 6
+    cfg_path = tmp_path / "demo.yaml"
+    cfg_path.write_text(config_to_yaml(cfg))
+    at = app(monkeypatch, cfg_path)
+    assert not at.exception and not at.error
+    scored = [c.value for c in at.caption if c.value.startswith("Scored on ")]
+    assert len(scored) == 1 and scored[0].startswith(
+        f"Scored on {metrics['n']} examples of the file {records}, by evaluation run [`{run_id}`](")
+    assert scored[0].endswith(" (the largest of the 2 evaluations of this version).")
+    shown = at.dataframe[0].value
+    assert shown.loc["fine-tuned", "ROUGE-L"] == pytest.approx(metrics["finetuned"]["rougeL"])
+    assert shown.loc["base", "chrF++"] == pytest.approx(metrics["base"]["chrf"])
+    assert shown.loc["fine-tuned", "ROUGE-L"] != pytest.approx(float(version.tags["metric.finetuned_rougeL"]))
+    verdicts = [m.value for m in at.markdown if "95% CI" in m.value]
+    assert len(verdicts) == 3 and any(f"{metrics['comparison']['rougeL']['delta']:+.4f}" in v for v in verdicts)

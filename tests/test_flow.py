@@ -60,22 +60,32 @@ def test_flow_writes_every_intermediate(two_runs):
     assert len(ev) == min(cfg.eval.limit, out.sample.test.rows)
 
 
-def test_flow_registers_a_version_with_metrics_and_aliases(two_runs):
+def test_flow_registers_a_version_with_metrics_and_aliases(two_runs, tmp_path):
     cfg, first, second = two_runs
     client = MlflowClient(tracking_uri(cfg))
     reg = first.result().registered
     version = client.get_model_version(cfg.registry.model_name, reg.version)
     run = client.get_run(version.run_id)
-    for key in ("eval/base_bleu", "eval/base_rougeL", "eval/finetuned_bleu", "eval/finetuned_rougeL",
-                "data/records_kept", "train/val_loss"):
-        assert key in run.data.metrics
-    # every metric is logged once: series at their training steps, single values once
+    headline = {f"eval/{m}_{k}" for m in ("base", "finetuned") for k in ("bleu", "rougeL", "chrf")}
+    headline |= {"eval/n", "train/val_loss"}
+    series = {"train/loss", "train/learning_rate", "train/tokens_per_s", "train/supervised_tokens_per_s"}
+    # metrics are the training series and the few headline numbers, each logged once; no other single number is
+    # a metric (MLflow would chart it as one bar)
+    assert set(run.data.metrics) == headline | series
     last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     [val] = client.get_metric_history(run.info.run_id, "train/val_loss")
     assert val.step == last > 0
-    for key in run.data.metrics:
-        if not key.startswith("train/") or key in ("train/val_loss", "train/peak_memory_mb"):
-            assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
+    for key in headline:
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
+    assert run.data.metrics["eval/n"] == first.result().evaluate.metrics["n"]
+    tables = {name: pd.read_json(client.download_artifacts(run.info.run_id, f"report/{name}.json", str(tmp_path)),
+                                 orient="split") for name in ("figures", "comparison")}
+    figures = tables["figures"].set_index(["stage", "figure"])["value"]
+    assert figures["data", "records_kept"] == first.result().clean.kept and figures["train", "peak_memory_mb"] > 0
+    assert list(tables["comparison"]["base"][:3]) == pytest.approx(
+        [run.data.metrics[f"eval/base_{k}"] for k in ("bleu", "rougeL", "chrf")])
+    images = {a.path.split("/", 1)[1].split("+", 1)[0] for a in client.list_artifacts(run.info.run_id, "images")}
+    assert images == {"compare~bleu", "compare~rougeL", "compare~chrf", "compare~claims"}
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]

@@ -230,7 +230,21 @@ def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registr
     assert run.info.status == "FINISHED"
     assert run.data.tags["desctune.model_version"].startswith(f"{name} version {champion}")
     assert run.data.tags["prefect.flow_run_id"]
-    assert run.data.metrics["eval/n"] == 3 and "eval/finetuned_rougeL" in run.data.metrics
+    assert run.data.tags["desctune.registered_model"] == name
+    assert run.data.tags["desctune.registered_version"] == champion
+    # headline scores only as metrics; the rest in one chart a metric and two tables
+    assert set(run.data.metrics) == {f"eval/{m}_{k}" for m in ("base", "finetuned") for k in ("bleu", "rougeL", "chrf")
+                                     } | {"eval/n"}
+    assert run.data.metrics["eval/n"] == 3
+    images = [a.path.split("/", 1)[1] for a in c.list_artifacts(run.info.run_id, "images")]
+    assert {p.split("+", 1)[0] for p in images} == {"compare~bleu", "compare~rougeL", "compare~chrf", "compare~claims"}
+    comparison = pd.read_json(c.download_artifacts(run.info.run_id, "report/comparison.json", str(tmp_path)),
+                              orient="split")
+    assert comparison.loc[1, "metric"] == "ROUGE-L F (0-1)"
+    assert comparison.loc[1, "fine-tuned"] == pytest.approx(run.data.metrics["eval/finetuned_rougeL"])
+    figures = pd.read_json(c.download_artifacts(run.info.run_id, "report/figures.json", str(tmp_path)),
+                           orient="split")
+    assert figures.set_index("figure").loc["n", "value"] == 3 and set(figures["stage"]) == {"eval"}
     inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"eval-raw", "eval"} and '"num_rows": 10' in inputs["eval-raw"].profile
     assert c.get_model_version(name, champion).tags["last_evaluation_run"] == run.info.run_id

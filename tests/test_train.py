@@ -248,23 +248,46 @@ def test_embedded_model_overfits_a_handful_of_records(tmp_path, embedded_base):
     assert min(rouge) > 0.8, rouge
 
 
-def test_streams_loss_lr_speed_and_memory_to_mlflow(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_streams_loss_lr_and_speed_to_mlflow_and_the_progress_line_names_the_same_loss(tmp_path, tiny_model_dir,
+                                                                                      tiny_tokenizer):
+    """`train/loss` at a step and the progress line of that step read the same number, and the line says what it
+    is: the mean of the last `train.logging_steps` steps."""
+    import logging
+    import re
+
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "mlruns"))).info.run_id
-    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 6, "logging_steps": 2, "save_steps": 100})
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"max_steps": 6, "logging_steps": 4, "save_steps": 100})
     df = records(12)
     tokens = token_files(tmp_path, tiny_tokenizer, cfg, df.iloc[:8], df.iloc[8:])
     log_params, log_metrics = mlflow_sink(run_id, uri)
-    result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out",
-                           log_params=log_params, log_metrics=log_metrics)
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 4, 6]
+    lines: list[str] = []
+    logger = logging.getLogger("test-train-loss-lines")
+    logger.setLevel(logging.INFO)
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        result = train_adapter(tokens, provision(str(tiny_model_dir), tmp_path), cfg, tmp_path / "out", logger,
+                               log_params=log_params, log_metrics=log_metrics, progress_seconds=0)
+    finally:
+        logger.removeHandler(handler)
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert sorted(loss) == [1, 4, 6]
     for name in ("train/learning_rate", "train/tokens_per_s", "train/supervised_tokens_per_s"):
-        assert len(client.get_metric_history(run_id, name)) == 4
+        assert len(client.get_metric_history(run_id, name)) == 3
+    printed = {int(m[1]): (float(m[2]), int(m[3])) for line in lines
+               if (m := re.match(r"train step (\d+)/6 .*: loss ([\d.]+) \(mean of the last (\d+) steps\)", line))}
+    assert sorted(printed) == [1, 2, 3, 4, 5, 6], lines  # a line every step (progress_seconds=0)
+    assert {step: n for step, (_, n) in printed.items()} == {1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4}
+    for step, value in loss.items():
+        assert printed[step][0] == pytest.approx(value, abs=5e-5), (step, printed[step], value)
+    assert [h["loss"] for h in result["history"]] == pytest.approx([loss[s] for s in (1, 4, 6)])
     data = client.get_run(run_id).data
-    assert data.metrics["train/peak_memory_mb"] > 0
+    assert result["peak_memory_mb"] > 0 and "train/peak_memory_mb" not in data.metrics  # one number: no chart
     # the validation loss is one point at the last step, not a second one at step 0 (a flat line in the chart)
     [val] = client.get_metric_history(run_id, "train/val_loss")
     assert val.step == 6 and val.value == pytest.approx(result["val_loss"])

@@ -131,24 +131,99 @@ def guard_adapter(status: dict, identical_outputs: float | None = None) -> None:
         raise AdapterError(problems[0])
 
 
+# What each comparison chart and table row shows: the key in `metrics`, its title with its scale, its digits.
+SCORES = {"bleu": ("corpus BLEU (0-100)", 2), "rougeL": ("ROUGE-L F (0-1)", 4), "chrf": ("chrF++ (0-100)", 2)}
+CLAIMS_TITLE = "outputs with an invented claim (share)"
+
+
+def comparisons(metrics: dict) -> list[dict]:
+    """Base against fine-tuned, one entry a metric on one scale: `key`, `title`, `digits`, both `values` and, where
+    the evaluation measured it, the paired 95% `interval` of fine-tuned - base; the invented-claims share last."""
+    out = [{"key": k, "title": title, "digits": digits, "values": {m: metrics[m][k] for m in MODELS},
+            "interval": metrics.get("comparison", {}).get(k)}
+           for k, (title, digits) in SCORES.items() if all(k in metrics[m] for m in MODELS)]
+    if "claims" in metrics:
+        c = metrics["claims"]
+        out.append({"key": "claims", "title": CLAIMS_TITLE, "digits": 2,
+                    "values": {m: c["rates"][m]["any"] for m in MODELS}, "interval": c["comparison"]["any"]})
+    return out
+
+
+def draw_comparison(ax, entry: dict) -> None:
+    """One metric's chart: base and fine-tuned bars in their colours on one axis from zero; with an interval, a
+    dashed line at the base and a whisker on the fine-tuned bar spanning base + the 95% interval of the difference
+    (it clears the line when the difference is significant), the difference and its interval in the title."""
+    values, iv, digits = entry["values"], entry["interval"], entry["digits"]
+    ax.bar([f"{LABELS[m]}\n{values[m]:.{digits}f}" for m in MODELS], [values[m] for m in MODELS],
+           color=[COLORS[m] for m in MODELS])
+    top = max(values.values())
+    title = entry["title"]
+    if iv is not None:
+        base = values["base"]
+        ax.axhline(base, color=COLORS["base"], linestyle="--", linewidth=1)
+        low, high = base + iv["low"], base + iv["high"]
+        ax.errorbar([1], [values["finetuned"]], yerr=[[max(values["finetuned"] - low, 0)],
+                                                       [max(high - values["finetuned"], 0)]],
+                    fmt="none", ecolor="black", capsize=6)
+        top = max(top, high)
+        title += (f"\nfine-tuned - base {iv['delta']:+.{digits}f} [{iv['low']:+.{digits}f}, "
+                  f"{iv['high']:+.{digits}f}]" + (f"\n{iv['verdict']}" if iv.get("verdict") else ""))
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, top * 1.25 or 1)
+
+
 def plot_metrics(metrics: dict, path: Path) -> None:
+    """The report's metrics.png: a panel a metric (`comparisons`), base and fine-tuned side by side on its scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
-    for ax, key, label in ((axes[0], "bleu", "corpus BLEU (0-100)"), (axes[1], "rougeL", "ROUGE-L F (0-1)")):
-        values = [metrics[m][key] for m in MODELS]
-        bars = ax.bar([LABELS[m] for m in MODELS], values, color=[COLORS[m] for m in MODELS])
-        ax.bar_label(bars, fmt="%.3g")
-        ax.set_title(label)
-        ax.set_ylim(0, max(values) * 1.25 or 1)
-    fig.suptitle(f"base vs fine-tuned on {metrics['n']} test examples")
+    entries = comparisons(metrics)
+    fig, axes = plt.subplots(1, len(entries), figsize=(3.3 * len(entries), 3.8), squeeze=False)
+    for ax, entry in zip(axes[0], entries):
+        draw_comparison(ax, entry)
+    fig.suptitle(f"base vs fine-tuned on {metrics['n']} examples (whiskers: 95% interval of the difference)",
+                 fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def comparison_images(metrics: dict) -> dict:
+    """One chart a metric (`draw_comparison`) as a PIL image, by metric key: for MLflow's chart grid."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    images = {}
+    for entry in comparisons(metrics):
+        fig, ax = plt.subplots(figsize=(4.4, 3.3))
+        draw_comparison(ax, entry)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        images[entry["key"]] = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return images
+
+
+def comparison_table(metrics: dict) -> pd.DataFrame:
+    """The comparison as a table, one row a metric: both models' values, the difference with its 95% interval and
+    verdict (none for the length ratio, which has no paired interval)."""
+    rows = [{"metric": e["title"], "base": e["values"]["base"], "fine-tuned": e["values"]["finetuned"],
+             **({"difference": e["interval"]["delta"], "low": e["interval"]["low"], "high": e["interval"]["high"],
+                 "verdict": e["interval"].get("verdict")} if e["interval"] else {})}
+            for e in comparisons(metrics)]
+    if all("length_ratio" in metrics[m] for m in MODELS):
+        rows.append({"metric": "median length / reference (characters)", "base": metrics["base"]["length_ratio"],
+                     "fine-tuned": metrics["finetuned"]["length_ratio"]})
+    return pd.DataFrame(rows, columns=["metric", "base", "fine-tuned", "difference", "low", "high", "verdict"])
 
 
 def decoding(cfg: EvalConfig) -> dict:

@@ -213,9 +213,10 @@ def log_dataset(run_id: str, name: str, path: str, digest: str, context: str, ro
         mlflow.log_input(dataset, context=context)
 
 
-def stage_metrics(stages: RunStages) -> dict:
-    """The single-valued numbers every run logs, grouped by prefix so MLflow charts them apart: `data/` (records per
-    stage, split sizes, tokens), `train/` (what the training stream does not already log at its steps) and `eval/`."""
+def stage_figures(stages: RunStages) -> pd.DataFrame:
+    """The run's single numbers, one row each (stage, figure, value): records per stage, split sizes and tokens
+    (`data`), what training measured once (`train`: mean loss over all steps, throughput, seconds, peak memory) and
+    the evaluation's counts (`eval`). MLflow would draw each as a chart of one bar; they go into a table instead."""
     ing, cln, spl, tok, trn = stages.ingest, stages.clean, stages.sample, stages.tokenize, stages.train
     data = {
         "lines_read": ing.lines_read, "records_ingested": ing.records, "records_kept": cln.kept,
@@ -225,51 +226,62 @@ def stage_metrics(stages: RunStages) -> dict:
         "train_supervised_tokens": tok.train.supervised_tokens,
         **{f"rejected_{reason}": n for reason, n in cln.by_reason.items()},
     }
-    m = {f"data/{k}": v for k, v in data.items()}
-    m.update({"train/loss_mean": trn.train_loss_mean, "train/overall_tokens_per_s": trn.tokens_per_s,
-              "train/seconds": trn.seconds})
-    m.update(evaluation_metrics(stages.evaluate.metrics))
-    return {k: float(v) for k, v in m.items() if v is not None}
+    train = {"steps": trn.steps, "loss_mean_all_steps": trn.train_loss_mean, "val_loss": trn.val_loss,
+             "overall_tokens_per_s": trn.tokens_per_s, "seconds": trn.seconds, "peak_memory_mb": trn.peak_memory_mb}
+    rows = [("data", k, v) for k, v in data.items()] + [("train", k, v) for k, v in train.items()]
+    rows += evaluation_figures(stages.evaluate.metrics)
+    return pd.DataFrame([r for r in rows if r[2] is not None], columns=["stage", "figure", "value"])
+
+
+def evaluation_figures(metrics: dict) -> list[tuple[str, str, float]]:
+    """An evaluation's counts as (stage, figure, value) rows: examples scored, ROUGE-L wins, losses and ties with
+    the sign test, and the share of outputs identical to the base."""
+    return [("eval", k, metrics[k]) for k in ("n", "better", "worse", "same", "sign_test_p", "identical_outputs")
+            if k in metrics]
 
 
 def evaluation_metrics(metrics: dict) -> dict:
-    """An evaluation as MLflow metrics under `eval/`: each model's scores (BLEU and chrF++ 0-100, ROUGE-L 0-1) and
-    length ratio, each difference with its 95% interval (`eval/delta_rougeL`, `eval/delta_rougeL_low`,
-    `eval/delta_rougeL_high`), the win counts, the sign test, and the invented-claims rates (`eval/claims_base`, ...,
-    `eval/delta_claims` with its interval)."""
-    m = {f"eval/{model}_{key}": metrics[model][key] for model in MODELS
-         for key in ("bleu", "rougeL", "chrf", "length_ratio")}
-    for key, interval in metrics["comparison"].items():
-        m.update({f"eval/delta_{key}": interval["delta"], f"eval/delta_{key}_low": interval["low"],
-                  f"eval/delta_{key}_high": interval["high"]})
-    m.update({f"eval/{k}": metrics[k] for k in ("better", "worse", "same")})
-    m["eval/sign_test_p"] = metrics["sign_test_p"]
-    if "claims" in metrics:  # share of outputs with an invented claim (0-1), per model and the paired difference
-        claims = metrics["claims"]
-        m.update({f"eval/claims_{who}": r["any"] for who, r in claims["rates"].items()})
-        iv = claims["comparison"]["any"]
-        m.update({"eval/delta_claims": iv["delta"], "eval/delta_claims_low": iv["low"],
-                  "eval/delta_claims_high": iv["high"]})
-    return m
+    """An evaluation's headline numbers as MLflow metrics under `eval/`: each model's BLEU and chrF++ (0-100) and
+    ROUGE-L (0-1), and `eval/n`, the examples scored; the demo reads them for a run without version tags. The
+    differences with their intervals, invented claims and counts go into the comparison charts and tables
+    (`log_comparison`), not into single-bar charts."""
+    m = {f"eval/{model}_{key}": metrics[model][key] for model in MODELS for key in ("bleu", "rougeL", "chrf")
+         if key in metrics[model]}
+    m["eval/n"] = metrics["n"]
+    return {k: float(v) for k, v in m.items()}
+
+
+def log_comparison(c, run_id: str, metrics: dict, figures: pd.DataFrame) -> None:
+    """Into the run, once each (a retried task adds nothing): base vs fine-tuned as one chart a metric in MLflow's
+    chart grid (`compare/bleu`, `compare/rougeL`, `compare/chrf`, `compare/claims`), the comparison as the table
+    `report/comparison.json` and the run's single numbers as the table `report/figures.json`."""
+    from desctune.evaluation.evaluate import comparison_images, comparison_table
+
+    logged = {a.path for a in c.list_artifacts(run_id, "report")}
+    for name, table in (("comparison", comparison_table(metrics)), ("figures", figures)):
+        if f"report/{name}.json" not in logged:
+            c.log_table(run_id, table, f"report/{name}.json")
+    images = [a.path for a in c.list_artifacts(run_id, "images")]
+    for key, image in comparison_images(metrics).items():
+        if not any(path.startswith(f"images/compare~{key}+") for path in images):
+            c.log_image(run_id, image, key=f"compare/{key}")
 
 
 def log_results(cfg: Config, run_id: str, stages: RunStages) -> None:
-    """Metrics, lineage and report files of one flow run, into its MLflow run. Each metric is logged once: the
-    step-indexed training series come from training itself, or, when training was reused from an earlier run, are
-    copied here at their steps."""
+    """Metrics, lineage and report files of one flow run, into its MLflow run. Metrics are the step-indexed training
+    series (from training itself, or, when training was reused from an earlier run, copied here at their steps), the
+    validation loss at the last step, and the evaluation's headline scores; every other number is in a table."""
     c = client(cfg)
     trained, evaluated = stages.train, stages.evaluate
-    for key, value in stage_metrics(stages).items():
+    for key, value in evaluation_metrics(evaluated.metrics).items():
         c.log_metric(run_id, key, value)
     if trained.mlflow_run_id != run_id:
         for row in trained.history:
             for k, v in row.items():
                 if k != "step":
                     c.log_metric(run_id, f"train/{k}", v, step=row["step"])
-        last = trained.steps
-        c.log_metric(run_id, "train/val_loss", trained.val_loss, step=last)
-        if trained.peak_memory_mb is not None:
-            c.log_metric(run_id, "train/peak_memory_mb", trained.peak_memory_mb, step=last)
+        c.log_metric(run_id, "train/val_loss", trained.val_loss, step=trained.steps)
+    log_comparison(c, run_id, evaluated.metrics, stage_figures(stages))
     ing, cln, spl = stages.ingest, stages.clean, stages.sample
     log_dataset(run_id, "raw", ing.input_path, ing.input_sha256, "raw", rows=ing.records)
     log_dataset(run_id, "clean", cln.clean.path, cln.clean.sha256, "clean", rows=cln.kept)
@@ -284,7 +296,6 @@ def log_results(cfg: Config, run_id: str, stages: RunStages) -> None:
             c.log_artifact(run_id, file.path, artifact_path="report")
     c.set_tag(run_id, "desctune.base_model", stages.base.name)
     c.set_tag(run_id, "desctune.base_model_sha256", stages.base.sha256)
-
 
 
 def fail_run(cfg: Config, flow_run_id: str) -> None:
@@ -308,13 +319,15 @@ def log_evaluation(
             **(lineage or {}),
             **source_tags(lineage, f"Evaluation of {label} against its base model on {raw.input_path} (BLEU and "
                                    "chrF++ 0-100, ROUGE-L 0-1)")}
+    if model["version"]:  # which version it evaluated, whatever aliases the label named then
+        tags.update({"desctune.registered_model": model["name"], "desctune.registered_version": str(model["version"])})
     run_id = c.create_run(experiment_id(cfg), tags=tags, run_name=f"evaluate {label}").info.run_id
     try:
         metrics = result.metrics
         for key, value in evaluation_metrics(metrics).items():
-            c.log_metric(run_id, key, float(value))
-        for k in ("n", "identical_outputs"):
-            c.log_metric(run_id, f"eval/{k}", float(metrics[k]))
+            c.log_metric(run_id, key, value)
+        log_comparison(c, run_id, metrics, pd.DataFrame(evaluation_figures(metrics),
+                                                        columns=["stage", "figure", "value"]))
         log_dataset(run_id, "eval-raw", raw.input_path, raw.input_sha256, "evaluation-raw", rows=raw.records)
         log_dataset(run_id, "eval", cleaned.clean.path, cleaned.clean.sha256, "evaluation", rows=cleaned.kept)
         for file in (result.plot, result.table, result.report, result.metrics_file):

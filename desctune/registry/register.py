@@ -268,6 +268,19 @@ def claim_tags(metrics: dict) -> dict:
             "metric.delta_claims": json.dumps(metrics["claims"]["comparison"]["any"])}
 
 
+def metric_tags(metrics: dict) -> dict:
+    """An evaluation's figures as the version tags model-version search, the model card and the demo read: the
+    examples scored (`metric.n`), each model's BLEU, ROUGE-L and chrF++, each difference with its paired interval
+    (JSON) and the invented-claims rates."""
+    return {
+        "metric.n": str(metrics["n"]),
+        **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned")
+           for k in ("bleu", "rougeL", "chrf") if k in metrics[m]},
+        **{f"metric.delta_{k}": json.dumps(v) for k, v in metrics.get("comparison", {}).items()},
+        **claim_tags(metrics),
+    }
+
+
 def made_by(run_id: str, run_link: str | None = None, lineage: dict | None = None) -> str:
     """Which MLflow run trained a version and which flow run made it, as Markdown links where their URLs are known
     ("trained by [MLflow run ID](URL) in [Prefect flow run NAME](URL)")."""
@@ -371,10 +384,7 @@ def register_model(cfg: Config, run_id: str, stages: RunStages, lineage: dict | 
         "data.test_sha256": test.sha256,
         **scored_tags(stages),
         "eval_config": cfg.eval.digest(),
-        **{f"metric.{m}_{k}": repr(float(metrics[m][k])) for m in ("base", "finetuned")
-           for k in ("bleu", "rougeL", "chrf")},
-        **{f"metric.delta_{k}": json.dumps(v) for k, v in metrics["comparison"].items()},
-        **claim_tags(metrics),
+        **metric_tags(metrics),
         **(lineage or {}),
     }
     for k, v in tags.items():

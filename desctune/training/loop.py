@@ -77,17 +77,13 @@ class RunState:
 
 @dataclass
 class Window:
-    """Sums over the optimizer steps since a progress line or the metrics were last logged, and since when."""
+    """Tokens over the optimizer steps since a progress line or the metrics were last logged, and since when."""
 
-    loss: float = 0.0
-    steps: int = 0
     tokens: int = 0
     supervised: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, s: StepResult) -> None:
-        self.loss += s.loss
-        self.steps += 1
         self.tokens += s.tokens
         self.supervised += s.supervised
 
@@ -216,10 +212,15 @@ def train_step(run: Run, loss_of: torch.nn.Module, accum: list, logger, first: b
 
 class Report:
     """Where each step's figures go: the progress bar, a progress line every `progress_seconds`, and at the first,
-    every `train.logging_steps`-th and the last step a row of the history and `log_metrics`."""
+    every `train.logging_steps`-th and the last step a row of the history and `log_metrics`.
+
+    The progress line and `train/loss` name the same quantity: the mean loss of the last `train.logging_steps`
+    optimizer steps (fewer right after a start or a resume), so at a step both report, they read the same."""
 
     def __init__(self, run: Run, start_step: int, logger, log_metrics: Callable[[dict, int], None],
                  progress_seconds: float):
+        from collections import deque
+
         from tqdm.auto import tqdm
 
         from desctune.progress import Progress
@@ -229,21 +230,27 @@ class Report:
                         disable=run.world.size > 1)  # under torchrun the progress lines, relayed, are the display
         self.progress = Progress(logger, "train step", run.steps, "step", every=progress_seconds, start=start_step)
         self.recent, self.window = Window(), Window()  # since the last progress line; since the last logged metrics
+        self.losses: deque[float] = deque(maxlen=self.logging_steps)  # the last `logging_steps` steps' losses
+
+    def loss(self) -> float:
+        """The mean loss of the last `train.logging_steps` steps: what `train/loss` and the progress line show."""
+        return sum(self.losses) / len(self.losses)
 
     def record(self, state: RunState, s: StepResult) -> None:
         for w in (self.recent, self.window):
             w.add(s)
+        self.losses.append(s.loss)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{s.loss:.3f}")
         step = state.step
         if self.progress.due(step):
             rate = self.recent.tokens / self.recent.seconds()
-            self.progress.update(step, f"loss {self.recent.loss / self.recent.steps:.4f}, lr {s.learning_rate:.2e}",
-                                 f"{rate:.0f} tokens/s")
+            self.progress.update(step, f"loss {self.loss():.4f} (mean of the last {len(self.losses)} steps), "
+                                       f"lr {s.learning_rate:.2e}", f"{rate:.0f} tokens/s")
             self.recent = Window()
         if step % self.logging_steps == 0 or step == 1 or step == self.steps:
             w, seconds = self.window, self.window.seconds()
-            row = {"step": step, "loss": w.loss / w.steps, "learning_rate": s.learning_rate,
+            row = {"step": step, "loss": self.loss(), "learning_rate": s.learning_rate,
                    "tokens_per_s": w.tokens / seconds, "supervised_tokens_per_s": w.supervised / seconds}
             state.history.append(row)
             self.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step)
@@ -371,5 +378,5 @@ def train_adapter(
     adapter = save_adapter(run.model, run.tokenizer, base, cfg, out_dir / "adapter")
     loss_plot = plot_loss(state.history, out_dir / "loss.png", logger) if state.history else None
     peak = peak_memory_mb(run.device)
-    log_metrics({"train/val_loss": val_loss, "train/peak_memory_mb": peak}, state.step)
+    log_metrics({"train/val_loss": val_loss}, state.step)
     return result(run, state, adapter, loss_plot, val_loss, resumed, peak)
