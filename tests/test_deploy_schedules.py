@@ -40,7 +40,7 @@ def test_schedules_that_can_only_fail_here_are_paused_with_their_reasons(tmp_pat
         assert by_name[name]["tags"][-1] == PAUSED_TAG
         assert f"**Schedule paused**: {paused[name]}. " in by_name[name]["description"]
     unpaused = {d["name"]: d for d in spec["deployments"]}
-    assert by_name["finetune"] == unpaused["finetune"]
+    assert by_name["finetune"] == unpaused["finetune"] and by_name["finetune-smoke"] == unpaused["finetune-smoke"]
     assert by_name["retrain-weekly"]["description"].startswith(unpaused["retrain-weekly"]["description"] + "\n\n")
     assert unpaused["retrain-weekly"]["schedules"][0]["active"] is True  # prefect.yaml itself is left alone
     assert PAUSED_TAG not in unpaused["retrain-weekly"]["tags"]
