@@ -191,8 +191,9 @@ class Deployed:
     paused: dict[str, str] = field(default_factory=dict)
 
 
-# The tag a deployment whose schedules were deployed paused carries; its description then says why.
-PAUSED_TAG = "schedule-paused"
+# The tag a deployment whose schedules were deployed paused carries (short, so the deployments list shows it beside
+# the others); its description then says why.
+PAUSED_TAG = "paused"
 
 
 def say_paused(deployment: dict, why: str) -> None:
