@@ -20,7 +20,7 @@ from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser, save_screen  # no
 
 from conftest import ROOT, SAMPLE, head_records, tiny_config
 from deployments.deploy import PAUSED_TAG
-from test_servers import create_run, read_deployment, trigger_and_wait
+from test_servers import read_deployment, trigger_and_wait
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -264,21 +264,24 @@ async def delete_runs(api_url: str, flow_run_ids) -> None:
             await client.delete_flow_run(i)
 
 
-def submit_run_form(driver, api_url: str, deployment_id, timeout: float = 180):
-    """Press Submit; the flow run it created, once the API has it (the UI goes back to the deployment's page)."""
+def submit_run_form(driver, api_url: str, deployment_id, timeout: float = 300):
+    """Press Submit; the flow run it created, read from the API once the UI has left the form for the deployment's
+    page (nothing polls the server meanwhile)."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     before = set(asyncio.run(deployment_runs(api_url, deployment_id)))
+    form = driver.current_url
     driver.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
-    deadline = time.monotonic() + timeout
-    while True:
-        new = [r for i, r in asyncio.run(deployment_runs(api_url, deployment_id)).items() if i not in before]
-        if new:
-            return new[0]
-        if time.monotonic() > deadline:
-            pytest.fail(f"submitting the run form made no flow run in {timeout:.0f} s; the page: "
-                        f"{driver.current_url} {page_text(driver)[-1500:]}")
-        time.sleep(1)
+    try:
+        WebDriverWait(driver, timeout, poll_frequency=1).until(
+            lambda d: d.current_url != form or "Something went wrong" in page_text(d))
+    except TimeoutException:
+        pytest.fail(f"the run form was still submitting after {timeout:.0f} s: {page_text(driver)[-1000:]}")
+    new = [r for i, r in asyncio.run(deployment_runs(api_url, deployment_id)).items() if i not in before]
+    assert len(new) == 1, f"submitting the run form made {len(new)} flow runs; the page: {page_text(driver)[-1000:]}"
+    return new[0]
 
 
 def test_the_finetune_forms_auto_fields_take_every_kind_of_value_and_the_runs_get_them(stack, browser):  # noqa: F811
@@ -290,10 +293,6 @@ def test_the_finetune_forms_auto_fields_take_every_kind_of_value_and_the_runs_ge
     asyncio.run(set_pool_paused(stack.api_url, True))
     created = []
     try:
-        # On a fresh SQLite server the first flow run the UI asks for has waited minutes on a database lock and
-        # failed with 503 (Prefect 3.9; later ones take a second): the first is made through the API instead.
-        first = asyncio.run(create_run(stack.api_url, "finetune/finetune", finetune.parameters))
-        asyncio.run(delete_runs(stack.api_url, [first.id]))
         for choice in FORM_CHOICES:
             browser.get(form)
             body = wait_for_text(browser, "Parameters", *TRAIN_FIELDS)
