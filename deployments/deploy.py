@@ -191,9 +191,25 @@ class Deployed:
     paused: dict[str, str] = field(default_factory=dict)
 
 
+# The tag a deployment whose schedules were deployed paused carries (short, so the deployments list shows it beside
+# the others); its description then says why.
+PAUSED_TAG = "paused"
+
+
+def say_paused(deployment: dict, why: str) -> None:
+    """Put the reason where the Prefect UI shows it: a tag in the deployments list and a paragraph of the
+    description. Both come from prefect.yaml again at the next deploy, which replaces them on the server, so once the
+    reason is gone neither says paused."""
+    deployment["tags"] = [*(deployment.get("tags") or []), PAUSED_TAG]
+    deployment["description"] = (
+        f"{deployment.get('description') or ''}\n\n**Schedule paused**: {why}. Once that is fixed, deploying "
+        "again (restart `desctune serve`, or `python -m deployments.deploy`) checks again and deploys it active."
+    ).lstrip()
+
+
 def pause_unrunnable(spec: dict, names: list[str], root: Path, env: dict) -> tuple[dict, dict[str, str]]:
     """prefect.yaml with the schedules of deployments that could only fail here (`deployments.schedules.blockers`)
-    set inactive, and why each one is paused."""
+    set inactive and the reason in their description and tags (`say_paused`), and why each one is paused."""
     spec = json.loads(json.dumps(spec))
     paused = {}
     for d in spec.get("deployments", []):
@@ -207,6 +223,7 @@ def pause_unrunnable(spec: dict, names: list[str], root: Path, env: dict) -> tup
             for schedule in d["schedules"]:
                 schedule["active"] = False
             paused[d["name"]] = "; ".join(reasons)
+            say_paused(d, paused[d["name"]])
     return spec, paused
 
 
@@ -244,11 +261,11 @@ def deploy(env: dict, root: Path = ROOT, pool_type: str = "process") -> Deployed
     return Deployed(names, paused)
 
 
-def paused_lines(deployed: Deployed, spec: dict | None = None) -> list[str]:
-    """One line per paused schedule: which, why, and how to switch it on once the reason is gone."""
-    flows = {d["name"]: d["entrypoint"].rsplit(":", 1)[1].replace("_", "-") for d in (spec or load_spec())["deployments"]}
-    return [f"{name} schedule paused: {why} (once fixed: prefect deployment schedule resume "
-            f"{flows.get(name, '?')}/{name} --all, or restart serve)" for name, why in deployed.paused.items()]
+def paused_lines(deployed: Deployed) -> list[str]:
+    """One line per paused schedule: which, why, and how to switch it on once the reason is gone. Deploying again
+    (not `prefect deployment schedule resume`) also takes the reason out of the deployment's description and tags."""
+    return [f"{name} schedule paused: {why} (once fixed: restart serve, or run python -m deployments.deploy, to "
+            "check again and deploy it active)" for name, why in deployed.paused.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,8 @@ def blockers(deployment: dict, root: Path, env: dict) -> list[str]:
     params = {**flow_defaults(deployment["entrypoint"]), **(deployment.get("parameters") or {})}
     raw = params.get("config")
     cfg = raw if isinstance(raw, Config) else Config.model_validate(raw or {})
+    if "model_name" in params:  # the evaluate-champion flow names the registered model itself
+        cfg = cfg.model_copy(update={"registry": cfg.registry.updated(model_name=params["model_name"])})
     reasons = []
     if cfg.model.device == "cuda" and not cuda_available():
         reasons.append("needs CUDA (model.device: cuda) and no CUDA device is visible")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
 from desctune.errors import ConfigError
 
@@ -37,6 +37,18 @@ def _optional_without_null_default(schema: dict) -> None:
         if "default" in prop and prop["default"] is None and any(b.get("type") == "null" for b in prop.get("anyOf", [])):
             del prop["default"]
             prop["anyOf"] = [b for b in prop["anyOf"] if b.get("type") != "null"] + [{"type": "null"}]
+
+
+# Prefect's run form shows a union branch that is a constant ("auto") as a field that "is a const and cannot be
+# changed". The fields below keep their types for validation (and so their values and digests), and give the form
+# choices it can select instead: one list for auto/true/false, a button per kind for a token budget.
+AutoOrBool = Annotated[bool | Literal["auto"], WithJsonSchema({"enum": ["auto", True, False]})]
+TokenBudget = Annotated[
+    Annotated[int, Field(ge=16)] | Literal["auto"] | None,
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 16, "title": "tokens"},
+                              {"type": "string", "enum": ["auto"], "title": "auto"},
+                              {"type": "null", "title": "none"}]}),
+]
 
 
 class Section(BaseModel):
@@ -128,9 +140,9 @@ class TrainConfig(Section):
         None, ge=1, description="stop after this many optimizer steps (empty or null: train the full epochs)")
     learning_rate: float = Field(3e-4, gt=0)
     batch_size: int = Field(8, ge=1, description="examples per micro-batch where no token budget applies")
-    max_tokens_per_batch: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
+    max_tokens_per_batch: TokenBudget = Field(
         "auto", description="micro-batches of at most this many padded tokens (length-grouped); auto: sized to the "
-        "card on CUDA, batch_size batches on CPU; None: batch_size batches everywhere",
+        "card on CUDA, batch_size batches on CPU; none (null): batch_size batches everywhere",
     )
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(
@@ -141,10 +153,10 @@ class TrainConfig(Section):
     lr_scheduler: Literal[
         "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
     ] = Field("cosine", description="transformers' learning-rate schedule after warmup_ratio of linear warmup")
-    gradient_checkpointing: bool | Literal["auto"] = Field(
+    gradient_checkpointing: AutoOrBool = Field(
         "auto", description="auto: on CUDA only when the activations would not fit the card, never on CPU"
     )
-    compile: bool | Literal["auto"] = Field(
+    compile: AutoOrBool = Field(
         "auto", description="torch.compile each decoder layer; auto: on CUDA when one process trains on 10M tokens "
         "or more (enough steps to repay the compile time), else eager; eager on CPU"
     )
@@ -196,17 +208,22 @@ class TrainConfig(Section):
         return self.launcher == "torchrun" or self.nproc_per_node * self.nnodes > 1
 
 
-class EvalConfig(Section):
+class GenerationConfig(Section):
+    """How the base and fine-tuned models generate when they are scored: the eval section without its file."""
+
     limit: int | None = Field(50, ge=1, description="test examples to generate for (None: all)")
     batch_size: int = Field(
         16, ge=1, le=MAX_GENERATION_BATCH, description="generation batch, independent of training's"
     )
-    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS, description="tokens each output may have at most")
     repetition_penalty: float = Field(
         1.0, ge=1.0, description="for base and fine-tuned alike; 1: off; above 1 it penalizes every token already in "
         "the prompt or the output, the title's own words included"
     )
     no_repeat_ngram_size: int = Field(3, ge=0, description="0: off; stops greedy decoding's loops")
+
+
+class EvalConfig(GenerationConfig):
     test_path: str | None = Field(
         None, description="score the run on this file (cleaned like the training data, review blurbs kept; its "
         "first `limit` records) instead of its own test split; the registry's gate then judges on it"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from desctune.config import Config
+from desctune.config import Config, EvalConfig, GenerationConfig, RegistryConfig
 from tasks.clean import clean
 from tasks.evaluate import evaluate_model
 from tasks.ingest import fingerprint, ingest
@@ -18,14 +18,31 @@ from tasks.watchdog import exit_with_worker
 
 @flow(name="evaluate-champion", log_prints=True)
 def evaluate_champion(
-    config: Config = Config(), dataset: str = "data/amazon_titles_eval.jsonl", alias: str = "champion"
+    dataset: str,
+    alias: str,
+    model_name: str = RegistryConfig().model_name,
+    generation: GenerationConfig = GenerationConfig(),
+    artifacts_dir: str = Config().artifacts_dir,
+    experiment: str = RegistryConfig().experiment,
 ) -> dict:
-    """Evaluate models:/{registry.model_name}@{alias} against its base on `dataset` (default: the held-out eval set)."""
+    """Evaluate models:/{model_name}@{alias} against its base model on `dataset` and log the scores to MLflow.
+
+    Args:
+        dataset: the file to score on (a .jsonl, .json or .gz of titles and descriptions, read and cleaned like the
+            training data, review blurbs kept); the scheduled check uses the held-out data/amazon_titles_eval.jsonl.
+        alias: the registered version to evaluate, by its alias: champion, challenger or one of your own.
+        model_name: the registered model the alias belongs to.
+        generation: how both models generate: on the first `limit` usable records, `batch_size` at a time.
+        artifacts_dir: where the stage outputs, the downloaded version and the report go.
+        experiment: the MLflow experiment the evaluation run is logged to.
+    """
     exit_with_worker()
+    config = Config(artifacts_dir=artifacts_dir, eval=EvalConfig(**generation.model_dump()),
+                    registry=RegistryConfig(model_name=model_name, experiment=experiment))
     data = config.data.for_scoring(dataset)
     raw = ingest(data, config.artifacts_dir, fingerprint(dataset))
     cleaned = clean(raw, data, config.artifacts_dir)
-    model = resolve(config, f"models:/{config.registry.model_name}@{alias}")
+    model = resolve(config, f"models:/{model_name}@{alias}")
     evaluated = evaluate_model(model, cleaned, config.eval, config.artifacts_dir)
     logged = log_evaluation_run(config, model, raw, cleaned, evaluated)
     return {"model": model, "evaluate": evaluated, "mlflow": logged}

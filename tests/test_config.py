@@ -85,3 +85,30 @@ def test_field_descriptions_say_what_a_field_means_not_how_it_was_measured():
              for section, schema in Config.model_json_schema()["$defs"].items()
              for name, prop in schema["properties"].items() if history.search(prop.get("description", ""))]
     assert found == []
+
+
+def test_the_auto_fields_are_choices_in_the_form_and_keep_their_values():
+    """Prefect's form shows a `const` branch as a field that cannot be changed: the three fields with an `auto`
+    offer it as a choice beside the others, and their values (and so the stage keys) stay what they were."""
+    import json
+
+    train = Config.model_json_schema()["$defs"]["TrainConfig"]["properties"]
+    assert "\"const\":" not in json.dumps(train)
+    for name in ("gradient_checkpointing", "compile"):
+        assert train[name]["enum"] == ["auto", True, False] and train[name]["default"] == "auto"
+        for raw, value in (("auto", "auto"), ("true", True), ("false", False)):
+            assert getattr(load_config(None, [f"train.{name}={raw}"]).train, name) is value
+        with pytest.raises(ConfigError, match=f"train.{name}"):
+            load_config(None, [f"train.{name}=sometimes"])
+    budget = train["max_tokens_per_batch"]
+    assert [b.get("enum", b["type"]) for b in budget["anyOf"]] == ["integer", ["auto"], "null"]
+    for raw, value in (("auto", "auto"), ("512", 512), ("null", None)):
+        assert load_config(None, [f"train.max_tokens_per_batch={raw}"]).train.max_tokens_per_batch == value
+    with pytest.raises(ConfigError, match="max_tokens_per_batch"):
+        load_config(None, ["train.max_tokens_per_batch=8"])
+    # the same settings hash as they did when these fields were plain unions (a field added to the section changes
+    # these, and the stage keys with them)
+    assert load_config(ROOT / "configs" / "cpu.yaml").train.digest() == "39419e7a314a510e"
+    assert load_config(None, ["train.compile=true"]).train.digest() == "b5297036722d82af"
+    assert load_config(None, ["train.max_tokens_per_batch=null", "train.gradient_checkpointing=false"]).train.digest() \
+        == "918b8877a9c5112a"

@@ -336,7 +336,7 @@ def test_the_panel_shows_the_largest_evaluation_the_registry_has_of_the_version(
                                                                                 monkeypatch):
     """A version registered with its evaluation on 6 test examples, then checked by the evaluate-champion flow on
     more held-out records: the panel shows that check, its size, its file and its run, not the 6-example one."""
-    from desctune.config import config_to_yaml
+    from desctune.config import GenerationConfig, config_to_yaml
     from desctune.tracking import client
     from flows.evaluate_champion import evaluate_champion
     from test_register import champion_store
@@ -346,8 +346,9 @@ def test_the_panel_shows_the_largest_evaluation_the_registry_has_of_the_version(
     version = client(cfg).get_model_version_by_alias(name, "champion")
     assert version.tags["metric.n"] == "6"
     records = head_records(SAMPLE, tmp_path / "held-out.jsonl", 14)
-    checked = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 10, "max_new_tokens": 6})})
-    out = evaluate_champion(config=checked, dataset=str(records))
+    generation = GenerationConfig(**cfg.eval.model_dump(exclude={"test_path"})).updated(limit=10, max_new_tokens=6)
+    out = evaluate_champion(dataset=str(records), alias="champion", model_name=name, generation=generation,
+                            artifacts_dir=cfg.artifacts_dir, experiment=cfg.registry.experiment)
     metrics, run_id = out["evaluate"].metrics, out["mlflow"]["run_id"]
     assert metrics["n"] > 6
     cfg_path = tmp_path / "demo.yaml"

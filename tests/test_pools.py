@@ -413,7 +413,8 @@ def test_a_real_server_takes_the_kubernetes_pool_and_its_worker_makes_the_job(pr
 
     env = deploy_env({**prefect_server, **POOL_ENV}, ROOT, ARTIFACTS, MLFLOW, "kubernetes")
     deployed = deploy(env, ROOT, "kubernetes")
-    assert deployed.names == ["finetune", "retrain-weekly", "evaluate-champion"] and not deployed.paused
+    assert deployed.names == ["finetune", "finetune-smoke", "retrain-weekly", "evaluate-champion"]
+    assert not deployed.paused
     api = prefect_server["PREFECT_API_URL"]
     pool, deployments, config, refused = asyncio.run(_pool_and_run_config(api, {"gpus": 2}))
     from desctune.store import store_hash

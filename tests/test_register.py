@@ -217,6 +217,7 @@ def test_guarded_flow_run_registers_nothing_and_its_mlflow_run_is_failed(tmp_pat
 
 
 def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registry, tmp_path):
+    from desctune.config import GenerationConfig
     from flows.evaluate_champion import evaluate_champion
 
     cfg, _ = registry
@@ -224,8 +225,9 @@ def test_evaluate_champion_flow_logs_its_own_run_tagged_with_the_version(registr
     name = cfg.registry.model_name
     champion = str(c.get_model_version_by_alias(name, "champion").version)
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 10)
-    checked = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 3, "max_new_tokens": 6})})
-    out = evaluate_champion(config=checked, dataset=str(records))
+    generation = GenerationConfig(**cfg.eval.model_dump(exclude={"test_path"})).updated(limit=3, max_new_tokens=6)
+    out = evaluate_champion(dataset=str(records), alias="champion", model_name=name, generation=generation,
+                            artifacts_dir=cfg.artifacts_dir)
     run = c.get_run(out["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["desctune.model_version"].startswith(f"{name} version {champion}")

@@ -571,14 +571,18 @@ def test_prefect_yaml_parameters_are_the_profiles_and_missing_entrypoints_are_sk
 
     spec = load_spec()
     by_name = {d["name"]: d for d in spec["deployments"]}
-    for name, profile in (("finetune", "cpu.yaml"), ("retrain-weekly", "gpu-tinyllama.yaml")):
+    for name, profile in (("finetune", "cpu.yaml"), ("finetune-smoke", "smoke.yaml"),
+                          ("retrain-weekly", "gpu-tinyllama.yaml")):
         # None-valued fields are left out, so the UI's form opens them empty (they take the model's default, None)
         expected = load_config(ROOT / "configs" / profile).model_dump(mode="json", exclude_none=True)
         assert by_name[name]["parameters"]["config"] == expected
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")  # a quick try, registered apart from the real model
+    assert smoke.train.max_steps <= 10 and smoke.eval.limit <= 10 and not by_name["finetune-smoke"].get("schedules")
+    assert smoke.registry.model_name != by_name["finetune"]["parameters"]["config"]["registry"]["model_name"]
     assert by_name["evaluate-champion"]["entrypoint"] == "flows/evaluate_champion.py:evaluate_champion"
     (tmp_path / "flows").mkdir()
     (tmp_path / "flows" / "finetune.py").write_text("")
-    assert deployable(spec, tmp_path) == (["finetune", "retrain-weekly"], ["evaluate-champion"])
+    assert deployable(spec, tmp_path) == (["finetune", "finetune-smoke", "retrain-weekly"], ["evaluate-champion"])
 
 
 def test_a_run_that_waited_for_the_same_stage_reuses_the_holders_result(tmp_path):

@@ -3,7 +3,6 @@ shipped data pass in a copy of the checkout with nothing beside it."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shutil
@@ -58,11 +57,11 @@ def test_no_file_points_outside_the_checkout():
 
 
 def test_every_default_dataset_is_in_the_repository():
+    from deployments.deploy import load_spec
     from desctune.config import Config
-    from flows.evaluate_champion import evaluate_champion
 
-    default = inspect.signature(evaluate_champion.fn).parameters["dataset"].default
-    for path in (default, Config().data.path):
+    [scheduled] = [d for d in load_spec()["deployments"] if d["name"] == "evaluate-champion"]
+    for path in (scheduled["parameters"]["dataset"], Config().data.path):
         assert not Path(path).is_absolute() and (ROOT / path).is_file(), path
 
 

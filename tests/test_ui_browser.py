@@ -1,9 +1,11 @@
 """`desctune serve` on non-default ports, seen through its UIs in headless Chromium (Debian's chromium and
-chromium-driver): the Prefect UI reaches its own API (no "Can't connect" banner) and lists the three deployments,
-with the schedules that cannot run here paused and said so; a finetune run's link artifact opens the MLflow run it
-names; the model version's page shows its description and the flow run's link on the served port; every link
-between the two UIs, clicked, lands on the page it names. Each test keeps the screens the README shows under
-docs/screens/. The served stack is the session's (conftest.py's `serve_stack`),
+chromium-driver): the Prefect UI reaches its own API (no "Can't connect" banner) and lists the four deployments,
+with the schedules that cannot run here paused and said so (a tag in the list, the reason in the description); the
+finetune form sets each `auto` field to each kind of value and the submitted runs get them; the evaluate-champion
+form starts with its two required, described fields; a finetune run's link artifact opens the MLflow run it names;
+the model version's page shows its description and the flow run's link on the served port; every link between the
+two UIs, clicked, lands on the page it names. Each test keeps the screens the README shows under docs/screens/. The
+served stack is the session's (conftest.py's `serve_stack`),
 which tests/test_servers.py uses too."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser, save_screen  # noqa: F401  (the browser fixture)
 
 from conftest import ROOT, SAMPLE, head_records, tiny_config
+from deployments.deploy import PAUSED_TAG
 from test_servers import read_deployment, trigger_and_wait
 
 pytestmark = pytest.mark.skipif(
@@ -102,6 +105,14 @@ def lands_on(driver, *texts: str) -> str:
     return body
 
 
+def row_text(driver, deployment: str) -> str:
+    """The text of the deployments list's row whose name link is `deployment`."""
+    from selenium.webdriver.common.by import By
+
+    link = driver.find_element(By.XPATH, f"//a[normalize-space()='{deployment}']")
+    return link.find_element(By.XPATH, "ancestor::tr[1]").text
+
+
 @pytest.fixture(scope="module")
 def stack(serve_stack):
     assert {serve_stack.prefect_port, serve_stack.mlflow_port}.isdisjoint({4200, 5000})
@@ -115,7 +126,8 @@ def finetuned(stack, tiny_model_dir, tmp_path_factory):
     records = head_records(SAMPLE, tmp / "records.jsonl", 30)
     cfg = tiny_config(tmp, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
                       registry={"model_name": MODEL})
-    [run] = asyncio.run(trigger_and_wait(stack.api_url, "finetune/finetune", {"config": json.loads(cfg.model_dump_json())}, 1))
+    params = {"config": json.loads(cfg.model_dump_json())}
+    [run] = asyncio.run(trigger_and_wait(stack.api_url, "finetune/finetune", params, 1))
     assert run.state.name == "Completed", (run.state.message, stack.artifacts / "serve-logs" / "worker.log")
     return run
 
@@ -161,16 +173,22 @@ def test_the_prefect_ui_on_another_port_reaches_its_api_lists_the_deployments_an
     for name in ("finetune/retrain-weekly", "evaluate-champion/evaluate-champion"):
         deployment = asyncio.run(read_deployment(stack.api_url, name))
         assert deployment.schedules and not any(s.active for s in deployment.schedules), name
-    import inspect
-
-    from flows.evaluate_champion import evaluate_champion
-
-    assert (ROOT / inspect.signature(evaluate_champion.fn).parameters["dataset"].default).is_file()
+        assert PAUSED_TAG in deployment.tags and "**Schedule paused**: " in deployment.description, name
+    evaluate = asyncio.run(read_deployment(stack.api_url, "evaluate-champion/evaluate-champion"))
+    assert (ROOT / evaluate.parameters["dataset"]).is_file()
 
     browser.get(f"http://127.0.0.1:{stack.prefect_port}/deployments")
-    body = wait_for_text(browser, "3 Deployments", "finetune", "retrain-weekly", "evaluate-champion")
+    body = wait_for_text(browser, "4 Deployments", "finetune", "finetune-smoke", "retrain-weekly", "evaluate-champion")
     assert CANT_CONNECT not in body
+    rows = {name: row_text(browser, name) for name in ("finetune", "retrain-weekly", "evaluate-champion")}
+    assert PAUSED_TAG not in rows["finetune"], rows  # the tag marks the paused ones only
+    assert PAUSED_TAG in rows["retrain-weekly"] and PAUSED_TAG in rows["evaluate-champion"], rows
     save_screen(browser, "prefect-deployments")
+    # the deployment's own page says why, where the console is not seen
+    weekly = asyncio.run(read_deployment(stack.api_url, "finetune/retrain-weekly"))
+    browser.get(f"http://127.0.0.1:{stack.prefect_port}/deployments/deployment/{weekly.id}?tab=Description")
+    wait_for_text(browser, "Schedule paused: ", "data/trn.json is not there", "deploys it active")
+    save_screen(browser, "prefect-deployment-paused")
 
     finetune = asyncio.run(read_deployment(stack.api_url, "finetune/finetune"))
     browser.get(f"http://127.0.0.1:{stack.prefect_port}/deployments/deployment/{finetune.id}/run")
@@ -246,3 +264,137 @@ def test_a_flow_runs_links_open_its_mlflow_run_and_the_model_version_shows_its_d
     browser.get(version_page)
     assert follow_link(browser, f"Prefect flow run {run.name}") == flow_run_url
     lands_on(browser, run.name, "Completed")
+
+
+# (max_tokens_per_batch, gradient_checkpointing, compile) of each submitted run: every field takes each kind of value
+# it has (auto, a number or true/false, none) once.
+FORM_CHOICES = [("auto", "auto", "auto"), (512, True, False), (None, False, True)]
+TRAIN_FIELDS = {"Max Tokens Per Batch": "max_tokens_per_batch", "Gradient Checkpointing": "gradient_checkpointing",
+                "Compile": "compile"}
+
+
+def form_field(driver, label: str):
+    """The run form's property whose label is `label` (with or without "(Optional)")."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.XPATH, (
+        "//span[contains(@class, 'schema-form-property__label') and "
+        f"(normalize-space()='{label}' or normalize-space()='{label} (Optional)')]"
+        "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' p-label ')][1]"))
+
+
+def pick(driver, label: str, value) -> None:
+    """Set one of the three fields in the form as a user does: a button per kind for the token budget, then its
+    number or its one choice; the auto/true/false list for the others."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    def the_list():
+        return Select(form_field(driver, label).find_element(
+            By.CSS_SELECTOR, "select.p-native-select__control:not(.p-native-select__control--placeholder)"))
+
+    if label != "Max Tokens Per Batch":
+        the_list().select_by_visible_text(json.dumps(value).strip('"'))
+        return
+    kind = "none" if value is None else "auto" if value == "auto" else "tokens"
+    form_field(driver, label).find_element(By.XPATH, f".//button[normalize-space()='{kind}']").click()
+    if kind == "tokens":
+        box = form_field(driver, label).find_element(By.CSS_SELECTOR, "input")
+        box.clear()
+        box.send_keys(str(value))
+    elif kind == "auto":
+        the_list().select_by_value("auto")
+
+
+async def set_pool_paused(api_url: str, paused: bool) -> None:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    async with PrefectClient(api_url) as client:
+        await client.update_work_pool("desctune-local", WorkPoolUpdate(is_paused=paused))
+
+
+async def deployment_runs(api_url: str, deployment_id) -> dict:
+    """The deployment's flow runs by id."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async with PrefectClient(api_url) as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return {r.id: r for r in runs}
+
+
+async def delete_runs(api_url: str, flow_run_ids) -> None:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
+        for i in flow_run_ids:
+            await client.delete_flow_run(i)
+
+
+def submit_run_form(driver, api_url: str, deployment_id, timeout: float = 300):
+    """Press Submit; the flow run it created, read from the API once the UI has left the form for the deployment's
+    page (nothing polls the server meanwhile)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = set(asyncio.run(deployment_runs(api_url, deployment_id)))
+    form = driver.current_url
+    driver.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+    try:
+        WebDriverWait(driver, timeout, poll_frequency=1).until(
+            lambda d: d.current_url != form or "Something went wrong" in page_text(d))
+    except TimeoutException:
+        pytest.fail(f"the run form was still submitting after {timeout:.0f} s: {page_text(driver)[-1000:]}")
+    new = [r for i, r in asyncio.run(deployment_runs(api_url, deployment_id)).items() if i not in before]
+    assert len(new) == 1, f"submitting the run form made {len(new)} flow runs; the page: {page_text(driver)[-1000:]}"
+    return new[0]
+
+
+def test_the_finetune_forms_auto_fields_take_every_kind_of_value_and_the_runs_get_them(stack, browser):  # noqa: F811
+    """The three fields whose `auto` Prefect's form showed as a const that cannot be changed: each set in the form to
+    auto, to a value of its own type and (the token budget) to none, three runs submitted, and their parameters read
+    back from the API. The work pool is paused meanwhile, so the worker starts none of them; they are deleted."""
+    finetune = asyncio.run(read_deployment(stack.api_url, "finetune/finetune"))
+    form = f"http://127.0.0.1:{stack.prefect_port}/deployments/deployment/{finetune.id}/run"
+    asyncio.run(set_pool_paused(stack.api_url, True))
+    created = []
+    try:
+        for choice in FORM_CHOICES:
+            browser.get(form)
+            body = wait_for_text(browser, "Parameters", *TRAIN_FIELDS)
+            assert "is a const and cannot be changed" not in body
+            for label, value in zip(TRAIN_FIELDS, choice):
+                pick(browser, label, value)
+            if choice == FORM_CHOICES[1]:
+                save_screen(browser, "prefect-run-form-choices")
+            created.append(submit_run_form(browser, stack.api_url, finetune.id))
+    finally:
+        asyncio.run(delete_runs(stack.api_url, [r.id for r in created]))
+        asyncio.run(set_pool_paused(stack.api_url, False))
+    assert all(r.state.is_scheduled() for r in created), [r.state.name for r in created]  # none started
+    got = [tuple(r.parameters["config"]["train"][name] for name in TRAIN_FIELDS.values()) for r in created]
+    assert got == FORM_CHOICES
+    # the rest of the form went through as the deployment has it
+    assert all(r.parameters["config"]["data"] == finetune.parameters["config"]["data"] for r in created)
+
+
+def test_the_evaluate_champion_form_starts_with_its_two_described_required_fields(stack, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    evaluate = asyncio.run(read_deployment(stack.api_url, "evaluate-champion/evaluate-champion"))
+    browser.get(f"http://127.0.0.1:{stack.prefect_port}/deployments/deployment/{evaluate.id}/run")
+    body = wait_for_text(browser, "Parameters", "dataset", "alias", "model_name", "Max New Tokens")
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".schema-form-property__label")]
+    assert labels[:2] == ["dataset", "alias"], labels  # first, and not "(Optional)": the run needs them
+    assert 'Property is type "None"' not in body
+    for absent in ("Lr Scheduler", "Lora", "Max Records", "Test Path", "Metric"):  # not the whole Config
+        assert absent not in body, absent
+    for label in ("dataset", "alias", "model_name", "generation", "artifacts_dir", "experiment"):
+        field = form_field(browser, label)
+        assert field.find_element(By.CSS_SELECTOR, ".schema-form-property__description").text, label
+    assert form_field(browser, "dataset").find_element(By.CSS_SELECTOR, "textarea, input").get_attribute("value") \
+        == "data/amazon_titles_eval.jsonl"
+    save_screen(browser, "prefect-evaluate-form")
