@@ -5,6 +5,7 @@ from __future__ import annotations
 from desctune import localui
 from desctune.evaluation.evaluate import significance_lines
 from desctune.results import FinetuneResult
+from desctune.tracking import hide_password
 
 
 def prefect_ui_link(flow_run_id: str) -> tuple[str, bool]:
@@ -51,6 +52,7 @@ def summary_text(result: FinetuneResult, flow_run_id: str, ui_command: str = ".v
         f"{m['sign_test_p']:.3g}); length = median output / reference characters",
         f"registry   {reg.name} version {reg.version}, aliases: {', '.join(reg.aliases) or 'none'}",
         f"           {reg.decision}",
+        f"store      {hide_password(reg.tracking_uri)}",
         f"adapter    {trn.adapter.path}",
         f"report     {ev.table.path}  {ev.plot.path}",
         "",
