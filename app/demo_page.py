@@ -38,6 +38,14 @@ def load_examples(tracking_uri: str, run_id: str | None, artifacts_dir: str):
     return logic.examples(tracking_uri, run_id, artifacts_dir)
 
 
+@st.cache_data(ttl=15, show_spinner=False)
+def best_evaluation(tracking_uri: str, name: str | None, version: str | None, tags: dict, run_id: str | None,
+                    run_metrics: dict):
+    """The registry's largest evaluation of the version, looked up (a run search, a report download) at most every
+    15 s rather than on each rerun of the page (every click and streamed output)."""
+    return logic.best_evaluation(tracking_uri, name, version, tags, run_id, run_metrics)
+
+
 def run_data(tracking_uri: str, run_id: str | None):
     """The MLflow run's metrics and params (empty for an adapter folder that was never registered)."""
     if run_id is None:
@@ -180,8 +188,8 @@ if st.session_state.get("outputs"):
 
 st.header("Evaluation")
 # the registry's most trustworthy evaluation of this version: the one that scored the most examples
-evaluation, evaluations = logic.best_evaluation(tracking_uri, resolved.name, resolved.version, resolved.tags,
-                                                resolved.run_id, run_metrics)
+evaluation, evaluations = best_evaluation(tracking_uri, resolved.name, resolved.version, resolved.tags,
+                                          resolved.run_id, run_metrics)
 figures = evaluation.tags if evaluation else resolved.tags
 metrics = logic.metrics_frame(figures, evaluation.metrics if evaluation else run_metrics)
 if metrics is None:
