@@ -15,6 +15,7 @@ Credentials (app/serve_auth.py): a non-loopback --host needs DESCTUNE_SERVE_PASS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from app.serve_auth import (
     Credentials,
@@ -338,47 +340,41 @@ def serve(plan: ServePlan, env: dict, timeout: float) -> int:
     except Timeout:
         raise ServeError(already_running(state)) from None
     procs = Processes(plan.artifacts / "serve-logs")
-    # SIGINT too: a shell that starts a background job makes it ignore SIGINT, and Python keeps that.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for port, flag in ((plan.prefect_port, "--prefect-port"), (plan.mlflow_port, "--mlflow-port")):
-            if port_in_use(plan.host, port):
-                raise ServeError(f"port {port} on {plan.host} is already in use by another program; pick another "
-                                 f"with {flag}")
-        state.write_text(json.dumps({"pid": os.getpid(), "prefect_url": plan.prefect_url,
-                                     "mlflow_url": plan.mlflow_url}))
-        cmds = commands(plan, env)
-        for name in ("prefect-server", "mlflow-server"):
-            procs.start(name, *cmds[name])
-        wait_until(lambda: http_ok(f"{plan.api_url}/health"), f"Prefect server at {plan.prefect_url}", procs, timeout)
-        wait_until(lambda: ui_api_url(plan.prefect_url, plan.creds) is not None, f"Prefect UI at {plan.prefect_url}",
-                   procs, timeout)
-        check_ui_settings(plan, env)
-        wait_until(lambda: http_ok(f"{plan.mlflow_url}/health"), f"MLflow server at {plan.mlflow_url}", procs, timeout)
-        check_mlflow_login(plan)
-        try:
-            deployed = deploy(deploy_env(cmds["worker"][1], ROOT, plan.artifacts, plan.mlflow_url))
-        except DeployError as exc:
-            raise ServeError(str(exc)) from None
-        mark_crashed_runs(plan, cmds["worker"][1])
-        procs.start("worker", *cmds["worker"])
-        wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {_pool()}", procs, timeout)
-        print(banner(plan, deployed.names, paused_lines(deployed)), flush=True)
-        while True:
-            procs.revive("worker", *cmds["worker"], min_uptime=WORKER_MIN_UPTIME)
-            procs.check()
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("desctune serve: stopping the worker, MLflow and Prefect ...", file=sys.stderr, flush=True)
-        return 0
+        with stopped_on_signal(procs, "desctune serve: stopping the worker, MLflow and Prefect ..."):
+            for port, flag in ((plan.prefect_port, "--prefect-port"), (plan.mlflow_port, "--mlflow-port")):
+                if port_in_use(plan.host, port):
+                    raise ServeError(f"port {port} on {plan.host} is already in use by another program; pick another "
+                                     f"with {flag}")
+            state.write_text(json.dumps({"pid": os.getpid(), "prefect_url": plan.prefect_url,
+                                         "mlflow_url": plan.mlflow_url}))
+            cmds = commands(plan, env)
+            for name in ("prefect-server", "mlflow-server"):
+                procs.start(name, *cmds[name])
+            wait_until(lambda: http_ok(f"{plan.api_url}/health"), f"Prefect server at {plan.prefect_url}", procs,
+                       timeout)
+            wait_until(lambda: ui_api_url(plan.prefect_url, plan.creds) is not None,
+                       f"Prefect UI at {plan.prefect_url}", procs, timeout)
+            check_ui_settings(plan, env)
+            wait_until(lambda: http_ok(f"{plan.mlflow_url}/health"), f"MLflow server at {plan.mlflow_url}", procs,
+                       timeout)
+            check_mlflow_login(plan)
+            try:
+                deployed = deploy(deploy_env(cmds["worker"][1], ROOT, plan.artifacts, plan.mlflow_url))
+            except DeployError as exc:
+                raise ServeError(str(exc)) from None
+            mark_crashed_runs(plan, cmds["worker"][1])
+            procs.start("worker", *cmds["worker"])
+            wait_until(lambda: pool_ready(plan.api_url, plan.creds), f"worker on pool {_pool()}", procs, timeout)
+            print(banner(plan, deployed.names, paused_lines(deployed)), flush=True)
+            while True:
+                procs.revive("worker", *cmds["worker"], min_uptime=WORKER_MIN_UPTIME)
+                procs.check()
+                time.sleep(1)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         state.unlink(missing_ok=True)
         lock.release()
+    return 0
 
 
 def mark_crashed_runs(plan: ServePlan, client: dict) -> None:
@@ -397,6 +393,24 @@ def mark_crashed_runs(plan: ServePlan, client: dict) -> None:
               file=sys.stderr, flush=True)
     for run_id, why in failed:
         print(f"desctune serve: marked MLflow run {run_id} FAILED: {why}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stopped_on_signal(procs: Processes, stopping: str) -> Iterator[None]:
+    """The block runs until Ctrl-C or SIGTERM (SIGINT too: a shell that starts a background job makes it ignore
+    SIGINT, and Python keeps that), which print `stopping` and end it quietly; whatever ends it, every process in
+    `procs` stops, with both signals ignored meanwhile, and the earlier handlers come back."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(stopping, file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum, frame):

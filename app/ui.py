@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 
@@ -80,7 +79,7 @@ def ui_banner(plan: ServePlan) -> str:
 def run_ui(plan: ServePlan, env: dict, timeout: float) -> int:
     """Start the servers, wait until both UIs answer, print where they are, then wait for Ctrl-C or SIGTERM (or a
     server's exit, which stops the other and says why)."""
-    from app.serve import Processes, check_ui_settings, http_ok, port_in_use, ui_api_url, wait_until
+    from app.serve import Processes, check_ui_settings, http_ok, port_in_use, stopped_on_signal, ui_api_url, wait_until
 
     cmds = ui_commands(plan, env)
     ports = [(plan.prefect_port, "--prefect-port", "DESCTUNE_UI_PREFECT_PORT")]
@@ -91,9 +90,7 @@ def run_ui(plan: ServePlan, env: dict, timeout: float) -> int:
             raise ServeError(f"port {port} on {plan.host} is already in use (`desctune serve`, or another `desctune "
                              f"ui`?): stop it, or pick another with {flag} and set {var} to it for `desctune run` too")
     procs = Processes(plan.artifacts / "ui-logs")
-    # SIGINT too: a shell that starts a background job makes it ignore SIGINT, and Python keeps that.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stopped_on_signal(procs, "desctune ui: stopping MLflow and Prefect ..."):
         for name, (argv, child_env) in cmds.items():
             procs.start(name, argv, child_env)
         wait_until(lambda: http_ok(f"{plan.api_url}/health"), f"Prefect server at {plan.prefect_url}", procs, timeout)
@@ -107,19 +104,7 @@ def run_ui(plan: ServePlan, env: dict, timeout: float) -> int:
         while True:
             procs.check()
             time.sleep(1)
-    except KeyboardInterrupt:
-        print("desctune ui: stopping MLflow and Prefect ...", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
