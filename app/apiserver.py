@@ -127,21 +127,20 @@ class EarlyServer:
         )
 
         self._wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-        settings = {"PREFECT_API_URL": self.url}
+        settings = {PREFECT_API_URL: self.url}
         if self.ui_url and not PREFECT_UI_URL.value():
-            settings["PREFECT_UI_URL"] = self.ui_url
+            settings[PREFECT_UI_URL] = self.ui_url
         # The environment too, for what reads settings outside this context (threads Prefect starts for events).
-        os.environ.update(settings)
+        os.environ.update({setting.name: value for setting, value in settings.items()})
         try:
-            updates = {PREFECT_API_URL: self.url, **({PREFECT_UI_URL: self.ui_url} if len(settings) > 1 else {})}
-            with temporary_settings(updates=updates):
+            with temporary_settings(updates=settings):
                 try:
                     yield
                 finally:
                     _drain_prefect_workers()
         finally:
-            for name in settings:
-                os.environ.pop(name, None)
+            for setting in settings:
+                os.environ.pop(setting.name, None)
 
     def _wait(self, timeout: float) -> None:
         deadline, retried = time.monotonic() + timeout, False
