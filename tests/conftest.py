@@ -266,6 +266,17 @@ def tiny_config(tmp_path: Path, model_dir: Path, records: Path = SAMPLE, **secti
     return Config.model_validate(cfg)
 
 
+def process_family(pid: int) -> list:
+    """The process `pid` and all its descendants (psutil.Process), or [] once it is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from test_demo_browser import CHROMEDRIVER, CHROMIUM, browser  # noqa: F401  (the browser fixture)
 from test_ui_browser import follow_link, lands_on, read_link_artifacts
 
-from conftest import ROOT
+from conftest import ROOT, process_family
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -53,11 +53,7 @@ class UI:
                     f"{''.join(self.output)[-2000:]}")
 
     def family(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return process_family(self.proc.pid)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SAMPLE, free_port, head_records, tiny_config
+from conftest import ROOT, SAMPLE, free_port, head_records, process_family, tiny_config
 from desctune.config import load_config
 
 READY_TIMEOUT = 300
@@ -120,11 +120,7 @@ class Served:
         return None
 
     def family(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return process_family(self.proc.pid)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
