@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ os.environ.update(
 )
 for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)
+# The environment as the session starts, before any test changes it: processes started in a thread while a test
+# runs (see AHEAD) start from this, not from whatever that test set meanwhile.
+SESSION_ENV = dict(os.environ)
 
 # Prefect sets up logging once, when prefect.main is first imported, and its dictConfig closes the handlers already
 # there. rouge-score's absl handler holds the sys.stderr of the moment it was imported: inside a test, pytest's
@@ -118,12 +122,12 @@ def embedded_base() -> dict:
 MARKED_BY_FIXTURE = {
     "embedded_base": "slow",  # the embedded SmolLM2 model
     "browser": "browser",  # headless Chromium
-    "serve_stack": "integration",  # `desctune serve` (test_servers, test_ui_browser)
+    "sqlite_stack": "integration",  # `desctune serve` (test_servers, test_ui_browser)
     "served": "integration",  # `desctune serve` (test_servers, test_serve_auth)
-    "prefect_server": "integration",  # a Prefect server process (test_pools)
+    "prefect_server": "integration",  # a Prefect server process (test_pools, test_deploy_schedules)
     "demo_server": "integration",  # `desctune demo` (test_demo_browser)
-    "s3": "integration",  # moto's S3 server (test_object_store)
-    "pg_uri": "integration",  # a PostgreSQL role and database (test_secrets)
+    "s3_server": "integration",  # moto's S3 server (test_object_store)
+    "secret_runs_started": "integration",  # a PostgreSQL role and database, three runs (test_secrets)
     "two_runs": "integration",  # the whole finetune flow, three times (test_flow)
     "registered": "integration",  # the whole finetune flow (test_demo)
     "registry": "slow",  # four versions registered, each logged with its code (test_register)
@@ -174,7 +178,7 @@ MARKED_BY_NAME = {
 }
 
 
-# Stops the session's `serve_stack`, so it runs after every other test.
+# Stops the session's `sqlite_stack`, so it runs after every other test.
 STOPS_SERVE_STACK = "test_servers.py::test_ctrl_c_stops_every_process_it_started[sqlite]"
 
 
@@ -193,15 +197,154 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [item for item in items if item not in last] + last
 
 
+# Work that tests wait on for half a minute or more (a served stack starting, a whole `desctune run`) is begun in a
+# thread ahead of the first test that needs it, while the tests before that one run: a stack's start keeps about one
+# core busy, and the whole suite leaves the second core idle about half of the time. Each `*_started` session fixture
+# submits its work to AHEAD and yields the future; the fixture the tests use waits for its result. `start_ahead`
+# requests a `*_started` fixture at the test an estimated AHEAD_S seconds before its first user (a test marked
+# slow, integration or browser counted as ESTIMATE_S[1] seconds, any other as ESTIMATE_S[0]); where fewer seconds
+# come before that user, at the session's first test.
+AHEAD = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ahead")
+AHEAD_S = 120
+ESTIMATE_S = (0.4, 8.0)
+HEAVY = {"slow", "integration", "browser"}
+DUE = pytest.StashKey[dict]()
+
+
+def started_ahead(item) -> set[str]:
+    """The `*_started` fixtures a test needs: those in its closure, and the stack its `served` parameter names
+    (tests/test_servers.py requests that by name)."""
+    names = {name for name in item.fixturenames if name.endswith("_started")}
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("served") in ("sqlite", "postgresql"):
+        names.add(f"{callspec.params['served']}_stack_started")
+    return names
+
+
+def pytest_collection_finish(session):
+    items = session.items
+    estimate = [ESTIMATE_S[any(m.name in HEAVY for m in item.iter_markers())] for item in items]
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        for name in started_ahead(item):
+            first.setdefault(name, i)
+    due: dict[str, list[str]] = {}
+    for name, i in sorted(first.items(), key=lambda kv: kv[1]):
+        j, lead = i, 0.0
+        while j > 0 and lead < AHEAD_S:
+            j -= 1
+            lead += estimate[j]
+        due.setdefault(items[j].nodeid, []).append(name)
+    session.config.stash[DUE] = due
+
+
+@pytest.fixture(autouse=True)
+def start_ahead(request):
+    for name in request.config.stash.get(DUE, {}).pop(request.node.nodeid, []):
+        try:
+            request.getfixturevalue(name)
+        except (Exception, pytest.fail.Exception, pytest.skip.Exception):
+            pass  # the fixture keeps its error and raises it again at its first user, where it belongs
+
+
+def started(future: Future):
+    """What a `*_started` fixture's work returned, or None where it failed (its user reports that)."""
+    try:
+        return future.result()
+    except BaseException:
+        return None
+
+
 @pytest.fixture(scope="session")
-def serve_stack(tmp_path_factory):
-    """`desctune serve` on its SQLite defaults, started once for tests/test_servers.py and tests/test_ui_browser.py;
-    the former's Ctrl-C test stops it (last in the session), or the session's end does."""
+def sqlite_stack_started(tmp_path_factory):
     from test_servers import start_serve
 
-    stack = start_serve(tmp_path_factory.mktemp("serve-sqlite"), "sqlite", [])
-    yield stack
-    stack.stop()
+    future = AHEAD.submit(start_serve, tmp_path_factory.mktemp("serve-sqlite"), "sqlite", [])
+    yield future
+    if stack := started(future):
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_stack(sqlite_stack_started):
+    """`desctune serve` on its SQLite defaults, shared by tests/test_servers.py and tests/test_ui_browser.py; the
+    former's Ctrl-C test stops it (last in the session), or the session's end does."""
+    return sqlite_stack_started.result()
+
+
+@pytest.fixture(scope="session")
+def postgresql_stack_started(tmp_path_factory):
+    from test_servers import postgres_databases, start_serve
+
+    with postgres_databases(2) as dbs:
+        future = AHEAD.submit(start_serve, tmp_path_factory.mktemp("serve-postgresql"), "postgresql", dbs)
+        yield future
+        if stack := started(future):
+            stack.stop()
+
+
+@pytest.fixture(scope="session")
+def postgresql_stack(postgresql_stack_started):
+    """`desctune serve` on fresh PostgreSQL databases (dropped after), for tests/test_servers.py."""
+    return postgresql_stack_started.result()
+
+
+@pytest.fixture(scope="session")
+def auth_stack_started(tmp_path_factory):
+    from test_serve_auth import start_with_credentials
+    from test_servers import postgres_databases
+
+    with postgres_databases(1) as [db]:
+        future = AHEAD.submit(start_with_credentials, tmp_path_factory.mktemp("serve-auth"), db)
+        yield future
+        if stack := started(future):
+            stack.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server_started(tmp_path_factory):
+    from test_pools import start_prefect_server
+
+    future = AHEAD.submit(start_prefect_server, tmp_path_factory.mktemp("prefect-server"))
+    yield future
+    if server := started(future):
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_server_started) -> dict:
+    """A Prefect server process on SQLite (tests/test_pools.py, tests/test_deploy_schedules.py): the environment
+    that reaches it."""
+    return prefect_server_started.result().env
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server (tests/test_object_store.py): the AWS variables that reach it."""
+    from test_object_store import start_s3
+
+    server, env = start_s3()
+    yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def store_runs_started(s3_server, tmp_path_factory, tiny_model_dir):
+    from test_object_store import two_workers
+
+    future = AHEAD.submit(two_workers, tmp_path_factory.mktemp("shared-store"), s3_server, tiny_model_dir)
+    yield future
+    started(future)  # wait for its processes before the server stops
+
+
+@pytest.fixture(scope="session")
+def secret_runs_started(tmp_path_factory, tiny_model_dir):
+    from test_secrets import postgres_role, run_each_way
+
+    with postgres_role() as (uri, password):
+        future = AHEAD.submit(run_each_way, tmp_path_factory.mktemp("secrets"), tiny_model_dir, uri, password)
+        yield future
+        started(future)  # wait for its processes before the role is dropped
 
 
 @dataclass
@@ -218,21 +361,29 @@ class LocalRun:
 
 
 @pytest.fixture(scope="session")
-def local_run(tmp_path_factory, tiny_model_dir) -> LocalRun:
+def local_run_started(tmp_path_factory, tiny_model_dir):
+    yield AHEAD.submit(run_locally, tmp_path_factory.mktemp("local-run"), tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def local_run(local_run_started) -> LocalRun:
     """One tiny `desctune run` in a process of its own, as a user runs it: no Prefect API or database configured
     (so its temporary server records into the artifacts folder) and `desctune ui`'s ports set to free ones, which its
     links name. Shared by tests/test_cli.py (the summary) and tests/test_local_ui.py (the UIs and their links)."""
+    return local_run_started.result()
+
+
+def run_locally(tmp: Path, tiny_model_dir: Path) -> LocalRun:
     import subprocess
     import sys
 
     import yaml
 
-    tmp = tmp_path_factory.mktemp("local-run")
     records = head_records(SAMPLE, tmp / "records.jsonl", 40)
     cfg = tiny_config(tmp, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15})
     profile = tmp / "tiny.yaml"
     profile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in SESSION_ENV.items()
            if k not in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL", "PREFECT_UI_URL",
                         "MLFLOW_TRACKING_URI")}
     ports = free_port(), free_port()

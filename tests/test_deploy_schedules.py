@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-from test_pools import prefect_server  # noqa: F401  (a Prefect server of this module's own)
-
 from conftest import ROOT, SAMPLE
 
 
@@ -69,7 +67,7 @@ async def read_deployments(api_url: str, names: list[str]) -> dict:
 
 
 def test_a_paused_schedules_reason_is_in_its_description_and_tags_until_a_deploy_finds_it_gone(
-        prefect_server, tmp_path):  # noqa: F811
+        prefect_server, tmp_path):
     """Deploying replaces a deployment's description and tags on the server (it does not merge them): the first
     deploy, before there is a champion, says why evaluate-champion is paused; the next, with a champion registered,
     deploys it active and says nothing of a pause, while retrain-weekly (no data/trn.json here) still does."""

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, head_records
+from conftest import ROOT, SAMPLE, SESSION_ENV, head_records
 from desctune.results import Split, StageFile, StageFolder
 
 BUCKET = "desctune-test"
 STAGES = ("ingest", "clean", "sample", "tokenize", "train", "evaluate")
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on a free loopback port, with one bucket; the standard AWS variables point at it."""
+def start_s3():
+    """moto's S3 server on a free loopback port, with one bucket: (server, the AWS variables that reach it)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -34,11 +33,19 @@ def s3():
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "desctune-test", "AWS_SECRET_ACCESS_KEY": "desctune-test",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                 aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+    return server, env
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    """The session's S3 server (conftest.py's `s3_server`), named by the standard AWS variables in this module."""
+    saved = {k: os.environ.get(k) for k in s3_server}
+    os.environ.update(s3_server)
+    forget_clients()
+    yield s3_server
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -229,7 +236,7 @@ def run_worker(name: str, tmp: Path, s3: dict, *runs: list[str]) -> list[tuple[d
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tmp / "records.jsonl", work / "records.jsonl")
     home = tmp / name / "prefect"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DESCTUNE_"))}
+    env = {k: v for k, v in SESSION_ENV.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DESCTUNE_"))}
     env.update(s3)
     env.update({
         "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
@@ -254,14 +261,19 @@ def run_worker(name: str, tmp: Path, s3: dict, *runs: list[str]) -> list[tuple[d
     return results
 
 
-@pytest.fixture(scope="module")
-def shared_runs(s3, tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("shared-store")
+def two_workers(tmp: Path, s3: dict, model_dir: Path) -> tuple:
+    """Worker A runs once; worker B, with the store A filled, runs the same and then with a LoRA-only change
+    (conftest.py's `store_runs_started` begins this ahead of this module's tests)."""
     head_records(SAMPLE, tmp / "records.jsonl", 40)
-    (tmp / "profile.yaml").write_text(profile(tiny_model_dir))
+    (tmp / "profile.yaml").write_text(profile(model_dir))
     [first] = run_worker("worker-a", tmp, s3, [])
     second, lora_only = run_worker("worker-b", tmp, s3, [], ["lora.r=4"])
     return tmp, first, second, lora_only
+
+
+@pytest.fixture(scope="module")
+def shared_runs(s3, store_runs_started):
+    return store_runs_started.result()
 
 
 def test_a_second_worker_takes_every_stage_from_the_store(shared_runs):

@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, free_port
+from conftest import ROOT, SESSION_ENV, free_port
 from deployments.deploy import (
     DOCKER_GPUS,
     ENV_DEFAULTS,
@@ -187,32 +186,41 @@ def render(server: dict, pool_type: str, values: dict, template: dict | None = N
 
 
 # A real Prefect server (SQLite) for the templating, which resolves blocks and variables through the API, and
-# for creating the pool and the deployments.
+# for creating the pool and the deployments: conftest.py's `prefect_server`, which tests/test_deploy_schedules.py
+# deploys on too.
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-pools")
+@dataclass
+class PrefectServer:
+    proc: subprocess.Popen
+    env: dict  # the environment that reaches it (PREFECT_API_URL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def start_prefect_server(home: Path) -> PrefectServer:
+    """`prefect server start` on SQLite in `home`, answering its health check (conftest.py's `prefect_server`)."""
+    import httpx
+
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DESCTUNE_", "AWS_"))}
+    env = {k: v for k, v in SESSION_ENV.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DESCTUNE_", "AWS_"))}
     env.update({"PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/p.db",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"})
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     api = f"http://127.0.0.1:{port}/api"
-    import httpx
-
     deadline = time.monotonic() + 180
     while True:
         try:
             if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                break
+                return PrefectServer(server, {**env, "PREFECT_API_URL": api})
         except httpx.HTTPError:
             pass
-        assert server.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the Prefect server did not start (exit code {server.poll()})")
         time.sleep(1)
-    yield {**env, "PREFECT_API_URL": api}
-    server.terminate()
-    server.wait(30)
 
 
 # The templates themselves.

@@ -2,26 +2,27 @@
 role with a password, the URI given in each way a user can (MLFLOW_TRACKING_URI, --set, a profile), and then every
 output, record and file the runs made searched for it."""
 
-import os
 import secrets
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SAMPLE, head_records, tiny_config
+from conftest import ROOT, SAMPLE, SESSION_ENV, head_records, tiny_config
 from desctune.tracking import hide_password
 from test_servers import PG
 
 RUN_TIMEOUT = 900
 
 
-@pytest.fixture(scope="module")
-def pg_uri():
+@contextmanager
+def postgres_role():
     """A PostgreSQL role with a password and a database it owns, both dropped afterwards: (URI, password)."""
     import psycopg2
 
@@ -41,6 +42,47 @@ def pg_uri():
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             cur.execute(f"DROP ROLE IF EXISTS {name}")
         conn.close()
+
+
+@dataclass
+class Runs:
+    """`desctune run` with the tracking URI given each way a user can: its output, and where the runs wrote."""
+
+    uri: str
+    password: str
+    config: object  # the profile's Config, without the URI
+    outputs: dict  # way -> subprocess.CompletedProcess
+    home: Path  # PREFECT_HOME of the runs
+    cwd: Path  # the folder the command ran in
+
+
+def run_each_way(tmp_path: Path, tiny_model_dir: Path, uri: str, password: str) -> Runs:
+    """The three runs, one after the other (conftest.py's `secret_runs_started` begins them ahead of this module)."""
+    records = head_records(SAMPLE, tmp_path / "records.jsonl", 40)
+    cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
+                      registry={"model_name": "tiny-secret"})
+    profile = cfg.model_dump(mode="json")
+    plain, with_uri = tmp_path / "plain.yaml", tmp_path / "with-uri.yaml"
+    plain.write_text(yaml.safe_dump(profile))
+    with_uri.write_text(yaml.safe_dump({**profile, "registry": {**profile["registry"], "tracking_uri": uri}}))
+    home, cwd = tmp_path / "prefect-home", tmp_path / "cwd"
+    cwd.mkdir()
+    base = {k: v for k, v in SESSION_ENV.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    base.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(ROOT))
+    ways = {
+        "MLFLOW_TRACKING_URI": ({**base, "MLFLOW_TRACKING_URI": uri}, ["--config", str(plain)]),
+        "--set": (base, ["--config", str(plain), "--set", f"registry.tracking_uri={uri}"]),
+        "a profile": (base, ["--config", str(with_uri)]),
+    }
+    outputs = {way: subprocess.run([sys.executable, "-m", "app.cli", "run", *args], env=env, cwd=cwd,
+                                   capture_output=True, text=True, timeout=RUN_TIMEOUT)
+               for way, (env, args) in ways.items()}
+    return Runs(uri, password, cfg, outputs, home, cwd)
+
+
+@pytest.fixture(scope="module")
+def runs(secret_runs_started) -> Runs:
+    return secret_runs_started.result()
 
 
 def test_hide_password_masks_every_uri_in_a_text():
@@ -70,27 +112,9 @@ def _database_rows_holding(database: str, needle: str) -> list[str]:
     return found
 
 
-def test_no_output_record_or_file_of_a_run_holds_the_tracking_password(tmp_path, tiny_model_dir, pg_uri):
-    uri, password = pg_uri
-    records = head_records(SAMPLE, tmp_path / "records.jsonl", 40)
-    cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
-                      registry={"model_name": "tiny-secret"})
-    profile = cfg.model_dump(mode="json")
-    plain, with_uri = tmp_path / "plain.yaml", tmp_path / "with-uri.yaml"
-    plain.write_text(yaml.safe_dump(profile))
-    with_uri.write_text(yaml.safe_dump({**profile, "registry": {**profile["registry"], "tracking_uri": uri}}))
-    home, cwd = tmp_path / "prefect-home", tmp_path / "cwd"
-    cwd.mkdir()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    base.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(ROOT))
-    ways = {
-        "MLFLOW_TRACKING_URI": ({**base, "MLFLOW_TRACKING_URI": uri}, ["--config", str(plain)]),
-        "--set": (base, ["--config", str(plain), "--set", f"registry.tracking_uri={uri}"]),
-        "a profile": (base, ["--config", str(with_uri)]),
-    }
-    for way, (env, args) in ways.items():
-        done = subprocess.run([sys.executable, "-m", "app.cli", "run", *args], env=env, cwd=cwd,
-                              capture_output=True, text=True, timeout=RUN_TIMEOUT)
+def test_no_output_record_or_file_of_a_run_holds_the_tracking_password(runs):
+    uri, password, cfg, home, cwd = runs.uri, runs.password, runs.config, runs.home, runs.cwd
+    for way, done in runs.outputs.items():
         assert done.returncode == 0, (way, done.stderr[-3000:])
         assert "registry   tiny-secret version" in done.stdout, way
         assert password not in done.stdout and password not in done.stderr, way
@@ -99,9 +123,9 @@ def test_no_output_record_or_file_of_a_run_holds_the_tracking_password(tmp_path,
     client = MlflowClient(uri, registry_uri=uri)
     [experiment] = [e for e in client.search_experiments() if e.name == cfg.registry.experiment]
     assert experiment.artifact_location == (Path(cfg.artifacts_dir).resolve() / "mlruns").as_uri()
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 3
-    for run in runs:
+    tracked = client.search_runs([experiment.experiment_id])
+    assert len(tracked) == 3
+    for run in tracked:
         assert run.data.params["registry/tracking_uri"] in ("None", hide_password(uri))
         for key, value in {**run.data.params, **run.data.tags}.items():
             assert password not in value, key
@@ -112,5 +136,5 @@ def test_no_output_record_or_file_of_a_run_holds_the_tracking_password(tmp_path,
     assert _database_rows_holding(database, password) == []
     # The artifacts folder (MLflow's artifacts, reports, Prefect's stored results), Prefect's database (flow run
     # parameters, logs, artifacts, events) and the folder the command ran in.
-    for root in (tmp_path / "artifacts", home, cwd):
+    for root in (Path(cfg.artifacts_dir), home, cwd):
         assert _files_holding(root, password.encode()) == [], root

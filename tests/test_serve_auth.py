@@ -16,11 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, free_port, head_records, tiny_config
-from test_servers import READY_TIMEOUT, RUN_TIMEOUT, Served, postgres_databases
+from conftest import ROOT, SAMPLE, SESSION_ENV, free_port, head_records, tiny_config
+from test_servers import READY_TIMEOUT, RUN_TIMEOUT, Served
 
 USER, PASSWORD = "operator", "correct horse battery staple"
 DB_PASSWORD = "db-secret-not-for-ps"  # PostgreSQL here trusts loopback, so any password connects
@@ -43,19 +44,23 @@ def call(url: str, method: str = "GET", body: dict | None = None, auth: str | No
         return exc.code, dict(exc.headers)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-auth")
-    env = {k: v for k, v in os.environ.items()
+def start_with_credentials(tmp: Path, db: str) -> Served:
+    """`desctune serve` with credentials on PostgreSQL database `db`, ready (conftest.py starts it ahead)."""
+    env = {k: v for k, v in SESSION_ENV.items()
            if not k.startswith(("PREFECT_API_", "PREFECT_SERVER_", "MLFLOW_", "DESCTUNE_SERVE_"))}
-    with postgres_databases(1) as [db]:
-        env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_WORKER_QUERY_SECONDS="1",
-                   DESCTUNE_SERVE_USER=USER, DESCTUNE_SERVE_PASSWORD=PASSWORD,
-                   MLFLOW_BACKEND_STORE_URI=f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:5432/{db}")
-        stack = Served(tmp, env)
-        stack.wait_ready(READY_TIMEOUT)
-        yield stack
-        stack.stop()
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_WORKER_QUERY_SECONDS="1",
+               DESCTUNE_SERVE_USER=USER, DESCTUNE_SERVE_PASSWORD=PASSWORD,
+               MLFLOW_BACKEND_STORE_URI=f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:5432/{db}")
+    stack = Served(tmp, env)
+    stack.wait_ready(READY_TIMEOUT)
+    return stack
+
+
+@pytest.fixture(scope="module")
+def served(auth_stack_started):
+    stack = auth_stack_started.result()
+    yield stack
+    stack.stop()
 
 
 def prefect_client(api_url: str, auth: str | None = f"{USER}:{PASSWORD}"):

@@ -4,10 +4,11 @@ the model versions, aliases and Prefect artifacts they leave, a second `serve` r
 On SQLite only: a run whose worker and process are killed -9 is marked Crashed by the automation (it waits for the
 heartbeats to stop); a run whose worker alone is killed -9 stops itself and reports Crashed at once; serve starts a
 new worker, and the same parameters again take the cache and resume training. Both runs are killed by one kill -9 of
-the worker, so their waits overlap.
+the worker, before the module's other tests, which run while the crashed run waits out the automation's window.
 
-The SQLite stack is the session's (conftest.py's `serve_stack`), shared with tests/test_ui_browser.py: its Ctrl-C test
-runs last in the session. Every wait on a state has a limit sized for two loaded cores and says what was pending."""
+Both stacks are the session's (conftest.py's `sqlite_stack` and `postgresql_stack`, started ahead of these tests while
+others run); the SQLite one is shared with tests/test_ui_browser.py, so its Ctrl-C test runs last in the session.
+Every wait on a state has a limit sized for two loaded cores and says what was pending."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SAMPLE, free_port, head_records, process_family, tiny_config
+from conftest import ROOT, SAMPLE, SESSION_ENV, free_port, head_records, process_family, tiny_config
 from desctune.config import load_config
 
 READY_TIMEOUT = 300
@@ -134,7 +135,7 @@ class Served:
 
 
 def serve_env(backend: str, home: Path, databases: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL")}
+    env = {k: v for k, v in SESSION_ENV.items() if k not in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL")}
     env.update(PREFECT_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="1")
     env.pop("DESCTUNE_HEARTBEAT_SECONDS", None)
     env.pop("DESCTUNE_HEARTBEAT_WINDOW_SECONDS", None)
@@ -156,15 +157,9 @@ def start_serve(tmp: Path, backend: str, databases: list[str]) -> Served:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield request.getfixturevalue("serve_stack")  # the session's, stopped by its Ctrl-C test or at the end
-        return
-    tmp = tmp_path_factory.mktemp(f"serve-{request.param}")
-    with postgres_databases(2) as dbs:
-        stack = start_serve(tmp, request.param, dbs)
-        yield stack
-        stack.stop()
+def served(request):
+    """The session's stack on this backend (conftest.py starts both ahead); the Ctrl-C test stops each."""
+    return request.getfixturevalue(f"{request.param}_stack")
 
 
 async def read_deployment(api_url: str, name: str):
@@ -183,6 +178,14 @@ async def trigger_and_wait(api_url: str, name: str, parameters: dict | list[dict
     async with PrefectClient(api_url) as client:
         deployment = await client.read_deployment_by_name(name)
         runs = [await client.create_flow_run_from_deployment(deployment.id, parameters=p) for p in each]
+        return await wait_final(client, runs, RUN_TIMEOUT)
+
+
+async def wait_runs(api_url: str, runs: list) -> list:
+    """The flow runs once all are final (see wait_final)."""
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
         return await wait_final(client, runs, RUN_TIMEOUT)
 
 
@@ -245,6 +248,17 @@ async def run_details(api_url: str, flow_run_id) -> tuple[set[str], dict[str, st
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {a.key for a in artifacts if a.key}, {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}
+
+
+def test_serve_starts_a_new_worker_when_its_worker_is_killed_mid_training(sqlite_served, killing):
+    """First of the module's tests, so that the tests after it run while the run killed with the worker waits out
+    the automation's window (`kills` waits for both runs)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while "starting a new one" not in (said := sqlite_served.new_output()[killing.said_before:]):
+        assert time.monotonic() < deadline, f"serve did not start a new worker {READY_TIMEOUT} s after the kill: {said}"
+        time.sleep(1)
+    assert "worker exited with code -9" in said
+    assert sqlite_served.worker() is not None and sqlite_served.worker().pid != killing.worker.pid
 
 
 def test_deployments_carry_the_profiles_the_schedules_and_the_servers(served):
@@ -378,6 +392,21 @@ class MidTraining:
 
 
 @dataclass
+class Killing:
+    """Serve's worker killed -9 with two runs at their first checkpoints: `crash` had its process killed too,
+    `orphan` was left to notice its worker gone."""
+
+    worker: psutil.Process
+    said_before: int  # how much serve had printed before the kill
+    killed_at: float  # time.monotonic() of the kill
+    crash: MidTraining
+    orphan: MidTraining
+    left: list[str]  # the orphan's processes still there after the wait for them to end
+    stopped_after: float  # seconds from the kill until the orphan's processes were gone
+    tracked: dict  # flow run id -> its MLflow run, read once its processes were gone, before any later run started
+
+
+@dataclass
 class Killed:
     """What became of a run killed mid-training, seen before the same run again started, and that run again."""
 
@@ -386,17 +415,13 @@ class Killed:
     stopped_after: float  # seconds from the kill until its processes were gone
     final: object  # the flow run once final
     final_after: float  # seconds from the kill until then
-    tracked: object  # its MLflow run, read before the same run again started
+    tracked: object  # its MLflow run, read once its processes were gone, before any later run started
     again: object  # the same run again, final
 
 
 @dataclass
 class Kills:
-    """Serve's worker killed -9 with two runs at their first checkpoints: `crash` had its process killed too,
-    `orphan` was left to notice its worker gone."""
-
-    worker: psutil.Process
-    said_before: int  # how much serve had printed before the kill
+    worker: psutil.Process  # the worker killed
     crash: Killed
     orphan: Killed
 
@@ -428,10 +453,11 @@ def tracked_run(served: Served, parameters: dict, run_id):
 
 
 @pytest.fixture(scope="module")
-def kills(served, tiny_model_dir, tmp_path_factory) -> Kills:
+def killing(served, tiny_model_dir, tmp_path_factory) -> Killing:
     """Two runs to their first checkpoints on serve's worker; the worker and the first run's processes killed -9
     (the worker first, so nothing is left to report that run's end), the second run's processes left to stop
-    themselves; each run watched until final, its MLflow run read, then both run again at once."""
+    themselves. The first test of the module asks for it, so the other tests run while the crashed run waits out
+    the automation's window; `kills` then waits for both runs to be final and runs both again."""
     from app.serve import WORKER_MIN_UPTIME
     from tasks.watchdog import GRACE
 
@@ -459,22 +485,24 @@ def kills(served, tiny_model_dir, tmp_path_factory) -> Kills:
     for p in alive:  # serve no longer knows them: leave nothing behind
         p.kill()
     stopped_after = time.monotonic() - killed_at
+    tracked = {mid.run.id: tracked_run(served, mid.parameters, mid.run.id) for mid in (crash, orphan)}
+    return Killing(worker, said_before, killed_at, crash, orphan, left, stopped_after, tracked)
 
-    observed = {}
-    for mid in (crash, orphan):  # the crashed run waits for the automation: heartbeats every 30 s, window 45 s
+
+@pytest.fixture(scope="module")
+def kills(served, killing) -> Kills:
+    """Each killed run watched until final (the crashed one waits for the automation: heartbeats every 30 s, window
+    45 s), then run again as soon as it is; both runs again waited for."""
+    observed, again = {}, []
+    for mid in (killing.orphan, killing.crash):  # the orphan reports its own end: its run again starts first
         final = wait_for_final(served.api_url, mid.run.id, CRASH_TIMEOUT)
-        observed[mid.run.id] = (final, time.monotonic() - killed_at, tracked_run(served, mid.parameters, mid.run.id))
-    crash_again, orphan_again = asyncio.run(trigger_and_wait(
-        served.api_url, "finetune/finetune", [crash.parameters, orphan.parameters]))
-    return Kills(worker, said_before,
-                 Killed(crash, [], stopped_after, *observed[crash.run.id], crash_again),
-                 Killed(orphan, left, stopped_after, *observed[orphan.run.id], orphan_again))
-
-
-def assert_serve_started_a_new_worker(served: Served, killed: psutil.Process, said_before: int) -> None:
-    said = served.new_output()[said_before:]
-    assert "worker exited with code -9" in said and "starting a new one" in said
-    assert served.worker() is not None and served.worker().pid != killed.pid
+        observed[mid.run.id] = (final, time.monotonic() - killing.killed_at, killing.tracked[mid.run.id])
+        again.append(asyncio.run(create_run(served.api_url, "finetune/finetune", mid.parameters)))
+    orphan_again, crash_again = asyncio.run(wait_runs(served.api_url, again))
+    return Kills(killing.worker,
+                 Killed(killing.crash, [], killing.stopped_after, *observed[killing.crash.run.id], crash_again),
+                 Killed(killing.orphan, killing.left, killing.stopped_after, *observed[killing.orphan.run.id],
+                        orphan_again))
 
 
 def assert_marked_failed_by_a_later_run(served: Served, tracked, tree: list) -> None:
@@ -517,7 +545,6 @@ def test_a_run_whose_worker_and_process_are_killed_is_marked_crashed_and_the_sam
     crashed = crash.final
     assert crashed.state.name == "Crashed", (crashed.state.name, crashed.state.message)
     assert crashed.state.message.startswith(f"No heartbeat for {CRASH_WINDOW} s: the process running this flow run")
-    assert_serve_started_a_new_worker(served, kills.worker, kills.said_before)
     assert crash.tracked.info.status == "RUNNING"  # no hook ran: the process was killed
     resumed = assert_the_same_run_again_resumed(served, crash)
     assert_marked_failed_by_a_later_run(served, crash.tracked, crash.mid.tree)
@@ -540,7 +567,6 @@ def test_a_run_whose_worker_alone_is_killed_stops_itself_is_marked_crashed_and_t
     # locked" meanwhile; the cause is not pinned down); a later run's start then marks it, as after a kill -9, so
     # the MLflow run never stays RUNNING either way.
     hook_marked = orphan.tracked.info.status == "FAILED"
-    assert_serve_started_a_new_worker(served, kills.worker, kills.said_before)
     resumed = assert_the_same_run_again_resumed(served, orphan)
     if hook_marked:
         assert MlflowClient(served.mlflow_url).get_run(orphan.tracked.info.run_id).info.status == "FAILED"

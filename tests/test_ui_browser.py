@@ -5,7 +5,7 @@ finetune form sets each `auto` field to each kind of value and the submitted run
 form starts with its two required, described fields; a finetune run's link artifact opens the MLflow run it names;
 the model version's page shows its description and the flow run's link on the served port; every link between the
 two UIs, clicked, lands on the page it names. Each test keeps the screens the README shows under docs/screens/. The
-served stack is the session's (conftest.py's `serve_stack`),
+served stack is the session's (conftest.py's `sqlite_stack`),
 which tests/test_servers.py uses too."""
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def row_text(driver, deployment: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(serve_stack):
-    assert {serve_stack.prefect_port, serve_stack.mlflow_port}.isdisjoint({4200, 5000})
-    return serve_stack
+def stack(sqlite_stack):
+    assert {sqlite_stack.prefect_port, sqlite_stack.mlflow_port}.isdisjoint({4200, 5000})
+    return sqlite_stack
 
 
 @pytest.fixture(scope="module")
