@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -122,6 +123,36 @@ def test_gguf_exports_load_back_and_generate_what_the_merged_model_does(store, t
         assert (out / "Modelfile").read_text().startswith(f"FROM ./{name}\n")
     assert same["f16"] == len(TITLES), same
     assert same["q8_0"] >= len(TITLES) // 2, same
+
+
+def test_the_source_gguf_fields_read_as_ggufs_own_reader_reads_them(tmp_path):
+    """Export carries a few general.* fields over from the base's GGUF, reading its header only that far; every field
+    of a file with each kind of value reads as gguf.GGUFReader reads it, and a file that is not GGUF is one line."""
+    import gguf
+
+    from desctune.errors import ExportError
+    from desctune.export.gguf import read_fields, source_metadata
+
+    path = tmp_path / "base.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"tok{i}" for i in range(300)])
+    w.add_token_types([1] * 300)
+    w.add_array("tokenizer.ggml.scores", [0.5] * 300)
+    w.add_organization("HuggingFaceTB")
+    w.add_languages(["en", "fr"])
+    w.add_uint8("test.u8", 7), w.add_int16("test.i16", -3), w.add_float64("test.f64", 0.25)
+    w.add_bool("test.bool", True), w.add_int64("test.i64", -(2**40)), w.add_uint64("test.u64", 2**40)
+    w.add_tensor("t", np.zeros((2, 2), dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    reference = gguf.GGUFReader(path).fields
+    keys = {k for k in reference if not k.startswith("GGUF.")}
+    with open(path, "rb") as f:
+        assert read_fields(f, keys, path) == {k: reference[k].contents() for k in keys}
+    assert source_metadata(path) == {"general.organization": "HuggingFaceTB", "general.languages": ["en", "fr"]}
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40))
+    with pytest.raises(ExportError, match="is not a GGUF file"):
+        source_metadata(tmp_path / "not.gguf")
 
 
 def test_modelfile_template_renders_the_chat_format(tiny_tokenizer):

@@ -78,13 +78,52 @@ def vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def source_metadata(gguf_path: Path | None) -> dict:
-    """The general.* fields of the GGUF the base came from, where it came from one."""
+    """The CARRIED fields of the GGUF the base came from, where it came from one."""
     if gguf_path is None or not gguf_path.is_file():
         return {}
-    import gguf
+    with open(gguf_path, "rb") as f:
+        return read_fields(f, set(CARRIED), gguf_path)
 
-    fields = gguf.GGUFReader(gguf_path).fields
-    return {k: fields[k].contents() for k in CARRIED if k in fields}
+
+# struct formats of GGUF's scalar value types (GGUFValueType: 8 is a string, 9 an array)
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_fields(f, wanted: set[str], name: Path) -> dict:
+    """The `wanted` key-value fields of a GGUF file, read from its header up to the last of them and stepping over
+    the others unparsed (gguf.GGUFReader makes Python objects of every field, the vocabulary's ~100k strings too).
+    Values as GGUFReader's `contents()` gives them: numbers, strings, lists of those."""
+    import struct
+
+    def number(fmt: str):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def value(kind: int, keep: bool):
+        if kind == 8:
+            size = number("<Q")
+            return f.read(size).decode("utf-8") if keep else f.seek(size, 1)
+        if kind == 9:
+            item, count = number("<I"), number("<Q")
+            if not keep and item in SCALARS:
+                return f.seek(count * struct.calcsize(SCALARS[item]), 1)
+            return [value(item, keep) for _ in range(count)]
+        if kind not in SCALARS:
+            raise ExportError(f"{name}: unknown GGUF value type {kind}")
+        return number(SCALARS[kind])
+
+    if f.read(4) != b"GGUF":
+        raise ExportError(f"{name} is not a GGUF file")
+    _version, _tensors, n_fields = number("<I"), number("<Q"), number("<Q")
+    found: dict = {}
+    for _ in range(n_fields):
+        if found.keys() == wanted:
+            break
+        key = f.read(number("<Q")).decode("utf-8")
+        keep = key in wanted
+        got = value(number("<I"), keep)
+        if keep:
+            found[key] = got
+    return found
 
 
 def llama_hparams(model_dir: Path) -> dict:
