@@ -347,6 +347,24 @@ def secret_runs_started(tmp_path_factory, tiny_model_dir):
         started(future)  # wait for its processes before the role is dropped
 
 
+@pytest.fixture(scope="session")
+def gpu_check_started(tmp_path_factory):
+    from test_bench_gpu import run_gpu_check
+
+    future = AHEAD.submit(run_gpu_check, tmp_path_factory.mktemp("gpu-check"))
+    yield future
+    started(future)
+
+
+@pytest.fixture(scope="session")
+def standalone_started(tmp_path_factory):
+    from test_standalone import data_tests_alone
+
+    future = AHEAD.submit(data_tests_alone, tmp_path_factory.mktemp("standalone"))
+    yield future
+    started(future)
+
+
 @dataclass
 class LocalRun:
     """A finished `desctune run` and where `desctune ui` is to show it."""

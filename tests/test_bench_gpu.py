@@ -2,7 +2,6 @@
 with tiny shapes and compiled layers through the eager backend; the 4-bit base and the TRL arm need CUDA)."""
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,18 +45,26 @@ def test_smoke_run_on_cpu_trains_the_seed_and_auto_arms_through_desctunes_plan(c
     assert last.startswith("ratio=") and "seed_tokens_per_s=" in last and "auto_warmup_s=" in last
 
 
-def test_gpu_check_script_runs_in_one_go_and_logs_into_out(tmp_path):
-    """The script the GPU machine runs, here without wheels or a card: CUDA tests skip, the benchmark smoke-runs."""
+def run_gpu_check(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """bench/gpu_check.sh without wheels or a card, logging into tmp_path/out (conftest.py's `gpu_check_started`
+    begins it ahead of the test)."""
+    from conftest import SESSION_ENV
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "python3").chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    env = {**SESSION_ENV, "OUT": str(tmp_path / "out"), "PATH": f"{bin_dir}:{SESSION_ENV['PATH']}",
            "DESCTUNE_BENCH_ARGS": "--shapes tiny --device cpu --steps 1 --warmup 1 --batch 4 --max-len 64"}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "no-wheels")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+    return tmp_path / "out", proc
+
+
+def test_gpu_check_script_runs_in_one_go_and_logs_into_out(gpu_check_started):
+    """The script the GPU machine runs, here without wheels or a card: CUDA tests skip, the benchmark smoke-runs."""
+    logs, proc = gpu_check_started.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    logs = tmp_path / "out"
     assert "no wheels in" in (logs / "pip.log").read_text()
     assert "skipped" in (logs / "pytest-cuda.log").read_text()
     bench = (logs / "bench-train-gpu.log").read_text().splitlines()

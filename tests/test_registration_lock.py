@@ -47,15 +47,15 @@ def test_two_runs_creating_the_registration_lock_at_once_both_succeed_without_a_
              "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
             env={**env, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
             stdout=out, stderr=subprocess.STDOUT)
-    racers = []
+    # The racers start with the server (their imports take as long as its start) and wait for "go" to call it.
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(n), str(NAMES)],
+                               env={**env, "PREFECT_API_URL": api}, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for n in range(2)]
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while not _healthy(api):
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
-        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(n), str(NAMES)],
-                                   env={**env, "PREFECT_API_URL": api}, cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True) for n in range(2)]
         deadline = time.monotonic() + RACE_TIMEOUT
         while not all((tmp_path / f"ready-{n}").exists() for n in range(2)):
             assert all(r.poll() is None for r in racers) and time.monotonic() < deadline, "a racer never got ready"

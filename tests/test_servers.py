@@ -4,7 +4,8 @@ the model versions, aliases and Prefect artifacts they leave, a second `serve` r
 On SQLite only: a run whose worker and process are killed -9 is marked Crashed by the automation (it waits for the
 heartbeats to stop); a run whose worker alone is killed -9 stops itself and reports Crashed at once; serve starts a
 new worker, and the same parameters again take the cache and resume training. Both runs are killed by one kill -9 of
-the worker, before the module's other tests, which run while the crashed run waits out the automation's window.
+the worker before the module's other tests, which run while a thread waits for the crashed run to be marked (the
+automation's window) and runs both again.
 
 Both stacks are the session's (conftest.py's `sqlite_stack` and `postgresql_stack`, started ahead of these tests while
 others run); the SQLite one is shared with tests/test_ui_browser.py, so its Ctrl-C test runs last in the session.
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SAMPLE, SESSION_ENV, free_port, head_records, process_family, tiny_config
+from conftest import AHEAD, ROOT, SAMPLE, SESSION_ENV, free_port, head_records, process_family, tiny_config
 from desctune.config import load_config
 
 READY_TIMEOUT = 300
@@ -404,6 +406,7 @@ class Killing:
     left: list[str]  # the orphan's processes still there after the wait for them to end
     stopped_after: float  # seconds from the kill until the orphan's processes were gone
     tracked: dict  # flow run id -> its MLflow run, read once its processes were gone, before any later run started
+    then: Future | None = None  # of `watch_and_run_again`, begun as the kill is done
 
 
 @dataclass
@@ -457,7 +460,7 @@ def killing(served, tiny_model_dir, tmp_path_factory) -> Killing:
     """Two runs to their first checkpoints on serve's worker; the worker and the first run's processes killed -9
     (the worker first, so nothing is left to report that run's end), the second run's processes left to stop
     themselves. The first test of the module asks for it, so the other tests run while the crashed run waits out
-    the automation's window; `kills` then waits for both runs to be final and runs both again."""
+    the automation's window; meanwhile a thread waits for both runs to be final and runs both again (`kills`)."""
     from app.serve import WORKER_MIN_UPTIME
     from tasks.watchdog import GRACE
 
@@ -486,11 +489,17 @@ def killing(served, tiny_model_dir, tmp_path_factory) -> Killing:
         p.kill()
     stopped_after = time.monotonic() - killed_at
     tracked = {mid.run.id: tracked_run(served, mid.parameters, mid.run.id) for mid in (crash, orphan)}
-    return Killing(worker, said_before, killed_at, crash, orphan, left, stopped_after, tracked)
+    killing = Killing(worker, said_before, killed_at, crash, orphan, left, stopped_after, tracked)
+    killing.then = AHEAD.submit(watch_and_run_again, served, killing)
+    return killing
 
 
 @pytest.fixture(scope="module")
-def kills(served, killing) -> Kills:
+def kills(killing) -> Kills:
+    return killing.then.result()
+
+
+def watch_and_run_again(served: Served, killing: Killing) -> Kills:
     """Each killed run watched until final (the crashed one waits for the automation: heartbeats every 30 s, window
     45 s), then run again as soon as it is; both runs again waited for."""
     observed, again = {}, []

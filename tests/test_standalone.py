@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SESSION_ENV
 
 # A path that may climb out of the checkout: a relative path up a level, or a pathlib walk up from the file. Each
 # match is resolved from the file that holds it; only those that land outside the checkout count.
@@ -67,20 +67,27 @@ def test_every_default_dataset_is_in_the_repository():
         assert not Path(path).is_absolute() and (ROOT / path).is_file(), path
 
 
-@pytest.mark.skipif(os.environ.get("DESCTUNE_IN_CLONE") == "1", reason="already running inside the copy")
-def test_the_data_tests_pass_in_a_copy_with_nothing_beside_it(tmp_path):
+def data_tests_alone(tmp_path: Path) -> tuple:
+    """A copy of the checkout with nothing beside it, where its modules import from, and its data tests' fast tier
+    run there (conftest.py's `standalone_started` begins this ahead of the test)."""
     clone = tmp_path / "alone" / "desctune"
     for name in checkout_files():
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, clone / name)
-    assert not (tmp_path / "shared").exists()
-    env = {**os.environ, "PYTHONPATH": str(clone), "DESCTUNE_IN_CLONE": "1"}
+    env = {**SESSION_ENV, "PYTHONPATH": str(clone), "DESCTUNE_IN_CLONE": "1"}
     where = subprocess.run([sys.executable, "-c", "import desctune, tasks; print(desctune.__file__, tasks.__file__)"],
                            cwd=clone, env=env, capture_output=True, text=True, check=True).stdout
-    assert where.count(str(clone)) == 2, where
     # The fast tier reads the data through the same paths as the rest; the outer session runs the others.
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
                            "not slow and not integration and not browser", *DATA_TESTS], cwd=clone, env=env,
                           capture_output=True, text=True, timeout=900)
+    return tmp_path, clone, where, proc
+
+
+@pytest.mark.skipif(os.environ.get("DESCTUNE_IN_CLONE") == "1", reason="already running inside the copy")
+def test_the_data_tests_pass_in_a_copy_with_nothing_beside_it(standalone_started):
+    tmp_path, clone, where, proc = standalone_started.result()
+    assert not (tmp_path / "shared").exists()
+    assert where.count(str(clone)) == 2, where
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1]
