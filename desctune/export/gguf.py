@@ -82,7 +82,8 @@ def source_metadata(gguf_path: Path | None) -> dict:
     if gguf_path is None or not gguf_path.is_file():
         return {}
     with open(gguf_path, "rb") as f:
-        return read_fields(f, set(CARRIED), gguf_path)
+        found = read_fields(f, set(CARRIED), gguf_path)
+    return {k: found[k] for k in CARRIED if k in found}
 
 
 # struct formats of GGUF's scalar value types (GGUFValueType: 8 is a string, 9 an array)
