@@ -380,7 +380,9 @@ class LocalRun:
 
 @pytest.fixture(scope="session")
 def local_run_started(tmp_path_factory, tiny_model_dir):
-    yield AHEAD.submit(run_locally, tmp_path_factory.mktemp("local-run"), tiny_model_dir)
+    future = AHEAD.submit(run_locally, tmp_path_factory.mktemp("local-run"), tiny_model_dir)
+    yield future
+    started(future)
 
 
 @pytest.fixture(scope="session")

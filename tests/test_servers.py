@@ -424,6 +424,8 @@ class Killed:
 
 @dataclass
 class Kills:
+    """Both killed runs, each final and run again."""
+
     worker: psutil.Process  # the worker killed
     crash: Killed
     orphan: Killed
