@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,10 +200,10 @@ def pytest_collection_modifyitems(config, items):
 # Work that tests wait on for half a minute or more (a served stack starting, a whole `desctune run`) is begun in a
 # thread ahead of the first test that needs it, while the tests before that one run: a stack's start keeps about one
 # core busy, and the whole suite leaves the second core idle about half of the time. Each `*_started` session fixture
-# submits its work to AHEAD and yields the future; the fixture the tests use waits for its result. `start_ahead`
-# requests a `*_started` fixture at the test an estimated AHEAD_S seconds before its first user (a test marked
-# slow, integration or browser counted as ESTIMATE_S[1] seconds, any other as ESTIMATE_S[0]); where fewer seconds
-# come before that user, at the session's first test.
+# submits its work to AHEAD and yields the future (`begun`); the fixture the tests use waits for its result.
+# `start_ahead` requests a `*_started` fixture at the test an estimated AHEAD_S seconds before its first user (a test
+# marked slow, integration or browser counted as ESTIMATE_S[1] seconds, any other as ESTIMATE_S[0]); where fewer
+# seconds come before that user, at the session's first test.
 AHEAD = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ahead")
 AHEAD_S = 120
 ESTIMATE_S = (0.4, 8.0)
@@ -247,22 +247,25 @@ def start_ahead(request):
             pass  # the fixture keeps its error and raises it again at its first user, where it belongs
 
 
-def started(future: Future):
-    """What a `*_started` fixture's work returned, or None where it failed (its user reports that)."""
+def begun(work, *args, stop: bool = False):
+    """The body of a `*_started` fixture: `work(*args)` submitted to AHEAD, its future yielded; at the session's end,
+    its processes waited for and, with `stop`, what it started stopped (a failed start has nothing to stop: its user
+    reports the error)."""
+    future = AHEAD.submit(work, *args)
+    yield future
     try:
-        return future.result()
+        result = future.result()
     except BaseException:
-        return None
+        return
+    if stop:
+        result.stop()
 
 
 @pytest.fixture(scope="session")
 def sqlite_stack_started(tmp_path_factory):
     from test_servers import start_serve
 
-    future = AHEAD.submit(start_serve, tmp_path_factory.mktemp("serve-sqlite"), "sqlite", [])
-    yield future
-    if stack := started(future):
-        stack.stop()
+    yield from begun(start_serve, tmp_path_factory.mktemp("serve-sqlite"), "sqlite", [], stop=True)
 
 
 @pytest.fixture(scope="session")
@@ -277,10 +280,7 @@ def postgresql_stack_started(tmp_path_factory):
     from test_servers import postgres_databases, start_serve
 
     with postgres_databases(2) as dbs:
-        future = AHEAD.submit(start_serve, tmp_path_factory.mktemp("serve-postgresql"), "postgresql", dbs)
-        yield future
-        if stack := started(future):
-            stack.stop()
+        yield from begun(start_serve, tmp_path_factory.mktemp("serve-postgresql"), "postgresql", dbs, stop=True)
 
 
 @pytest.fixture(scope="session")
@@ -295,20 +295,14 @@ def auth_stack_started(tmp_path_factory):
     from test_servers import postgres_databases
 
     with postgres_databases(1) as [db]:
-        future = AHEAD.submit(start_with_credentials, tmp_path_factory.mktemp("serve-auth"), db)
-        yield future
-        if stack := started(future):
-            stack.stop()
+        yield from begun(start_with_credentials, tmp_path_factory.mktemp("serve-auth"), db, stop=True)
 
 
 @pytest.fixture(scope="session")
 def prefect_server_started(tmp_path_factory):
     from test_pools import start_prefect_server
 
-    future = AHEAD.submit(start_prefect_server, tmp_path_factory.mktemp("prefect-server"))
-    yield future
-    if server := started(future):
-        server.stop()
+    yield from begun(start_prefect_server, tmp_path_factory.mktemp("prefect-server"), stop=True)
 
 
 @pytest.fixture(scope="session")
@@ -332,9 +326,7 @@ def s3_server():
 def store_runs_started(s3_server, tmp_path_factory, tiny_model_dir):
     from test_object_store import two_workers
 
-    future = AHEAD.submit(two_workers, tmp_path_factory.mktemp("shared-store"), s3_server, tiny_model_dir)
-    yield future
-    started(future)  # wait for its processes before the server stops
+    yield from begun(two_workers, tmp_path_factory.mktemp("shared-store"), s3_server, tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -342,27 +334,21 @@ def secret_runs_started(tmp_path_factory, tiny_model_dir):
     from test_secrets import postgres_role, run_each_way
 
     with postgres_role() as (uri, password):
-        future = AHEAD.submit(run_each_way, tmp_path_factory.mktemp("secrets"), tiny_model_dir, uri, password)
-        yield future
-        started(future)  # wait for its processes before the role is dropped
+        yield from begun(run_each_way, tmp_path_factory.mktemp("secrets"), tiny_model_dir, uri, password)
 
 
 @pytest.fixture(scope="session")
 def gpu_check_started(tmp_path_factory):
     from test_bench_gpu import run_gpu_check
 
-    future = AHEAD.submit(run_gpu_check, tmp_path_factory.mktemp("gpu-check"))
-    yield future
-    started(future)
+    yield from begun(run_gpu_check, tmp_path_factory.mktemp("gpu-check"))
 
 
 @pytest.fixture(scope="session")
 def standalone_started(tmp_path_factory):
     from test_standalone import data_tests_alone
 
-    future = AHEAD.submit(data_tests_alone, tmp_path_factory.mktemp("standalone"))
-    yield future
-    started(future)
+    yield from begun(data_tests_alone, tmp_path_factory.mktemp("standalone"))
 
 
 @dataclass
@@ -380,9 +366,7 @@ class LocalRun:
 
 @pytest.fixture(scope="session")
 def local_run_started(tmp_path_factory, tiny_model_dir):
-    future = AHEAD.submit(run_locally, tmp_path_factory.mktemp("local-run"), tiny_model_dir)
-    yield future
-    started(future)
+    yield from begun(run_locally, tmp_path_factory.mktemp("local-run"), tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
