@@ -99,10 +99,13 @@ def alias_missing(cfg: Config, alias: str, env: dict) -> str | None:
 def blockers(deployment: dict, root: Path, env: dict) -> list[str]:
     """Reasons every run of this deployment would fail on this machine; empty when it can run."""
     params = {**flow_defaults(deployment["entrypoint"]), **(deployment.get("parameters") or {})}
-    raw = params.get("config")
-    cfg = raw if isinstance(raw, Config) else Config.model_validate(raw or {})
-    if "model_name" in params:  # the evaluate-champion flow names the registered model itself
-        cfg = cfg.model_copy(update={"registry": cfg.registry.updated(model_name=params["model_name"])})
+    if deployment["entrypoint"] == EVALUATE_FLOW:  # that flow makes its config from its own parameters
+        from flows.evaluate_champion import scoring_config
+
+        cfg = scoring_config(*(params[k] for k in ("model_name", "generation", "artifacts_dir", "experiment")))
+    else:
+        raw = params.get("config")
+        cfg = raw if isinstance(raw, Config) else Config.model_validate(raw or {})
     reasons = []
     if cfg.model.device == "cuda" and not cuda_available():
         reasons.append("needs CUDA (model.device: cuda) and no CUDA device is visible")

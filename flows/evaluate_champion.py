@@ -16,6 +16,14 @@ from tasks.register import log_evaluation_run, resolve
 from tasks.watchdog import exit_with_worker
 
 
+def scoring_config(model_name: str, generation: GenerationConfig | dict, artifacts_dir: str, experiment: str) -> Config:
+    """The Config the flow scores with, made from its parameters (deployments/schedules.py checks a deployment of it
+    with the same)."""
+    eval_config = EvalConfig(**GenerationConfig.model_validate(generation).model_dump())
+    return Config(artifacts_dir=artifacts_dir, eval=eval_config,
+                  registry=RegistryConfig(model_name=model_name, experiment=experiment))
+
+
 @flow(name="evaluate-champion", log_prints=True)
 def evaluate_champion(
     dataset: str,
@@ -37,8 +45,7 @@ def evaluate_champion(
         experiment: the MLflow experiment the evaluation run is logged to.
     """
     exit_with_worker()
-    config = Config(artifacts_dir=artifacts_dir, eval=EvalConfig(**generation.model_dump()),
-                    registry=RegistryConfig(model_name=model_name, experiment=experiment))
+    config = scoring_config(model_name, generation, artifacts_dir, experiment)
     data = config.data.for_scoring(dataset)
     raw = ingest(data, config.artifacts_dir, fingerprint(dataset))
     cleaned = clean(raw, data, config.artifacts_dir)
