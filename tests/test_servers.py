@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import AHEAD, ROOT, SAMPLE, SESSION_ENV, free_port, head_records, process_family, tiny_config
+from conftest import ROOT, SAMPLE, SESSION_ENV, free_port, head_records, process_family, tiny_config
 from desctune.config import load_config
 
 READY_TIMEOUT = 300
@@ -42,6 +42,8 @@ RUN_TIMEOUT = 900  # a tiny finetune run takes a minute on two quiet cores; a lo
 MAX_STEPS = 200  # of a run killed mid-training (start_run)
 CRASH_TIMEOUT = 300  # kill to Crashed: the automation acts CRASH_WINDOW after the last heartbeat, if the server keeps up
 CRASH_WINDOW = 45  # seconds without a heartbeat (they come every 30 s, Prefect's minimum) before a run is Crashed
+# Waits for the killed runs to be final and runs them again while the module's other tests run (`killing`).
+WATCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="watch")
 PG = dict(host="127.0.0.1", port=5432, user="postgres")
 
 
@@ -303,11 +305,14 @@ def test_two_identical_runs_at_once_complete_share_one_adapter_and_register_one_
     assert [r.state.name for r in runs] == ["Completed", "Completed"], served.artifacts / "serve-logs" / "worker.log"
 
     client = MlflowClient(served.mlflow_url, registry_uri=served.mlflow_url)
+    ours = {str(run.id) for run in runs}
     [version] = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
-    assert version.tags["prefect.flow_run_id"] in {str(r.id) for r in runs}
+    assert version.tags["prefect.flow_run_id"] in ours
     assert client.get_model_version_by_alias(cfg.registry.model_name, "challenger").version == version.version
     experiment = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
-    mlflow_runs = client.search_runs([experiment], filter_string="tags.`desctune.model_version` != ''")
+    # The experiment is the stack's: other tests' runs (the killed runs run again, say) register into it too.
+    mlflow_runs = [r for r in client.search_runs([experiment], filter_string="tags.`desctune.model_version` != ''")
+                   if r.data.tags.get("prefect.flow_run_id") in ours]
     assert len(mlflow_runs) == 2 and all(r.info.status == "FINISHED" for r in mlflow_runs)
     assert {r.data.tags["desctune.model_version"] for r in mlflow_runs} == {f"{cfg.registry.model_name}/1"}
 
@@ -492,7 +497,7 @@ def killing(served, tiny_model_dir, tmp_path_factory) -> Killing:
     stopped_after = time.monotonic() - killed_at
     tracked = {mid.run.id: tracked_run(served, mid.parameters, mid.run.id) for mid in (crash, orphan)}
     killing = Killing(worker, said_before, killed_at, crash, orphan, left, stopped_after, tracked)
-    killing.then = AHEAD.submit(watch_and_run_again, served, killing)
+    killing.then = WATCH.submit(watch_and_run_again, served, killing)
     return killing
 
 
