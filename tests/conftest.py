@@ -197,18 +197,14 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [item for item in items if item not in last] + last
 
 
-# Work that tests wait on for half a minute or more (a served stack starting, a whole `desctune run`) is begun in a
-# thread ahead of the first test that needs it, while the tests before that one run: a stack's start keeps about one
-# core busy, and the whole suite leaves the second core idle about half of the time. Each `*_started` session fixture
-# submits its work to AHEAD and yields the future (`begun`); the fixture the tests use waits for its result.
-# `start_ahead` requests a `*_started` fixture at the test an estimated AHEAD_S seconds before its first user (a test
-# marked slow, integration or browser counted as ESTIMATE_S[1] seconds, any other as ESTIMATE_S[0]); where fewer
-# seconds come before that user, at the session's first test.
-AHEAD = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ahead")
-AHEAD_S = 120
-ESTIMATE_S = (0.4, 8.0)
-HEAVY = {"slow", "integration", "browser"}
-DUE = pytest.StashKey[dict]()
+# Work that tests wait on for half a minute or more (a served stack starting, a whole `desctune run`) is begun ahead
+# of the tests that need it, in one background lane: the session's first test begins every `*_started` fixture the
+# selected tests need, in the order of their first users, and AHEAD runs them one at a time while the tests run.
+# Most tests keep one core busy and the lane the other: one job at a time, so that the tests are not crowded out. Each
+# `*_started` session fixture submits its work to AHEAD and yields the future (`begun`); the fixture the tests use
+# waits for its result.
+AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahead")
+ORDER = pytest.StashKey[list]()
 
 
 def started_ahead(item) -> set[str]:
@@ -222,27 +218,18 @@ def started_ahead(item) -> set[str]:
 
 
 def pytest_collection_finish(session):
-    items = session.items
-    estimate = [ESTIMATE_S[any(m.name in HEAVY for m in item.iter_markers())] for item in items]
-    first: dict[str, int] = {}
-    for i, item in enumerate(items):
-        for name in started_ahead(item):
-            first.setdefault(name, i)
-    due: dict[str, list[str]] = {}
-    for name, i in sorted(first.items(), key=lambda kv: kv[1]):
-        j, lead = i, 0.0
-        while j > 0 and lead < AHEAD_S:
-            j -= 1
-            lead += estimate[j]
-        due.setdefault(items[j].nodeid, []).append(name)
-    session.config.stash[DUE] = due
+    order: list[str] = []
+    for item in session.items:
+        order += sorted(started_ahead(item) - set(order))
+    session.config.stash[ORDER] = order
 
 
 @pytest.fixture(autouse=True)
 def start_ahead(request):
-    for name in request.config.stash.get(DUE, {}).pop(request.node.nodeid, []):
+    order = request.config.stash.get(ORDER, [])
+    while order:
         try:
-            request.getfixturevalue(name)
+            request.getfixturevalue(order.pop(0))
         except (Exception, pytest.fail.Exception, pytest.skip.Exception):
             pass  # the fixture keeps its error and raises it again at its first user, where it belongs
 
@@ -310,6 +297,13 @@ def prefect_server(prefect_server_started) -> dict:
     """A Prefect server process on SQLite (tests/test_pools.py, tests/test_deploy_schedules.py): the environment
     that reaches it."""
     return prefect_server_started.result().env
+
+
+@pytest.fixture(scope="session")
+def registration_race_started(tmp_path_factory):
+    from test_registration_lock import race
+
+    yield from begun(race, tmp_path_factory.mktemp("registration-race"))
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,13 @@
 """The registry's lock per model (a Prefect concurrency limit) is created by whichever run needs it first: two
 runs that create it at once against one fresh Prefect database both go on, and the server logs no error."""
 
-import os
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
-from conftest import ROOT, free_port
+from conftest import ROOT, SESSION_ENV, free_port
 
 READY_TIMEOUT = 180
 RACE_TIMEOUT = 300
@@ -35,10 +35,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def test_two_runs_creating_the_registration_lock_at_once_both_succeed_without_a_server_error(tmp_path):
+def race(tmp_path: Path) -> tuple[list[int], list[str], str]:
+    """A fresh Prefect server and two processes calling it at once: their exit codes, their outputs and the server's
+    log. Begun in the session's background lane (conftest.py: `registration_race_started`)."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in SESSION_ENV.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
@@ -62,12 +64,17 @@ def test_two_runs_creating_the_registration_lock_at_once_both_succeed_without_a_
             time.sleep(0.05)
         (tmp_path / "go").touch()
         outputs = [r.communicate(timeout=RACE_TIMEOUT)[0] for r in racers]
-        assert [r.returncode for r in racers] == [0, 0], outputs
-        server_log = log.read_text()
-        assert "ERROR" not in server_log and "Traceback" not in server_log, server_log[-3000:]
-        assert not [o for o in outputs if "ERROR" in o or "Traceback" in o], outputs
+        return [r.returncode for r in racers], outputs, log.read_text()
     finally:
         for proc in (*racers, server):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_two_runs_creating_the_registration_lock_at_once_both_succeed_without_a_server_error(
+        registration_race_started):
+    codes, outputs, server_log = registration_race_started.result()
+    assert codes == [0, 0], outputs
+    assert "ERROR" not in server_log and "Traceback" not in server_log, server_log[-3000:]
+    assert not [o for o in outputs if "ERROR" in o or "Traceback" in o], outputs
