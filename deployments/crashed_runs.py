@@ -78,9 +78,17 @@ def automation(window: int):
     )
 
 
+def same_spec(automation, spec) -> bool:
+    """Whether an automation read back through the client already is `spec`: every field of the spec alike."""
+    fields = set(type(spec).model_fields)
+    return automation.model_dump(mode="json", include=fields) == spec.model_dump(mode="json", include=fields)
+
+
 def upsert(api_url: str, spec, auth_string: str | None = None) -> UUID:
-    """Create the automation, or rewrite the one of the same name (and drop duplicates); returns its id.
-    `auth_string` is the API's `user:password` when it has one."""
+    """Create the automation, or rewrite the one of the same name where it differs (and drop duplicates); returns
+    its id. One that already is the spec is left as it is: the server keeps what its trigger is waiting for per flow
+    run under the trigger's id, and a rewrite gives the trigger a new id, so a run whose heartbeats had stopped before
+    a redeploy would never be marked Crashed. `auth_string` is the API's `user:password` when it has one."""
     from prefect.client.orchestration import SyncPrefectClient
 
     with SyncPrefectClient(api_url, auth_string=auth_string) as client:
@@ -88,7 +96,8 @@ def upsert(api_url: str, spec, auth_string: str | None = None) -> UUID:
         if not existing:
             return client.create_automation(spec)
         keep, *extra = existing
-        client.update_automation(keep.id, spec)
+        if not same_spec(keep, spec):
+            client.update_automation(keep.id, spec)
         for duplicate in extra:
             client.delete_automation(duplicate.id)
         return keep.id

@@ -31,6 +31,17 @@ def test_the_spec_is_prefects_zombie_recipe_for_desctune_runs_and_the_server_acc
     assert server_side.trigger.within == timedelta(seconds=45)
 
 
+def test_a_redeploy_rewrites_the_automation_only_where_it_differs():
+    """The automation as the client reads it back is the same spec, and one with another window is not;
+    tests/test_servers.py checks that a real redeploy leaves the server's trigger (and its id) as it was."""
+    from prefect.events.schemas.automations import Automation
+
+    read_back = Automation.model_validate({**crashed_runs.automation(45).model_dump(mode="json"),
+                                           "id": "00000000-0000-0000-0000-000000000001"})
+    assert crashed_runs.same_spec(read_back, crashed_runs.automation(45))
+    assert not crashed_runs.same_spec(read_back, crashed_runs.automation(90))
+
+
 def test_heartbeat_defaults_overrides_and_bad_values_in_one_line():
     assert crashed_runs.timing({}) == (30, 90)
     assert crashed_runs.timing({"DESCTUNE_HEARTBEAT_SECONDS": "60"}) == (60, 180)
