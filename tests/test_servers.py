@@ -39,7 +39,7 @@ from desctune.config import load_config
 
 READY_TIMEOUT = 300
 RUN_TIMEOUT = 900  # a tiny finetune run takes a minute on two quiet cores; a loaded machine has needed over 4
-MAX_STEPS = 200  # of a run killed mid-training (start_run)
+MAX_STEPS = 600  # of a run killed mid-training (start_run)
 CRASH_TIMEOUT = 300  # kill to Crashed: the automation acts CRASH_WINDOW after the last heartbeat, if the server keeps up
 CRASH_WINDOW = 45  # seconds without a heartbeat (they come every 30 s, Prefect's minimum) before a run is Crashed
 # Waits for the killed runs to be final and runs them again while the module's other tests run (`killing`).
@@ -453,8 +453,9 @@ class Kills:
 
 def start_run(served: Served, tiny_model_dir: Path, tmp_path: Path, model_name: str) -> tuple[dict, object]:
     """A `finetune` run of the tiny model, long enough to be killed mid-training: the kill comes at the first
-    checkpoint (step 20) of both runs, and the 180 steps after it outlast the few seconds between the two runs'
-    first checkpoints on a loaded machine too (each step slows alike); the same run again trains them."""
+    checkpoint (step 20) of both runs, and the 580 steps after it outlast the seconds between the two runs' first
+    checkpoints on a loaded machine too (each step slows alike; with one torch thread a step takes tens of
+    milliseconds, and 180 steps were once done before the kill); the same run again trains them."""
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
     cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
                       train={"max_steps": MAX_STEPS, "save_steps": 20}, registry={"model_name": model_name})
