@@ -33,9 +33,8 @@ os.environ.update(
         "TOKENIZERS_PARALLELISM": "false",
         # One torch thread in this process and every process it starts: two cores are shared by the tests and the
         # work begun ahead of them (AHEAD), and torch's OpenMP threads spin while they wait, so two processes with
-        # two threads each take several times the CPU of one thread each (on a 2-core AMD EPYC, a small Llama's
-        # greedy generation beside one busy process: 7.3 s with two threads, 1.9 s with one). The tests' models are
-        # too small for a second thread to gain anything on a quiet machine either (1.9 s with one, 1.9–2.1 s with two).
+        # two threads each take several times the CPU of one thread each; the tests' models are too small to gain
+        # from a second thread on a quiet machine either (figures in docs/LOG.md).
         "OMP_NUM_THREADS": "1",
     }
 )

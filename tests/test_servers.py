@@ -242,6 +242,18 @@ async def read_automations(api_url: str, name: str) -> list:
         return await client.read_automations_by_name(name)
 
 
+def automations_as_stored(api_url: str, name: str) -> list[dict]:
+    """The automations of that name as the API returns them (the client's models leave out their triggers' ids)."""
+    from prefect.client.orchestration import PrefectClient
+
+    async def read() -> list[dict]:
+        async with PrefectClient(api_url) as client:
+            body = {"automations": {"name": {"any_": [name]}}}
+            return (await client.request("POST", "/automations/filter", json=body)).json()
+
+    return asyncio.run(read())
+
+
 async def run_details(api_url: str, flow_run_id) -> tuple[set[str], dict[str, str]]:
     """Artifact keys and task states (by task name) of one flow run."""
     from prefect.client.orchestration import PrefectClient
@@ -344,18 +356,6 @@ def test_deploying_again_keeps_one_crashed_runs_automation(served):
     assert after["trigger"]["id"] == before["trigger"]["id"]
 
 
-def automations_as_stored(api_url: str, name: str) -> list[dict]:
-    """The automations of that name as the API returns them (the client's models leave out their triggers' ids)."""
-    from prefect.client.orchestration import PrefectClient
-
-    async def read() -> list[dict]:
-        async with PrefectClient(api_url) as client:
-            body = {"automations": {"name": {"any_": [name]}}}
-            return (await client.request("POST", "/automations/filter", json=body)).json()
-
-    return asyncio.run(read())
-
-
 def flow_run_tree(worker: psutil.Process, flow_run_id) -> list[psutil.Process]:
     """The process(es) the worker started for this flow run (in their own session) and everything under them."""
     found = []
@@ -453,9 +453,9 @@ class Kills:
 
 def start_run(served: Served, tiny_model_dir: Path, tmp_path: Path, model_name: str) -> tuple[dict, object]:
     """A `finetune` run of the tiny model, long enough to be killed mid-training: the kill comes at the first
-    checkpoint (step 20) of both runs, and the 580 steps after it outlast the seconds between the two runs' first
-    checkpoints on a loaded machine too (each step slows alike; with one torch thread a step takes tens of
-    milliseconds, and 180 steps were once done before the kill); the same run again trains them."""
+    checkpoint (step 20) of both runs, and the MAX_STEPS - 20 steps after it outlast the seconds between the two
+    runs' first checkpoints on a loaded machine too (each step slows alike; with one torch thread a step takes tens of
+    milliseconds); the same run again trains them."""
     records = head_records(SAMPLE, tmp_path / "records.jsonl", 30)
     cfg = tiny_config(tmp_path, tiny_model_dir, records, data={"val_fraction": 0.15, "test_fraction": 0.15},
                       train={"max_steps": MAX_STEPS, "save_steps": 20}, registry={"model_name": model_name})
